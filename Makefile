@@ -1,0 +1,76 @@
+# pg-reflinker. `make test` sets up everything a fresh Debian machine needs (as root) and runs
+# every test; `make demo` shows the product working. See README.md.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .stamps
+# Go tools are built once into a cache outside the checkout, so fresh clones reuse them.
+TOOLS_CACHE ?= $(HOME)/.cache/pg-reflinker
+CSI_SANITY_VERSION := v5.4.0
+CSI_SANITY := $(TOOLS_CACHE)/csi-sanity-$(CSI_SANITY_VERSION)/csi-sanity
+DEBIAN_PACKAGES := xfsprogs util-linux coreutils postgresql postgresql-contrib
+PYTEST_ARGS ?=
+
+.PHONY: help
+help:
+	@echo "make test      set up (Debian packages, venv, csi-sanity) and run every test"
+	@echo "make sanity    run csi-sanity against reflinker-csi standalone on a fresh XFS"
+	@echo "make lint      ruff and mypy --strict"
+	@echo "make proto     regenerate csi/ from proto/csi.proto"
+	@echo "make bench-clone  hot clone vs bare reflink copy vs pg_basebackup"
+
+# -- set-up -------------------------------------------------------------------------------
+
+$(STAMPS)/system: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=""; \
+	for cmd in mkfs.xfs losetup mount runuser; do command -v $$cmd >/dev/null || missing=1; done; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing=1; \
+	ls /usr/lib/postgresql/*/bin/pg_amcheck >/dev/null 2>&1 || missing=1; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
+	fi
+	@touch $@
+
+$(STAMPS)/venv: pyproject.toml requirements.lock
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+$(CSI_SANITY):
+	@echo "building csi-sanity $(CSI_SANITY_VERSION) (once, into $(TOOLS_CACHE))"
+	GOBIN=$(dir $@) GOFLAGS=-mod=mod go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$(CSI_SANITY_VERSION)
+
+.PHONY: deps
+deps: $(STAMPS)/system $(STAMPS)/venv $(CSI_SANITY)
+
+# -- checks -------------------------------------------------------------------------------
+
+.PHONY: test
+test: deps
+	CSI_SANITY=$(CSI_SANITY) $(PY) -m pytest -ra $(PYTEST_ARGS)
+
+.PHONY: sanity
+sanity: deps
+	CSI_SANITY=$(CSI_SANITY) REFLINKER=$(VENV)/bin/reflinker-csi \
+		tests/tools/with-xfs.sh 2G tests/tools/sanity.sh
+
+.PHONY: lint
+lint: $(STAMPS)/venv
+	$(VENV)/bin/ruff check reflinker_csi tests
+	$(VENV)/bin/ruff format --check reflinker_csi tests
+	$(VENV)/bin/mypy --strict reflinker_csi
+
+.PHONY: proto
+proto: $(STAMPS)/venv
+	$(PY) -m grpc_tools.protoc -Icsi=proto --python_out=. --grpc_python_out=. csi/csi.proto
+
+.PHONY: clean
+clean:
+	rm -rf $(VENV) $(STAMPS) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,204 @@
+"""Configuration: read from the environment once, validated, frozen.
+
+A bad value raises ConfigError, which the CLI prints as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from . import DRIVER_NAME
+
+# The plugin-name rule csi-sanity and the CSI spec apply.
+_DRIVER_NAME_RE = re.compile(r"^[a-zA-Z][A-Za-z0-9\-._]{0,61}[a-zA-Z]$")
+# A node name is used as a Kubernetes label value (the topology segment).
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9\-_.]{0,61}[A-Za-z0-9])?$")
+_NAMESPACE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration variable has a value the driver cannot use."""
+
+    def __init__(self, variable: str, value: str | None, expected: str) -> None:
+        shown = "<unset>" if value is None else repr(value)
+        super().__init__(f"{variable}={shown}: expected {expected}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class Config:
+    endpoint: Path
+    driver_name: str
+    node_id: str
+    hostpath_prefix: Path
+    target_root: Path
+    namespace_path: tuple[str, ...]
+    log_level: str
+    log_format: str
+    grpc_workers: int
+    shutdown_grace_seconds: float
+    pg_connect_timeout_seconds: float
+    pg_statement_timeout_seconds: float
+
+
+def _get(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    value = env.get(name)
+    if value is None or value == "":
+        return default
+    return value
+
+
+def _parse(
+    env: Mapping[str, str], name: str, default: str | None, expected: str, parse: Callable[[str], T]
+) -> T:
+    raw = _get(env, name, default)
+    if raw is None:
+        raise ConfigError(name, None, expected)
+    try:
+        return parse(raw)
+    except ValueError:
+        raise ConfigError(name, raw, expected) from None
+
+
+def _endpoint(raw: str) -> Path:
+    if not raw.startswith("unix://"):
+        raise ValueError
+    path = raw[len("unix://") :]
+    # unix:///abs/path gives "/abs/path"; unix://relative is not allowed.
+    if not path.startswith("/") or "\x00" in path or len(path.encode()) > 107:
+        raise ValueError
+    return Path(path)
+
+
+def _existing_dir(raw: str) -> Path:
+    path = Path(raw)
+    if not path.is_absolute() or "\x00" in raw or not path.is_dir():
+        raise ValueError
+    return Path(os.path.realpath(path))
+
+
+def _matching(regex: re.Pattern[str]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if not regex.match(raw):
+            raise ValueError
+        return raw
+
+    return parse
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError
+        return raw.lower()
+
+    return parse
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 256:
+        raise ValueError
+    return value
+
+
+def _positive_seconds(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 86400:
+        raise ValueError
+    return value
+
+
+def _namespaces(raw: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if not all(_NAMESPACE_RE.match(name) for name in names):
+        raise ValueError
+    return names
+
+
+def load(env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate every setting; raise ConfigError naming the first bad one."""
+    env = os.environ if env is None else env
+    prefix = _parse(
+        env, "HOSTPATH_PREFIX", None, "an absolute path of an existing directory", _existing_dir
+    )
+    target_root = _parse(
+        env,
+        "TARGET_ROOT",
+        "/var/lib/kubelet",
+        "an absolute path of an existing directory (where kubelet publishes)",
+        _existing_dir,
+    )
+    if target_root == prefix or prefix in target_root.parents or target_root in prefix.parents:
+        raise ConfigError(
+            "TARGET_ROOT",
+            str(target_root),
+            f"a directory that neither contains nor lies inside HOSTPATH_PREFIX={prefix}",
+        )
+    return Config(
+        endpoint=_parse(
+            env,
+            "CSI_ENDPOINT",
+            "unix:///csi/csi.sock",
+            "unix:///absolute/path/to/socket (at most 107 bytes)",
+            _endpoint,
+        ),
+        driver_name=_parse(
+            env,
+            "DRIVER_NAME",
+            DRIVER_NAME,
+            "a CSI plugin name: 2-63 characters, letters at both ends",
+            _matching(_DRIVER_NAME_RE),
+        ),
+        node_id=_parse(
+            env,
+            "NODE_ID",
+            socket.gethostname(),
+            "a node name: 1-63 letters, digits, '-', '_' or '.'",
+            _matching(_NODE_ID_RE),
+        ),
+        hostpath_prefix=prefix,
+        target_root=target_root,
+        namespace_path=_parse(
+            env,
+            "NAMESPACE_PATH",
+            "",
+            "a comma-separated list of Kubernetes namespace names",
+            _namespaces,
+        ),
+        log_level=_parse(
+            env, "LOG_LEVEL", "info", "one of " + ", ".join(LOG_LEVELS), _one_of(LOG_LEVELS)
+        ),
+        log_format=_parse(
+            env, "LOG_FORMAT", "text", "one of " + ", ".join(LOG_FORMATS), _one_of(LOG_FORMATS)
+        ),
+        grpc_workers=_parse(env, "GRPC_WORKERS", "8", "an integer from 1 to 256", _positive_int),
+        shutdown_grace_seconds=_parse(
+            env,
+            "SHUTDOWN_GRACE_SECONDS",
+            "30",
+            "a number of seconds greater than 0",
+            _positive_seconds,
+        ),
+        pg_connect_timeout_seconds=_parse(
+            env, "PG_CONNECT_TIMEOUT", "10", "a number of seconds greater than 0", _positive_seconds
+        ),
+        pg_statement_timeout_seconds=_parse(
+            env,
+            "PG_STATEMENT_TIMEOUT",
+            "300",
+            "a number of seconds greater than 0",
+            _positive_seconds,
+        ),
+    )

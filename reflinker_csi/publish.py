@@ -1,0 +1,180 @@
+"""Node-side work: bind-mount a volume at kubelet's target path, unmount it, report usage."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .layout import Layout, check_absolute_path, require_guid
+from .mounts import (
+    BIND_MOUNT_FLAGS,
+    MS_RDONLY,
+    bind_mount,
+    filesystem_path,
+    mount_at,
+    read_mountinfo,
+    unmount,
+)
+
+
+@dataclass(frozen=True)
+class VolumeStats:
+    bytes_total: int
+    bytes_available: int
+    bytes_used: int
+    inodes_total: int
+    inodes_available: int
+    inodes_used: int
+    abnormal: bool
+    message: str
+
+
+def mount_flags(options: Sequence[str], readonly: bool) -> int:
+    flags = MS_RDONLY if readonly else 0
+    for option in options:
+        for part in option.split(","):
+            part = part.strip()
+            if part not in BIND_MOUNT_FLAGS:
+                raise InvalidArgument(
+                    f"mount flag {part[:40]!r} is not supported for a bind mount; "
+                    f"use only {sorted(BIND_MOUNT_FLAGS)}"
+                )
+            flags |= BIND_MOUNT_FLAGS[part]
+    return flags
+
+
+class Publisher:
+    """Publishes volumes of one prefix under one target root (kubelet's directory)."""
+
+    def __init__(self, layout: Layout, target_root: Path) -> None:
+        self.layout = layout
+        self.target_root = Path(os.path.realpath(target_root))
+
+    def _target(self, target_path: str) -> Path:
+        target = check_absolute_path(target_path, "target_path")
+        # Resolve the parent: a symlink planted on the way must not lead out of the root.
+        parent = Path(os.path.realpath(target.parent))
+        resolved = parent / target.name
+        if self.target_root not in resolved.parents:
+            raise InvalidArgument(
+                f"target_path {target_path!r} is outside {self.target_root}, where this node "
+                "plugin publishes volumes (TARGET_ROOT)"
+            )
+        if self.layout.contains(resolved) or resolved == self.layout.prefix:
+            raise InvalidArgument(f"target_path {target_path!r} lies inside HOSTPATH_PREFIX")
+        return resolved
+
+    def _volume_dir(self, volume_id: str) -> Path:
+        path = self.layout.volume_dir(require_guid(volume_id))
+        if path.is_symlink() or not path.is_dir():
+            raise NotFound(f"volume {volume_id} has no directory {path} on this node")
+        return path
+
+    def publish(
+        self, volume_id: str, target_path: str, readonly: bool, options: Sequence[str]
+    ) -> None:
+        """Bind-mount the volume at target_path; succeed if it is already mounted there."""
+        _require(volume_id=volume_id, target_path=target_path)
+        flags = mount_flags(options, readonly)
+        source = self._volume_dir(volume_id)
+        target = self._target(target_path)
+        entries = read_mountinfo()
+        current = mount_at(target, entries)
+        if current is not None:
+            device, inner = filesystem_path(source, entries)
+            if (current.device, current.root) != (device, inner):
+                raise AlreadyExists(
+                    f"target_path {target} already holds another mount ({current.source}:"
+                    f"{current.root}); unpublish it first"
+                )
+            if current.read_only != bool(flags & MS_RDONLY):
+                raise AlreadyExists(
+                    f"volume {volume_id} is already published at {target} "
+                    f"{'read-only' if current.read_only else 'read-write'}; unpublish it first"
+                )
+            return
+        try:
+            target.mkdir(mode=0o750, parents=False)
+        except FileExistsError:
+            if target.is_symlink() or not target.is_dir():
+                raise AlreadyExists(f"target_path {target} exists and is not a directory") from None
+        except FileNotFoundError:
+            raise NotFound(
+                f"the parent of target_path {target} does not exist; kubelet creates it"
+            ) from None
+        bind_mount(source, target, flags)
+
+    def unpublish(self, volume_id: str, target_path: str) -> None:
+        """Unmount target_path if this volume is mounted there and remove the directory."""
+        _require(volume_id=volume_id, target_path=target_path)
+        require_guid(volume_id)
+        target = self._target(target_path)
+        device, prefix_inner = filesystem_path(self.layout.prefix)
+        while (current := mount_at(target)) is not None:
+            if current.device != device or not current.root.startswith(
+                prefix_inner.rstrip("/") + "/"
+            ):
+                raise FailedPrecondition(
+                    f"target_path {target} holds a mount that is not a pg-reflinker volume "
+                    f"({current.source}:{current.root}); refusing to unmount it"
+                )
+            unmount(target)
+        try:
+            target.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            if err.errno == errno.ENOTDIR:
+                raise FailedPrecondition(f"target_path {target} is not a directory") from None
+            raise
+
+    def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
+        """Usage of the filesystem behind a published volume; NotFound unless mounted there."""
+        _require(volume_id=volume_id, volume_path=volume_path)
+        require_guid(volume_id)
+        if not volume_path.startswith("/") or "\x00" in volume_path:
+            raise NotFound(
+                f"volume_path {volume_path[:200]!r} is not where volume {volume_id} is published"
+            )
+        path = Path(os.path.normpath(volume_path))
+        source = self.layout.volume_dir(volume_id)
+        entries = read_mountinfo()
+        current = mount_at(path, entries)
+        if not source.is_dir():
+            if current is None:
+                raise NotFound(f"volume {volume_id} does not exist on this node")
+            st = os.statvfs(path)
+            return _stats(
+                st,
+                abnormal=True,
+                message=f"the directory {source} of volume {volume_id} is missing",
+            )
+        device, inner = filesystem_path(source, entries)
+        if current is None or (current.device, current.root) != (device, inner):
+            raise NotFound(f"volume {volume_id} is not published at {path}")
+        return _stats(os.statvfs(path), abnormal=False, message="volume is healthy")
+
+
+def _require(**fields: str) -> None:
+    for name, value in fields.items():
+        if not value:
+            raise InvalidArgument(f"{name} is required")
+
+
+def _stats(st: os.statvfs_result, abnormal: bool, message: str) -> VolumeStats:
+    total = st.f_blocks * st.f_frsize
+    avail = st.f_bavail * st.f_frsize
+    return VolumeStats(
+        bytes_total=total,
+        bytes_available=avail,
+        bytes_used=(st.f_blocks - st.f_bfree) * st.f_frsize,
+        inodes_total=st.f_files,
+        inodes_available=st.f_favail,
+        inodes_used=st.f_files - st.f_ffree,
+        abnormal=abnormal,
+        message=message,
+    )
