@@ -39,12 +39,14 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
 
 
 def prefix_usable(prefix: str) -> Callable[[], bool]:
-    """A readiness check: the prefix is a directory this process can write and stat."""
+    """A readiness check: the prefix is a writable directory on a read-write filesystem."""
 
     def ready() -> bool:
         try:
-            os.statvfs(prefix)
+            st = os.statvfs(prefix)
         except OSError:
+            return False
+        if st.f_flag & os.ST_RDONLY:
             return False
         return os.path.isdir(prefix) and os.access(prefix, os.W_OK | os.X_OK)
 

@@ -1,0 +1,121 @@
+"""Configuration: every bad value stops the process with one line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reflinker_csi import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def good_env(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "prefix").mkdir(exist_ok=True)
+    (tmp_path / "kubelet").mkdir(exist_ok=True)
+    return {
+        "HOSTPATH_PREFIX": str(tmp_path / "prefix"),
+        "TARGET_ROOT": str(tmp_path / "kubelet"),
+        "CSI_ENDPOINT": f"unix://{tmp_path}/csi.sock",
+    }
+
+
+def test_defaults_and_parsing(tmp_path: Path) -> None:
+    env = good_env(tmp_path) | {"NAMESPACE_PATH": " templates, shared ,", "LOG_FORMAT": "JSON"}
+    cfg = config.load(env)
+    assert cfg.driver_name == "pg-reflinker.csi"
+    assert cfg.namespace_path == ("templates", "shared")
+    assert cfg.log_format == "json"
+    assert cfg.endpoint == tmp_path / "csi.sock"
+    with pytest.raises(AttributeError):
+        cfg.node_id = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HOSTPATH_PREFIX", None),
+        ("HOSTPATH_PREFIX", "relative/dir"),
+        ("HOSTPATH_PREFIX", "/does/not/exist"),
+        ("CSI_ENDPOINT", "tcp://127.0.0.1:5000"),
+        ("CSI_ENDPOINT", "unix://relative.sock"),
+        ("DRIVER_NAME", "-bad-"),
+        ("NODE_ID", "node with spaces"),
+        ("NAMESPACE_PATH", "Templates"),
+        ("LOG_LEVEL", "loud"),
+        ("LOG_FORMAT", "xml"),
+        ("GRPC_WORKERS", "0"),
+        ("GRPC_WORKERS", "many"),
+        ("SHUTDOWN_GRACE_SECONDS", "-1"),
+        ("PG_STATEMENT_TIMEOUT", "soon"),
+    ],
+)
+def test_bad_value_names_variable_value_and_expectation(
+    tmp_path: Path, variable: str, value: str | None
+) -> None:
+    env = good_env(tmp_path)
+    if value is None:
+        env.pop(variable)
+    else:
+        env[variable] = value
+    with pytest.raises(config.ConfigError) as err:
+        config.load(env)
+    message = str(err.value)
+    assert message.startswith(f"{variable}=")
+    assert (repr(value) if value is not None else "<unset>") in message
+    assert "expected" in message
+
+
+def test_target_root_inside_prefix_is_refused(tmp_path: Path) -> None:
+    env = good_env(tmp_path)
+    (tmp_path / "prefix" / "kubelet").mkdir()
+    env["TARGET_ROOT"] = str(tmp_path / "prefix" / "kubelet")
+    with pytest.raises(config.ConfigError, match="TARGET_ROOT"):
+        config.load(env)
+
+
+def test_cli_prints_one_line_and_exits_2_without_traceback(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "HOSTPATH_PREFIX": "/nope"}
+    result = subprocess.run(
+        [sys.executable, "-m", "reflinker_csi.cli", "standalone"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "reflinker-csi: configuration error: HOSTPATH_PREFIX='/nope': expected an absolute path "
+        "of an existing directory"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_version_flag() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "reflinker_csi.cli", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("reflinker-csi ")
+
+
+def test_kubernetes_modes_refuse_with_a_clear_message(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)} | good_env(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "reflinker_csi.cli", "controller"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "standalone" in result.stderr

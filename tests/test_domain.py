@@ -1,0 +1,130 @@
+"""Pure domain rules: placement, request validation, error mapping, mountinfo parsing."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from reflinker_csi import TOPOLOGY_KEY, errors
+from reflinker_csi.layout import check_absolute_path, is_guid, new_guid, require_guid
+from reflinker_csi.mounts import parse_mountinfo
+from reflinker_csi.placement import check_clone_node, choose_node
+from reflinker_csi.server import status_of
+from reflinker_csi.volumes import CreateSpec
+
+
+def seg(node: str) -> dict[str, str]:
+    return {TOPOLOGY_KEY: node}
+
+
+def test_no_requirement_places_on_the_local_node() -> None:
+    assert choose_node([], [], {"a"}, "a") == "a"
+
+
+def test_preferred_wins_over_requisite_order() -> None:
+    assert choose_node([seg("b")], [seg("a"), seg("b")], {"a", "b"}, "a") == "b"
+
+
+def test_requisite_used_when_no_preferred_node_can_be_placed() -> None:
+    assert choose_node([seg("x")], [seg("x"), seg("a")], {"a"}, "a") == "a"
+
+
+def test_requirement_excluding_every_node_names_the_nodes() -> None:
+    with pytest.raises(errors.ResourceExhausted) as err:
+        choose_node([], [seg("node-z")], {"node-a"}, "node-a")
+    assert "node-z" in str(err.value) and "node-a" in str(err.value)
+
+
+def test_unknown_topology_key_is_invalid() -> None:
+    with pytest.raises(errors.InvalidArgument, match="zone"):
+        choose_node([], [{"zone": "eu"}], {"a"}, "a")
+
+
+def test_clone_stays_on_source_node_or_fails_naming_both() -> None:
+    assert check_clone_node("a", [seg("b")], [seg("a"), seg("b")]) == "a"
+    with pytest.raises(errors.ResourceExhausted) as err:
+        check_clone_node("a", [], [seg("b")])
+    assert "'a'" in str(err.value) and "'b'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "../../etc",
+        "/abs",
+        "..",
+        ".",
+        "ABCDEF00-0000-4000-8000-000000000000",
+        "0b6f4c1e-1111-4222-8333-44445555666",
+        "0b6f4c1e-1111-4222-8333-444455556666/..",
+        "0b6f4c1e-1111-4222-8333-444455556666\x00",
+        "é" * 36,
+    ],
+)
+def test_only_canonical_lowercase_uuids_name_volumes(value: str) -> None:
+    assert not is_guid(value)
+    with pytest.raises((errors.NotFound, errors.InvalidArgument)):
+        require_guid(value)
+
+
+def test_new_guids_are_canonical() -> None:
+    assert all(is_guid(new_guid()) for _ in range(100))
+
+
+@pytest.mark.parametrize("path", ["relative/target", "/a/../b", "/a\x00b", "/a\nb", ""])
+def test_request_paths_must_be_absolute_and_clean(path: str) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        check_absolute_path(path, "target_path")
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        (CreateSpec(name=""), errors.InvalidArgument),
+        (CreateSpec(name="x" * 129), errors.InvalidArgument),
+        (CreateSpec(name="a\x00b"), errors.InvalidArgument),
+        (CreateSpec(name="ok", required_bytes=10, limit_bytes=5), errors.OutOfRange),
+        (CreateSpec(name="ok", parameters={"fsType": "xfs"}), errors.InvalidArgument),
+    ],
+)
+def test_create_spec_validation(spec: CreateSpec, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        spec.validate()
+
+
+def test_extra_create_metadata_parameters_are_accepted() -> None:
+    CreateSpec(name="x" * 128, parameters={"csi.storage.k8s.io/pvc/name": "c"}).validate()
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (errors.InvalidArgument("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.VolumeNotFound("v"), grpc.StatusCode.NOT_FOUND),
+        (errors.AlreadyExists("x"), grpc.StatusCode.ALREADY_EXISTS),
+        (errors.OperationInProgress("x"), grpc.StatusCode.ABORTED),
+        (errors.StaleToken("x"), grpc.StatusCode.ABORTED),
+        (errors.ReflinkUnsupported("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.VolumeInUse("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.OutOfRange("x"), grpc.StatusCode.OUT_OF_RANGE),
+        (errors.ResourceExhausted("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.SourceUnavailable("x"), grpc.StatusCode.UNAVAILABLE),
+        (errors.DeadlineExceeded("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (NotImplementedError(), grpc.StatusCode.UNIMPLEMENTED),
+        (OSError(28, "No space left on device"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (KeyError("bug"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_one_place_maps_errors_to_status_codes(exc: Exception, code: grpc.StatusCode) -> None:
+    assert status_of(exc, "CreateVolume")[0] == code
+
+
+def test_mountinfo_parsing_unescapes_paths() -> None:
+    text = (
+        "36 35 98:0 /mnt1 /mnt\\040two rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n"
+        "40 36 7:0 / /data ro,relatime shared:5 - xfs /dev/loop0 rw\n"
+    )
+    first, second = parse_mountinfo(text)
+    assert first.mount_point == "/mnt two" and first.root == "/mnt1" and first.fs_type == "ext3"
+    assert second.read_only and second.device == "7:0" and second.source == "/dev/loop0"
