@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 from csi import csi_pb2_grpc
@@ -18,12 +19,13 @@ from . import __version__, config, logs
 from .controller import ControllerServicer
 from .errors import ReflinkerError
 from .identity import IdentityServicer, prefix_usable
-from .layout import Layout
+from .layout import Layout, new_guid
 from .locator import LocalSourceLocator
 from .node import NodeServicer
 from .publish import Publisher
 from .registry import FileRegistry
 from .server import EndpointInUse, start_server
+from .source import SourceServer, hot_clone
 from .volumes import VolumeService
 
 log = logging.getLogger("reflinker_csi")
@@ -102,11 +104,60 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("standalone", help="Identity, Controller and Node on one socket, no Kubernetes")
     sub.add_parser("controller", help="Identity and Controller for a Kubernetes cluster")
     sub.add_parser("node", help="Identity and Node on each Kubernetes node")
+    snap = sub.add_parser(
+        "snapshot",
+        help="take one hot clone of a running CNPG instance through reflink_snapshot()",
+        description="Connects as streaming_replica over verified TLS, calls "
+        "reflink_snapshot(label) and prints the directory (as the server sees it) and the time.",
+    )
+    snap.add_argument("--host", required=True, help="the instance's IP address (pod IP)")
+    snap.add_argument("--port", type=int, default=5432)
+    snap.add_argument("--cluster", required=True, help="CNPG cluster name")
+    snap.add_argument("--namespace", required=True, help="the cluster's namespace")
+    snap.add_argument("--ca", required=True, type=Path, help="ca.crt of secret <cluster>-ca")
+    snap.add_argument(
+        "--cert", required=True, type=Path, help="tls.crt of secret <cluster>-replication"
+    )
+    snap.add_argument(
+        "--key", required=True, type=Path, help="tls.key of secret <cluster>-replication"
+    )
+    snap.add_argument("--label", default="", help="a lowercase UUID (default: a new one)")
+    snap.add_argument("--connect-timeout", type=float, default=10.0)
+    snap.add_argument("--statement-timeout", type=float, default=300.0)
     return parser
+
+
+def run_snapshot(args: argparse.Namespace) -> int:
+    """One hot clone, for a cluster admin testing a source by hand."""
+    try:
+        ca, cert, key = (p.read_bytes() for p in (args.ca, args.cert, args.key))
+    except OSError as err:
+        return _fail(f"cannot read {err.filename}: {err.strerror}", 2)
+    server = SourceServer(
+        pod_ip=args.host,
+        port=args.port,
+        cluster=args.cluster,
+        namespace=args.namespace,
+        ca_cert=ca,
+        client_cert=cert,
+        client_key=key,
+    )
+    label = args.label or new_guid()
+    result = hot_clone(server, label, args.connect_timeout, args.statement_timeout)
+    print(f"label      {label}")
+    print(f"directory  {result.directory}")
+    print(f"time       {result.seconds:.3f} seconds")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "snapshot":
+        logs.setup("warning", "text")
+        try:
+            return run_snapshot(args)
+        except ReflinkerError as err:
+            return _fail(str(err), 1)
     try:
         cfg = config.load()
     except config.ConfigError as err:

@@ -212,3 +212,13 @@ def code_of(call, request) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
     except grpc.RpcError as err:
         return err.code()
     return grpc.StatusCode.OK
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+    """Show a failed subprocess's stderr in the report, not just its exit code."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is not None and isinstance(call.excinfo.value, subprocess.CalledProcessError):
+        err = call.excinfo.value
+        report.sections.append(("subprocess stderr", str(err.stderr)))

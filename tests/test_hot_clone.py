@@ -1,0 +1,395 @@
+"""Hot clones of a running PostgreSQL through reflink_snapshot(), over CNPG-style TLS.
+
+A real server on a real XFS reflink filesystem; clones are booted as real servers and checked."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from reflinker_csi import errors
+from reflinker_csi.source import SourceServer, hot_clone
+from tests.conftest import ROOT, Filesystem, requires_mount
+from tests.pgserver import (
+    Certificates,
+    PostgresServer,
+    boot_clone,
+    free_port,
+    pg_bin,
+    remove,
+    run_as_postgres,
+)
+
+pytestmark = [pytest.mark.integration, requires_mount]
+SCALE = 50
+
+
+class Source:
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+        self.certs = Certificates.create(fs.work / "certs", "pg-xyz", "apps")
+        os.chmod(fs.work, 0o755)
+        os.chmod(self.certs.directory, 0o755)
+        self.server = PostgresServer(
+            volume=fs.mnt / "volume-src",
+            port=free_port(),
+            socket_dir=fs.work / "sock",
+            certs=self.certs,
+        )
+        self.server.initdb()
+        self.server.start()
+        self.server.install_function()
+        self.server.psql("CREATE DATABASE app")
+        self.server.pgbench("-i", "-s", str(SCALE), "-q")
+        self.server.psql("CHECKPOINT")
+
+    @property
+    def endpoint(self) -> SourceServer:
+        return SourceServer(
+            pod_ip="127.0.0.1",
+            port=self.server.port,
+            cluster="pg-xyz",
+            namespace="apps",
+            ca_cert=self.certs.read("ca.crt"),
+            client_cert=self.certs.read("replication.crt"),
+            client_key=self.certs.read("replication.key"),
+            pod="pg-xyz-1",
+        )
+
+    @property
+    def clone_area(self) -> Path:
+        return self.server.volume / ".pg-reflinker"
+
+
+@pytest.fixture(scope="session")
+def source() -> Iterator[Source]:
+    fs = Filesystem("xfs", size="16G")
+    src = Source(fs)
+    yield src
+    src.server.stop("immediate")
+    fs.close()
+
+
+def key_dirs() -> list[str]:
+    return glob.glob("/dev/shm/pg-reflinker-tls.*")
+
+
+def partials(src: Source) -> list[str]:
+    return [p.name for p in src.clone_area.glob("*.partial")] if src.clone_area.exists() else []
+
+
+def counts(server: PostgresServer) -> dict[str, str]:
+    return {
+        t: server.psql(f"SELECT count(*) FROM {t}", db="app")
+        for t in ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")
+    }
+
+
+def check_clone(src: Source, directory: Path) -> PostgresServer:
+    clone = boot_clone(directory, src.fs.work / "sock")
+    assert clone.psql("SELECT pg_is_in_recovery()") == "f"
+    return clone
+
+
+def test_clone_of_a_pgbench_database_boots_with_the_same_rows(source: Source) -> None:
+    label = str(uuid.uuid4())
+    result = hot_clone(source.endpoint, label)
+    assert result.directory == str(source.clone_area / label)
+    assert not Path(result.directory, "pgdata", "postmaster.pid").exists()
+    assert (
+        Path(result.directory, "pgdata", "backup_label")
+        .read_text()
+        .startswith("START WAL LOCATION")
+    )
+    clone = check_clone(source, Path(result.directory))
+    try:
+        assert counts(clone) == counts(source.server)
+        assert counts(clone)["pgbench_accounts"] == str(SCALE * 100000)
+    finally:
+        clone.stop()
+        remove(Path(result.directory))
+    assert key_dirs() == []
+
+
+def test_clones_taken_under_write_load_boot_and_pass_amcheck(source: Source) -> None:
+    bench = subprocess.Popen(
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            str(pg_bin() / "pgbench"),
+            "-h",
+            str(source.server.socket_dir),
+            "-p",
+            str(source.server.port),
+            "-c",
+            "2",
+            "-j",
+            "2",
+            "-T",
+            "25",
+            "app",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    labels = []
+    try:
+        time.sleep(3)
+        for _ in range(3):
+            label = str(uuid.uuid4())
+            hot_clone(source.endpoint, label)
+            labels.append(label)
+            time.sleep(2)
+    finally:
+        out, _ = bench.communicate(timeout=120)
+    assert bench.returncode == 0, out
+    assert "tps" in out
+    for label in labels:
+        directory = source.clone_area / label
+        clone = check_clone(source, directory)
+        try:
+            history = int(clone.psql("SELECT count(*) FROM pgbench_history", db="app"))
+            assert history > 0, "the clone should hold transactions from the write load"
+            sums = clone.psql(
+                "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ',' ||"
+                " (SELECT sum(bbalance) FROM pgbench_branches) || ',' ||"
+                " (SELECT sum(tbalance) FROM pgbench_tellers) || ',' ||"
+                " (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
+                db="app",
+            )
+            assert len(set(sums.split(","))) == 1, f"pgbench invariant broken: {sums}"
+            run_as_postgres(
+                [
+                    str(pg_bin() / "pg_amcheck"),
+                    "-h",
+                    str(clone.socket_dir),
+                    "-p",
+                    str(clone.port),
+                    "--heapallindexed",
+                    "--install-missing",
+                    "-d",
+                    "app",
+                ],
+                capture_output=True,
+            )
+        finally:
+            clone.stop()
+            remove(directory)
+
+
+def test_same_label_returns_the_finished_directory_without_copying(source: Source) -> None:
+    label = str(uuid.uuid4())
+    first = hot_clone(source.endpoint, label)
+    marker = Path(first.directory, "pgdata", "PG_VERSION")
+    inode = marker.stat().st_ino
+    checkpoints = source.server.psql("SELECT checkpoints_req FROM pg_stat_bgwriter")
+    second = hot_clone(source.endpoint, label)
+    assert second.directory == first.directory
+    assert marker.stat().st_ino == inode
+    # No new backup was started, so no new checkpoint was requested.
+    assert source.server.psql("SELECT checkpoints_req FROM pg_stat_bgwriter") == checkpoints
+    remove(Path(first.directory))
+
+
+def test_label_being_copied_by_another_session_fails_cleanly(source: Source) -> None:
+    label = str(uuid.uuid4())
+    holder = psycopg.connect(
+        host=str(source.server.socket_dir),
+        port=source.server.port,
+        user="postgres",
+        dbname="postgres",
+        autocommit=False,
+    )
+    try:
+        holder.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"pg_reflinker:{label}",)
+        )
+        with pytest.raises(errors.OperationInProgress) as err:
+            hot_clone(source.endpoint, label)
+        assert "already being taken" in str(err.value)
+    finally:
+        holder.close()
+    assert partials(source) == []
+    assert key_dirs() == []
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "needle"),
+    [
+        (
+            lambda s, c: replace(s, ca_cert=c.read("wrong-ca.crt")),
+            errors.FailedPrecondition,
+            "pg-xyz-ca",
+        ),
+        (
+            lambda s, c: replace(
+                s, client_cert=c.read("other-user.crt"), client_key=c.read("other-user.key")
+            ),
+            errors.FailedPrecondition,
+            "pg-xyz-replication",
+        ),
+        (lambda s, c: replace(s, cluster="other"), errors.FailedPrecondition, "other-ca"),
+        (lambda s, c: replace(s, port=free_port()), errors.SourceUnavailable, "cannot reach"),
+    ],
+)
+def test_connection_problems_map_to_clear_errors(source: Source, change, error, needle) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error) as err:
+        hot_clone(change(source.endpoint, source.certs), str(uuid.uuid4()), connect_timeout=3)
+    assert needle in str(err.value)
+    assert key_dirs() == []
+    assert partials(source) == []
+
+
+def test_missing_function_points_at_the_reference_implementation(source: Source) -> None:
+    source.server.psql("ALTER FUNCTION reflink_snapshot(text) RENAME TO reflink_snapshot_off")
+    try:
+        with pytest.raises(errors.FailedPrecondition) as err:
+            hot_clone(source.endpoint, str(uuid.uuid4()))
+    finally:
+        source.server.psql("ALTER FUNCTION reflink_snapshot_off(text) RENAME TO reflink_snapshot")
+    message = str(err.value)
+    assert "reflink_snapshot(text)" in message and "pg-xyz" in message and "apps" in message
+    assert "deploy/postgres" in message
+    assert key_dirs() == []
+
+
+def test_revoked_execute_names_the_role(source: Source) -> None:
+    source.server.psql("REVOKE EXECUTE ON FUNCTION reflink_snapshot(text) FROM streaming_replica")
+    try:
+        with pytest.raises(errors.FailedPrecondition) as err:
+            hot_clone(source.endpoint, str(uuid.uuid4()))
+    finally:
+        source.server.psql("GRANT EXECUTE ON FUNCTION reflink_snapshot(text) TO streaming_replica")
+    assert "streaming_replica" in str(err.value)
+    assert key_dirs() == []
+
+
+def test_statement_timeout_then_retry_leaves_no_partial(source: Source) -> None:
+    label = str(uuid.uuid4())
+    with pytest.raises(errors.DeadlineExceeded):
+        hot_clone(source.endpoint, label, statement_timeout=0.05)
+    assert key_dirs() == []
+    result = hot_clone(source.endpoint, label)
+    assert partials(source) == []
+    assert Path(result.directory, "pgdata", "backup_label").exists()
+    remove(Path(result.directory))
+
+
+def test_stopped_server_is_unavailable_and_retryable(source: Source) -> None:
+    source.server.stop()
+    try:
+        with pytest.raises(errors.SourceUnavailable) as err:
+            hot_clone(source.endpoint, str(uuid.uuid4()), connect_timeout=3)
+        assert "pg-xyz" in str(err.value)
+    finally:
+        source.server.start()
+    assert key_dirs() == []
+    result = hot_clone(source.endpoint, str(uuid.uuid4()))
+    remove(Path(result.directory))
+
+
+def test_key_material_is_private_while_connecting(source: Source) -> None:
+    seen: list[tuple[int, list[int]]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for d in key_dirs():
+                try:
+                    modes = [os.stat(f).st_mode & 0o777 for f in glob.glob(f"{d}/*")]
+                    seen.append((os.stat(d).st_mode & 0o777, modes))
+                except FileNotFoundError:
+                    pass
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = hot_clone(source.endpoint, str(uuid.uuid4()))
+    finally:
+        stop.set()
+        watcher.join()
+    remove(Path(result.directory))
+    assert seen, "the key directory was never observed"
+    assert all(d == 0o700 and all(m == 0o600 for m in files) for d, files in seen)
+    assert key_dirs() == []
+
+
+def test_snapshot_cli_prints_directory_and_time(source: Source) -> None:
+    c = source.certs
+    label = str(uuid.uuid4())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reflinker_csi.cli",
+            "snapshot",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(source.server.port),
+            "--cluster",
+            "pg-xyz",
+            "--namespace",
+            "apps",
+            "--ca",
+            str(c.path("ca.crt")),
+            "--cert",
+            str(c.path("replication.crt")),
+            "--key",
+            str(c.path("replication.key")),
+            "--label",
+            label,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert str(source.clone_area / label) in result.stdout
+    assert "seconds" in result.stdout
+    remove(source.clone_area / label)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reflinker_csi.cli",
+            "snapshot",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--cluster",
+            "pg-xyz",
+            "--namespace",
+            "apps",
+            "--ca",
+            str(c.path("ca.crt")),
+            "--cert",
+            str(c.path("replication.crt")),
+            "--key",
+            str(c.path("replication.key")),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)},
+    )
+    assert bad.returncode == 1
+    assert "cannot reach" in bad.stderr and "Traceback" not in bad.stderr
