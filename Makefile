@@ -74,3 +74,7 @@ proto: $(STAMPS)/venv
 .PHONY: clean
 clean:
 	rm -rf $(VENV) $(STAMPS) .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: bench-clone
+bench-clone: $(STAMPS)/system $(STAMPS)/venv
+	$(PY) -m tests.bench.bench_clone

@@ -20,6 +20,7 @@ from .controller import ControllerServicer
 from .errors import ReflinkerError
 from .identity import IdentityServicer, prefix_usable
 from .layout import Layout, new_guid
+from .local import LocalDisk, LocalMaterializer
 from .locator import LocalSourceLocator
 from .node import NodeServicer
 from .publish import Publisher
@@ -41,8 +42,9 @@ def run_standalone(cfg: config.Config) -> int:
     layout = Layout(cfg.hostpath_prefix)
     layout.state_dir.mkdir(mode=0o700, exist_ok=True)
     registry = FileRegistry(layout.state_dir)
-    volumes = VolumeService(layout, registry, LocalSourceLocator(layout), cfg.node_id)
-    volumes.recover()
+    materializer = LocalMaterializer(LocalDisk(layout), registry, cfg.node_id)
+    materializer.recover()
+    volumes = VolumeService(layout, registry, LocalSourceLocator(layout), cfg.node_id, materializer)
     identity = IdentityServicer(cfg.driver_name, prefix_usable(str(layout.prefix)), controller=True)
     controller = ControllerServicer(volumes)
     node = NodeServicer(Publisher(layout, cfg.target_root), cfg.node_id)

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from .layout import Layout
 from .mounts import mounts_of
 from .registry import VolumeRecord
+from .source import SourceServer
 
 
 @dataclass(frozen=True)
 class SourceLocation:
     node: str
     host_path: Path
-    # Mount points that expose the source (a running pod, or anything else using it).
+    # What uses the source now (pods, or mount points), for messages.
     in_use_at: tuple[str, ...] = ()
+    # The PostgreSQL server using the source, when it is a CNPG instance: clone it hot.
+    server: SourceServer | None = None
+    # Where that server's pod mounts the source volume (maps paths the server returns).
+    mount_path: str = ""
+    # Traceability for the clone's volume_context (source claim, pod).
+    context: dict[str, str] = field(default_factory=dict)
 
 
 class SourceLocator(Protocol):

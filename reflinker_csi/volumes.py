@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Protocol
 
-from . import reflink
 from .errors import (
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     OperationInProgress,
@@ -23,9 +19,8 @@ from .errors import (
     VolumeInUse,
     VolumeNotFound,
 )
-from .layout import DELETING_SUFFIX, PARTIAL_SUFFIX, Layout, is_guid, new_guid
-from .locator import SourceLocator
-from .mounts import mounts_of
+from .layout import Layout, is_guid, new_guid
+from .locator import SourceLocation, SourceLocator
 from .placement import Segments, check_clone_node, choose_node
 from .registry import CREATING, DELETING, READY, SNAPSHOT, VOLUME, Registry, VolumeRecord
 
@@ -96,16 +91,42 @@ def _mismatch(record: VolumeRecord, spec: CreateSpec) -> str:
     return ""
 
 
+class Materializer(Protocol):
+    """Makes a reserved record's data exist, and removes it: on this host (standalone) or
+    through the node agent of the record's node (Kubernetes)."""
+
+    def placeable_nodes(self) -> set[str]: ...
+
+    def materialize(
+        self,
+        record: VolumeRecord,
+        source: VolumeRecord | None,
+        location: SourceLocation | None,
+        timeout: float,
+    ) -> VolumeRecord:
+        """Return the record once Ready."""
+
+    def publishers(self, record: VolumeRecord) -> list[str]: ...
+
+    def dematerialize(self, record: VolumeRecord) -> None: ...
+
+
 class VolumeService:
     """Creates, clones, deletes and lists volumes on one prefix through a Registry."""
 
     def __init__(
-        self, layout: Layout, registry: Registry, locator: SourceLocator, node_id: str
+        self,
+        layout: Layout,
+        registry: Registry,
+        locator: SourceLocator,
+        node_id: str,
+        materializer: Materializer,
     ) -> None:
         self.layout = layout
         self.registry = registry
         self.locator = locator
         self.node_id = node_id
+        self.materializer = materializer
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
 
@@ -123,8 +144,10 @@ class VolumeService:
 
     # -- create ---------------------------------------------------------------------------
 
-    def create(self, spec: CreateSpec) -> VolumeRecord:
-        """Create the named volume, or return it when a compatible request already made it."""
+    def create(self, spec: CreateSpec, timeout: float = 60) -> VolumeRecord:
+        """Create the named volume, or return it when a compatible request already made it.
+
+        timeout bounds the wait for work done elsewhere (the node agent in Kubernetes mode)."""
         spec.validate()
         with self._exclusive("name:" + spec.name, f"creation of volume {spec.name!r}"):
             existing = self.registry.get_by_name(spec.name)
@@ -139,14 +162,24 @@ class VolumeService:
                     raise OperationInProgress(
                         f"volume {spec.name!r} ({existing.guid}) is being deleted; retry later"
                     )
-                return self._complete(existing)
+                return self._complete(existing, timeout)
             source_id = spec.source_volume_id or spec.source_snapshot_id
+            context = self._context_of(spec)
             if source_id:
                 kind = VOLUME if spec.source_volume_id else SNAPSHOT
-                source = self._clone_source(source_id, kind)
-                node = check_clone_node(source.node, spec.preferred, spec.requisite)
+                source, location = self._clone_source(source_id, kind)
+                node = check_clone_node(
+                    location.node if location else source.node, spec.preferred, spec.requisite
+                )
+                if location is not None:
+                    context.update(location.context)
             else:
-                node = choose_node(spec.preferred, spec.requisite, {self.node_id}, self.node_id)
+                node = choose_node(
+                    spec.preferred,
+                    spec.requisite,
+                    self.materializer.placeable_nodes(),
+                    self.node_id,
+                )
             record = VolumeRecord(
                 guid=new_guid(),
                 name=spec.name,
@@ -157,10 +190,10 @@ class VolumeService:
                 source_volume_id=spec.source_volume_id,
                 source_snapshot_id=spec.source_snapshot_id,
                 state=CREATING,
-                context=self._context_of(spec),
+                context=context,
             )
             record, _ = self.registry.reserve(record)
-            return self._complete(record)
+            return self._complete(record, timeout)
 
     @staticmethod
     def _context_of(spec: CreateSpec) -> dict[str, str]:
@@ -171,8 +204,10 @@ class VolumeService:
             ctx[CTX_PV] = spec.parameters[PV_NAME]
         return ctx
 
-    def _clone_source(self, source_id: str, kind: str) -> VolumeRecord:
-        """The ready volume or snapshot to copy from; a volume must not be in use."""
+    def _clone_source(
+        self, source_id: str, kind: str
+    ) -> tuple[VolumeRecord, SourceLocation | None]:
+        """The ready volume or snapshot to copy from, and where a source volume lives."""
         if not is_guid(source_id):
             raise NotFound(
                 f"source {kind} {source_id[:80]!r} is not a pg-reflinker {kind} id; "
@@ -183,67 +218,31 @@ class VolumeService:
             raise NotFound(f"source {kind} {source_id} does not exist")
         if source.state != READY:
             raise OperationInProgress(f"source {kind} {source_id} is {source.state}; retry later")
-        if kind == VOLUME:
-            location = self.locator.locate(source)
-            if location.in_use_at:
-                raise VolumeInUse(
-                    f"source volume {source_id} is in use (mounted at "
-                    f"{', '.join(location.in_use_at)}). A running database is cloned through its "
-                    "PostgreSQL server with reflink_snapshot(), which the Kubernetes mode "
-                    "(reflinker-csi controller) does; to copy it here, stop the server and "
-                    "unpublish the volume first"
-                )
-        return source
+        if kind != VOLUME:
+            return source, None
+        location = self.locator.locate(source)
+        if location.in_use_at and location.server is None:
+            raise VolumeInUse(
+                f"source volume {source_id} is in use ({', '.join(location.in_use_at)}). "
+                "A running database is cloned through its PostgreSQL server with "
+                "reflink_snapshot(), which the Kubernetes mode (reflinker-csi controller) does "
+                "for CNPG instances; to copy it otherwise, stop the server and unpublish the "
+                "volume first"
+            )
+        return source, location
 
-    def data_dir(self, record: VolumeRecord) -> Path:
-        if record.kind == SNAPSHOT:
-            return self.layout.snapshot_dir(record.guid)
-        return self.layout.volume_dir(record.guid)
-
-    def _complete(self, record: VolumeRecord) -> VolumeRecord:
+    def _complete(self, record: VolumeRecord, timeout: float) -> VolumeRecord:
         if record.state == READY:
             return record
         with self._exclusive("guid:" + record.guid, f"creation of {record.kind} {record.guid}"):
-            final = self.data_dir(record)
-            if not os.path.lexists(final):
-                source_id = record.source_volume_id or record.source_snapshot_id
-                if source_id:
-                    kind = VOLUME if record.source_volume_id else SNAPSHOT
-                    self._reflink_copy(self._clone_source(source_id, kind), record)
-                else:
-                    final.mkdir(mode=0o750)
-            ready = record.with_state(READY)
-            self.registry.update(ready)
-            return ready
-
-    def _reflink_copy(self, source: VolumeRecord, record: VolumeRecord) -> None:
-        """Cold copy: reflink the source tree into <dir>.partial, then rename it into place."""
-        with self._exclusive("guid:" + source.guid, f"an operation on {source.kind} {source.guid}"):
-            src = self.data_dir(source)
-            if not src.is_dir() or src.is_symlink():
-                raise FailedPrecondition(
-                    f"the directory {src} of source {source.kind} {source.guid} is missing on "
-                    f"node {source.node}; the source is lost, delete it"
-                )
-            reflink.probe(self.layout.state_dir)
-            final = self.data_dir(record)
-            final.parent.mkdir(mode=0o700, exist_ok=True)
-            partial = final.with_name(final.name + PARTIAL_SUFFIX)
-            _remove_tree(partial)
-            try:
-                files = reflink.copy_tree(src, partial)
-                os.rename(partial, final)
-            except BaseException:
-                _remove_tree(partial)
-                raise
-            log.info(
-                "reflinked %s %s from %s %s (%d files)",
-                record.kind,
-                record.guid,
-                source.kind,
-                source.guid,
-                files,
-            )
+            source_id = record.source_volume_id or record.source_snapshot_id
+            if not source_id:
+                return self.materializer.materialize(record, None, None, timeout)
+            kind = VOLUME if record.source_volume_id else SNAPSHOT
+            source, location = self._clone_source(source_id, kind)
+            # Holding the source keeps it from being deleted while it is copied.
+            with self._exclusive("guid:" + source.guid, f"an operation on {kind} {source.guid}"):
+                return self.materializer.materialize(record, source, location, timeout)
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -264,8 +263,8 @@ class VolumeService:
                         f"{existing.source_volume_id}, not of {source_volume_id[:80]}; "
                         "use another name"
                     )
-                return self._complete(existing)
-            source = self._clone_source(source_volume_id, VOLUME)
+                return self._complete(existing, 60)
+            source, _ = self._clone_source(source_volume_id, VOLUME)
             record = VolumeRecord(
                 guid=new_guid(),
                 name=name,
@@ -277,7 +276,7 @@ class VolumeService:
                 state=CREATING,
             )
             record, _ = self.registry.reserve(record)
-            return self._complete(record)
+            return self._complete(record, 60)
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         if not snapshot_id:
@@ -288,7 +287,7 @@ class VolumeService:
             record = self.registry.get(snapshot_id)
             if record is None or record.kind != SNAPSHOT:
                 return
-            self._delete_record(record)
+            self.materializer.dematerialize(record)
 
     def list_snapshots(
         self, max_entries: int, starting_token: str, snapshot_id: str, source_volume_id: str
@@ -315,31 +314,13 @@ class VolumeService:
             record = self.registry.get(volume_id)
             if record is None or record.kind != VOLUME:
                 return
-            users = self.publishers(volume_id)
+            users = self.materializer.publishers(record)
             if users:
                 raise VolumeInUse(
                     f"volume {volume_id} is still published at {', '.join(users)}; "
                     "unpublish it (delete the pod using it) before deleting the volume"
                 )
-            self._delete_record(record)
-
-    def _delete_record(self, record: VolumeRecord) -> None:
-        if record.state != DELETING:
-            self.registry.update(record.with_state(DELETING))
-        final = self.data_dir(record)
-        doomed = final.with_name(final.name + DELETING_SUFFIX)
-        if os.path.lexists(final):
-            # One rename makes the data vanish at once; the slow removal follows.
-            os.rename(final, doomed)
-        _remove_tree(doomed)
-        _remove_tree(final.with_name(final.name + PARTIAL_SUFFIX))
-        self.registry.remove(record.guid)
-
-    def publishers(self, guid: str) -> list[str]:
-        path = self.layout.volume_dir(guid)
-        if not path.is_dir() or path.is_symlink():
-            return []
-        return [m.mount_point for m in mounts_of(path)]
+            self.materializer.dematerialize(record)
 
     # -- read -----------------------------------------------------------------------------
 
@@ -391,33 +372,3 @@ class VolumeService:
         if record.source_snapshot_id:
             ctx[CTX_SOURCE_SNAPSHOT] = record.source_snapshot_id
         return ctx
-
-    # -- start-up -------------------------------------------------------------------------
-
-    def recover(self) -> None:
-        """Finish what a crash interrupted: drop partial copies, complete deletions."""
-        places = [self.layout.prefix]
-        if self.layout.snapshots_dir.is_dir():
-            places.append(self.layout.snapshots_dir)
-        for place in places:
-            for entry in place.iterdir():
-                name = entry.name
-                for suffix in (PARTIAL_SUFFIX, DELETING_SUFFIX):
-                    if name.endswith(suffix) and is_guid(name[: -len(suffix)]):
-                        log.info("removing leftover %s", entry)
-                        _remove_tree(entry)
-        for record in self.registry.list():
-            if record.state == DELETING:
-                self._delete_record(record)
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove path without following symlinks, inside or at the top."""
-    if not os.path.lexists(path):
-        return
-    if path.is_symlink() or not path.is_dir():
-        path.unlink()
-        return
-    # On Linux rmtree works through directory file descriptors and never follows symlinks
-    # (shutil.rmtree.avoids_symlink_attacks).
-    shutil.rmtree(path)

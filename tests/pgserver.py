@@ -41,7 +41,18 @@ def free_port() -> int:
 
 
 def run_as_postgres(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["runuser", "-u", PG_USER, "--", *args], text=True, check=True, **kwargs)  # type: ignore[call-overload]
+    """Run a command as the postgres user; a failure carries its output in the exception."""
+    result = subprocess.run(
+        ["runuser", "-u", PG_USER, "--", *args], text=True, check=False, **kwargs
+    )  # type: ignore[call-overload]
+    if result.returncode != 0:
+        raise subprocess.CalledProcessError(
+            result.returncode,
+            args[:3],
+            output=result.stdout,
+            stderr=f"{result.stderr or ''}\n{result.stdout or ''}"[-3000:],
+        )
+    return result  # type: ignore[no-any-return]
 
 
 def chown_postgres(path: Path) -> None:
@@ -191,6 +202,7 @@ class PostgresServer:
             )
         (self.pgdata / "pg_hba.conf").write_text(
             "local all all trust\n"
+            "local replication postgres trust\n"
             "hostssl postgres streaming_replica 127.0.0.1/32 cert\n"
             "hostssl all all 127.0.0.1/32 reject\n"
         )

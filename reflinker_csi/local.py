@@ -1,0 +1,169 @@
+"""Disk work on this host: directories under HOSTPATH_PREFIX, reflink copies, removal.
+
+Used directly by standalone mode and by the node agent in Kubernetes mode."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from . import reflink
+from .errors import FailedPrecondition, VolumeInUse
+from .layout import DELETING_SUFFIX, PARTIAL_SUFFIX, Layout, is_guid
+from .locator import SourceLocation
+from .mounts import mounts_of
+from .registry import DELETING, READY, SNAPSHOT, Registry, VolumeRecord
+
+log = logging.getLogger(__name__)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove path without following symlinks, inside or at the top."""
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+    # On Linux rmtree works through directory file descriptors and never follows symlinks
+    # (shutil.rmtree.avoids_symlink_attacks).
+    shutil.rmtree(path)
+
+
+class LocalDisk:
+    """Volume and snapshot directories of one prefix on this host."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def data_dir(self, record: VolumeRecord) -> Path:
+        if record.kind == SNAPSHOT:
+            return self.layout.snapshot_dir(record.guid)
+        return self.layout.volume_dir(record.guid)
+
+    def publishers(self, record: VolumeRecord) -> list[str]:
+        """Mount points that expose the record's directory (pods using it)."""
+        path = self.data_dir(record)
+        if not path.is_dir() or path.is_symlink():
+            return []
+        return [m.mount_point for m in mounts_of(path)]
+
+    def make_empty(self, record: VolumeRecord) -> None:
+        final = self.data_dir(record)
+        if not os.path.lexists(final):
+            final.mkdir(mode=0o750)
+
+    def reflink_copy(self, source: VolumeRecord, record: VolumeRecord) -> None:
+        """Cold copy: reflink the source tree into <dir>.partial, then rename it into place."""
+        final = self.data_dir(record)
+        if os.path.lexists(final):
+            return
+        src = self.data_dir(source)
+        if not src.is_dir() or src.is_symlink():
+            raise FailedPrecondition(
+                f"the directory {src} of source {source.kind} {source.guid} is missing on "
+                f"node {source.node}; the source is lost, delete it"
+            )
+        if source.kind != SNAPSHOT and self.publishers(source):
+            raise VolumeInUse(
+                f"source volume {source.guid} is in use on node {source.node} "
+                f"(mounted at {', '.join(self.publishers(source))}); a running database is "
+                "cloned through its PostgreSQL server"
+            )
+        reflink.probe(self.layout.state_dir)
+        final.parent.mkdir(mode=0o700, exist_ok=True)
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        remove_tree(partial)
+        try:
+            files = reflink.copy_tree(src, partial)
+            os.rename(partial, final)
+        except BaseException:
+            remove_tree(partial)
+            raise
+        log.info(
+            "reflinked %s %s from %s %s (%d files)",
+            record.kind,
+            record.guid,
+            source.kind,
+            source.guid,
+            files,
+        )
+
+    def adopt(self, record: VolumeRecord, moved_from: Path) -> None:
+        """Move a hot clone's <label> directory into place with one rename (same filesystem)."""
+        final = self.data_dir(record)
+        if os.path.lexists(final):
+            return
+        real = Path(os.path.realpath(moved_from))
+        if not self.layout.contains(real) or real.name != record.guid or real.is_symlink():
+            raise FailedPrecondition(
+                f"hot clone directory {moved_from} is not a {record.guid} directory under "
+                f"{self.layout.prefix}; it cannot be moved into place"
+            )
+        if not (real / "pgdata").is_dir():
+            raise FailedPrecondition(f"hot clone directory {moved_from} has no pgdata inside")
+        os.rename(real, final)
+
+    def remove(self, record: VolumeRecord) -> None:
+        final = self.data_dir(record)
+        doomed = final.with_name(final.name + DELETING_SUFFIX)
+        if os.path.lexists(final):
+            # One rename makes the data vanish at once; the slow removal follows.
+            os.rename(final, doomed)
+        remove_tree(doomed)
+        remove_tree(final.with_name(final.name + PARTIAL_SUFFIX))
+
+    def sweep(self) -> None:
+        """Remove partial copies and half-removed directories a crash left behind."""
+        places = [self.layout.prefix]
+        if self.layout.snapshots_dir.is_dir():
+            places.append(self.layout.snapshots_dir)
+        for place in places:
+            for entry in place.iterdir():
+                for suffix in (PARTIAL_SUFFIX, DELETING_SUFFIX):
+                    if entry.name.endswith(suffix) and is_guid(entry.name[: -len(suffix)]):
+                        log.info("removing leftover %s", entry)
+                        remove_tree(entry)
+
+
+class LocalMaterializer:
+    """Standalone: the controller does the disk work itself, on this host."""
+
+    def __init__(self, disk: LocalDisk, registry: Registry, node_id: str) -> None:
+        self.disk = disk
+        self.registry = registry
+        self.node_id = node_id
+
+    def placeable_nodes(self) -> set[str]:
+        return {self.node_id}
+
+    def materialize(
+        self,
+        record: VolumeRecord,
+        source: VolumeRecord | None,
+        location: SourceLocation | None,
+        timeout: float,
+    ) -> VolumeRecord:
+        if source is None:
+            self.disk.make_empty(record)
+        else:
+            self.disk.reflink_copy(source, record)
+        ready = record.with_state(READY)
+        self.registry.update(ready)
+        return ready
+
+    def publishers(self, record: VolumeRecord) -> list[str]:
+        return self.disk.publishers(record)
+
+    def dematerialize(self, record: VolumeRecord) -> None:
+        if record.state != DELETING:
+            self.registry.update(record.with_state(DELETING))
+        self.disk.remove(record)
+        self.registry.remove(record.guid)
+
+    def recover(self) -> None:
+        self.disk.sweep()
+        for record in self.registry.list():
+            if record.state == DELETING:
+                self.dematerialize(record)

@@ -1,0 +1,186 @@
+"""Benchmark: hot clone through reflink_snapshot() against the physical floor (a bare
+`cp -a --reflink=always` of the same data directory) and against pg_basebackup, all measured in
+one run on one XFS reflink loop filesystem.
+
+Run as root: make bench-clone [BENCH_SCALES="50 400"] [BENCH_RUNS=5]
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+
+from reflinker_csi.source import SourceServer, hot_clone
+from tests.conftest import Filesystem
+from tests.pgserver import (
+    Certificates,
+    PostgresServer,
+    chown_postgres,
+    free_port,
+    pg_bin,
+    remove,
+    run_as_postgres,
+)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.monotonic()
+    fn()
+    return time.monotonic() - start
+
+
+def median_of(runs: int, measure: Callable[[], float]) -> tuple[float, list[float]]:
+    samples = [measure() for _ in range(runs)]
+    return statistics.median(samples), samples
+
+
+def bench_scale(fs: Filesystem, certs: Certificates, scale: int, runs: int) -> dict[str, float]:
+    server = PostgresServer(
+        volume=fs.mnt / f"src-{scale}", port=free_port(), socket_dir=fs.work / "sock", certs=certs
+    )
+    server.initdb()
+    server.start()
+    server.install_function()
+    server.psql("CREATE DATABASE app")
+    print(f"[scale {scale}] loading pgbench data ...", flush=True)
+    load = timed(lambda: server.pgbench("-i", "-s", str(scale), "-q"))
+    server.psql("CHECKPOINT")
+    size = int(server.psql("SELECT sum(pg_database_size(oid)) FROM pg_database"))
+    print(f"[scale {scale}] {size / 2**30:.2f} GiB loaded in {load:.0f} s", flush=True)
+    endpoint = SourceServer(
+        pod_ip="127.0.0.1",
+        port=server.port,
+        cluster="pg-xyz",
+        namespace="apps",
+        ca_cert=certs.read("ca.crt"),
+        client_cert=certs.read("replication.crt"),
+        client_key=certs.read("replication.key"),
+    )
+    area = server.volume / ".pg-reflinker"
+
+    def one_hot() -> float:
+        label = str(uuid.uuid4())
+        seconds = hot_clone(endpoint, label).seconds
+        remove(area / label)
+        return seconds
+
+    def one_cp() -> float:
+        target = fs.mnt / f"cp-{uuid.uuid4()}"
+        seconds = timed(
+            lambda: subprocess.run(
+                ["cp", "-a", "--reflink=always", str(server.pgdata), str(target)], check=True
+            )
+        )
+        remove(target)
+        return seconds
+
+    def one_basebackup() -> float:
+        target = fs.mnt / f"bb-{uuid.uuid4()}"
+        target.mkdir(mode=0o700)
+        chown_postgres(target)
+        seconds = timed(
+            lambda: run_as_postgres(
+                [
+                    str(pg_bin() / "pg_basebackup"),
+                    "-h",
+                    str(server.socket_dir),
+                    "-p",
+                    str(server.port),
+                    "-U",
+                    "postgres",
+                    "-D",
+                    str(target),
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "--no-sync",
+                ],
+                capture_output=True,
+            )
+        )
+        remove(target)
+        return seconds
+
+    def one_checkpoint() -> float:
+        return timed(lambda: server.psql("CHECKPOINT"))
+
+    one_hot()  # warm-up: first connection, page cache
+    result: dict[str, float] = {"scale": scale, "bytes": size}
+    for name, measure in (
+        ("hot", one_hot),
+        ("cp", one_cp),
+        ("checkpoint", one_checkpoint),
+        ("basebackup", one_basebackup),
+    ):
+        med, samples = median_of(runs, measure)
+        result[name] = med
+        print(
+            f"[scale {scale}] {name:<11} median {med:8.3f} s  samples "
+            + " ".join(f"{s:.3f}" for s in samples),
+            flush=True,
+        )
+    server.stop()
+    remove(server.volume)
+    return result
+
+
+def main() -> int:
+    scales = [int(s) for s in os.environ.get("BENCH_SCALES", "50 400").split()]
+    runs = int(os.environ.get("BENCH_RUNS", "5"))
+    fs = Filesystem("xfs", size=os.environ.get("BENCH_DISK", "64G"))
+    try:
+        os.chmod(fs.work, 0o755)
+        certs = Certificates.create(fs.work / "certs", "pg-xyz", "apps")
+        os.chmod(certs.directory, 0o755)
+        rows = [bench_scale(fs, certs, scale, runs) for scale in scales]
+    finally:
+        fs.close()
+    print()
+    print(
+        f"machine: {platform.node()} {os.cpu_count()} cores, {platform.platform()}; "
+        f"PostgreSQL {pg_bin().parent.name}; XFS reflink on a sparse loop file; "
+        f"median of {runs} runs each"
+    )
+    print(
+        f"{'scale':>6} {'size GiB':>9} {'hot clone s':>12} {'bare cp s':>10} "
+        f"{'checkpoint s':>13} {'pg_basebackup s':>16} {'hot/cp':>7} {'basebackup/hot':>15}"
+    )
+    for r in rows:
+        print(
+            f"{r['scale']:>6.0f} {r['bytes'] / 2**30:>9.2f} {r['hot']:>12.3f} {r['cp']:>10.3f} "
+            f"{r['checkpoint']:>13.3f} {r['basebackup']:>16.3f} {r['hot'] / r['cp']:>7.2f} "
+            f"{r['basebackup'] / r['hot']:>15.1f}"
+        )
+    ok = True
+    for r in rows:
+        budget = 2 * r["cp"] + r["checkpoint"]
+        met = r["hot"] <= budget
+        ok &= met
+        print(
+            f"target scale {r['scale']:.0f}: hot clone {r['hot']:.3f} s <= 2 x bare cp + "
+            f"checkpoint = {budget:.3f} s: {'met' if met else 'MISSED'}"
+        )
+    small, large = rows[0], rows[-1]
+    speedup = large["basebackup"] / large["hot"]
+    growth = large["hot"] / small["hot"]
+    ok &= speedup >= 30 and growth <= 1.5
+    print(
+        f"target: >= 30x faster than pg_basebackup at scale {large['scale']:.0f}: "
+        f"{speedup:.1f}x: {'met' if speedup >= 30 else 'MISSED'}"
+    )
+    print(
+        f"target: hot clone at scale {large['scale']:.0f} <= 1.5 x scale {small['scale']:.0f}: "
+        f"{growth:.2f}x: {'met' if growth <= 1.5 else 'MISSED'}"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
