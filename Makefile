@@ -53,8 +53,8 @@ deps: $(STAMPS)/system $(STAMPS)/venv $(CSI_SANITY)
 # -- checks -------------------------------------------------------------------------------
 
 .PHONY: test
-test: deps
-	CSI_SANITY=$(CSI_SANITY) $(PY) -m pytest -ra $(PYTEST_ARGS)
+test: deps k8s-tools
+	CSI_SANITY=$(CSI_SANITY) K8S_TOOLS=$(K8S_TOOLS) $(PY) -m pytest -ra $(PYTEST_ARGS)
 
 .PHONY: sanity
 sanity: deps
@@ -78,3 +78,25 @@ clean:
 .PHONY: bench-clone
 bench-clone: $(STAMPS)/system $(STAMPS)/venv
 	$(PY) -m tests.bench.bench_clone
+
+# -- Kubernetes control plane for the end-to-end tests --------------------------------------
+K8S_TOOLS_KEY := $(shell sha256sum tests/tools/k8s/go.sum 2>/dev/null | cut -c1-12)
+K8S_TOOLS := $(TOOLS_CACHE)/k8s-$(K8S_TOOLS_KEY)
+
+$(K8S_TOOLS)/.built: tests/tools/k8s/go.mod tests/tools/k8s/go.sum
+	@echo "building etcd, kube-apiserver, kube-controller-manager and csi-provisioner into $(K8S_TOOLS)"
+	@echo "(once per go.sum; the first build takes 10-20 minutes on 2 cores)"
+	mkdir -p $(K8S_TOOLS)
+	cd tests/tools/k8s && go build -trimpath -o $(K8S_TOOLS)/ \
+		k8s.io/kubernetes/cmd/kube-apiserver \
+		k8s.io/kubernetes/cmd/kube-controller-manager \
+		github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner
+	cd tests/tools/k8s && go build -trimpath -o $(K8S_TOOLS)/etcd go.etcd.io/etcd/server/v3
+	@touch $@
+
+.PHONY: k8s-tools
+k8s-tools: $(K8S_TOOLS)/.built
+
+.PHONY: e2e
+e2e: deps k8s-tools
+	K8S_TOOLS=$(K8S_TOOLS) $(PY) -m pytest -ra -p no:cacheprovider tests/e2e $(PYTEST_ARGS)

@@ -9,20 +9,26 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
+import grpc
+
 from csi import csi_pb2_grpc
 
-from . import __version__, config, logs
+from . import __version__, config, kube, logs
 from .controller import ControllerServicer
 from .errors import ReflinkerError
 from .identity import IdentityServicer, prefix_usable
+from .kube import KubeRegistry
+from .kube_controller import KubeMaterializer, PvAnnotator
+from .kube_locator import KubeSourceLocator
 from .layout import Layout, new_guid
 from .local import LocalDisk, LocalMaterializer
 from .locator import LocalSourceLocator
 from .node import NodeServicer
+from .node_agent import NodeAgent
 from .publish import Publisher
 from .registry import FileRegistry
 from .server import EndpointInUse, start_server
@@ -37,6 +43,59 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _serve(
+    cfg: config.Config,
+    mode: str,
+    register: list[Callable[[grpc.Server], None]],
+    background: Sequence[Callable[[threading.Event], None]] = (),
+) -> int:
+    """Serve until SIGTERM/SIGINT; background loops get a stop event."""
+    server = start_server(cfg.endpoint, cfg.grpc_workers, register)
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=loop, args=(stop,), daemon=True, name=loop.__qualname__)
+        for loop in background
+    ]
+    for thread in threads:
+        thread.start()
+    log.info(
+        "serving",
+        extra={
+            "fields": {
+                "mode": mode,
+                "endpoint": str(cfg.endpoint),
+                "node": cfg.node_id,
+                "prefix": str(cfg.hostpath_prefix),
+                "version": __version__,
+            }
+        },
+    )
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info(
+            "stopping",
+            extra={
+                "fields": {
+                    "signal": signal.Signals(signum).name,
+                    "grace_s": cfg.shutdown_grace_seconds,
+                }
+            },
+        )
+        stop.set()
+        server.stop(cfg.shutdown_grace_seconds).wait()
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stopped.wait(1.0):
+        pass
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(cfg.endpoint)
+    log.info("stopped")
+    return 0
+
+
 def run_standalone(cfg: config.Config) -> int:
     """Identity + Controller + Node on one socket, state in a file registry under the prefix."""
     layout = Layout(cfg.hostpath_prefix)
@@ -48,51 +107,68 @@ def run_standalone(cfg: config.Config) -> int:
     identity = IdentityServicer(cfg.driver_name, prefix_usable(str(layout.prefix)), controller=True)
     controller = ControllerServicer(volumes)
     node = NodeServicer(Publisher(layout, cfg.target_root), cfg.node_id)
-    server = start_server(
-        cfg.endpoint,
-        cfg.grpc_workers,
+    try:
+        return _serve(
+            cfg,
+            "standalone",
+            [
+                lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
+                lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s),
+                lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
+            ],
+        )
+    finally:
+        registry.close()
+
+
+def run_controller(cfg: config.Config) -> int:
+    """Kubernetes: Identity + Controller beside csi-provisioner; records are ReflinkVolumes."""
+    api = kube.connect()
+    layout = Layout(cfg.hostpath_prefix)
+    registry = KubeRegistry(api)
+    materializer = KubeMaterializer(
+        api,
+        registry,
+        layout,
+        cfg.driver_name,
+        cfg.pg_connect_timeout_seconds,
+        cfg.pg_statement_timeout_seconds,
+    )
+    locator = KubeSourceLocator(api, layout, cfg.driver_name)
+    volumes = VolumeService(layout, registry, locator, cfg.node_id, materializer)
+    identity = IdentityServicer(cfg.driver_name, lambda: True, controller=True)
+    controller = ControllerServicer(volumes, snapshots=False)
+    annotator = PvAnnotator(api, cfg.driver_name)
+    return _serve(
+        cfg,
+        "controller",
         [
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
             lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s),
+        ],
+        [annotator.run],
+    )
+
+
+def run_node(cfg: config.Config) -> int:
+    """Kubernetes: Identity + Node on each node, and the node agent for its ReflinkVolumes."""
+    api = kube.connect()
+    layout = Layout(cfg.hostpath_prefix)
+    layout.state_dir.mkdir(mode=0o700, exist_ok=True)
+    agent = NodeAgent(KubeRegistry(api), LocalDisk(layout), cfg.node_id)
+    identity = IdentityServicer(
+        cfg.driver_name, prefix_usable(str(layout.prefix)), controller=False
+    )
+    node = NodeServicer(Publisher(layout, cfg.target_root), cfg.node_id)
+    return _serve(
+        cfg,
+        "node",
+        [
+            lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
             lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
         ],
+        [agent.run],
     )
-    log.info(
-        "serving",
-        extra={
-            "fields": {
-                "mode": "standalone",
-                "endpoint": str(cfg.endpoint),
-                "node": cfg.node_id,
-                "prefix": str(layout.prefix),
-                "version": __version__,
-            }
-        },
-    )
-    stopped = threading.Event()
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        log.info(
-            "stopping",
-            extra={
-                "fields": {
-                    "signal": signal.Signals(signum).name,
-                    "grace_s": cfg.shutdown_grace_seconds,
-                }
-            },
-        )
-        server.stop(cfg.shutdown_grace_seconds).wait()
-        stopped.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while not stopped.wait(1.0):
-        pass
-    registry.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(cfg.endpoint)
-    log.info("stopped")
-    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -166,13 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"configuration error: {err}", 2)
     logs.setup(cfg.log_level, cfg.log_format)
     try:
-        if args.command == "standalone":
-            return run_standalone(cfg)
-        return _fail(
-            f"'{args.command}' is the Kubernetes mode, which this version does not provide yet; "
-            "run 'reflinker-csi standalone' on a single host",
-            2,
-        )
+        run = {"standalone": run_standalone, "controller": run_controller, "node": run_node}
+        return run[args.command](cfg)
     except (EndpointInUse, ReflinkerError) as err:
         return _fail(str(err), 1)
 

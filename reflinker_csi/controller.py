@@ -30,8 +30,13 @@ def topology(node: str) -> csi_pb2.Topology:
 
 
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
-    def __init__(self, volumes: VolumeService) -> None:
+    def __init__(self, volumes: VolumeService, snapshots: bool = True) -> None:
         self._volumes = volumes
+        self._capabilities = [
+            c
+            for c in CAPABILITIES
+            if snapshots or c not in (_RPC.CREATE_DELETE_SNAPSHOT, _RPC.LIST_SNAPSHOTS)
+        ]
 
     def _volume(self, record: VolumeRecord) -> csi_pb2.Volume:
         volume = csi_pb2.Volume(
@@ -83,7 +88,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             preferred=[dict(t.segments) for t in req.preferred],
             requisite=[dict(t.segments) for t in req.requisite],
         )
-        return csi_pb2.CreateVolumeResponse(volume=self._volume(self._volumes.create(spec)))
+        remaining = context.time_remaining() if context is not None else None
+        timeout = 60.0 if remaining is None else remaining
+        return csi_pb2.CreateVolumeResponse(
+            volume=self._volume(self._volumes.create(spec, timeout))
+        )
 
     def DeleteVolume(self, request: Any, context: Any) -> csi_pb2.DeleteVolumeResponse:
         self._volumes.delete(request.volume_id)
@@ -136,7 +145,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     ) -> csi_pb2.ControllerGetCapabilitiesResponse:
         return csi_pb2.ControllerGetCapabilitiesResponse(
             capabilities=[
-                csi_pb2.ControllerServiceCapability(rpc=_RPC(type=t)) for t in CAPABILITIES
+                csi_pb2.ControllerServiceCapability(rpc=_RPC(type=t)) for t in self._capabilities
             ]
         )
 

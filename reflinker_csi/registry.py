@@ -39,6 +39,10 @@ class VolumeRecord:
     source_volume_id: str = ""
     source_snapshot_id: str = ""
     kind: str = VOLUME
+    # "hot": the source's PostgreSQL server makes the copy; "cold": the node copies the files.
+    clone_mode: str = ""
+    # Kubernetes mode: where the hot clone's <label> directory is on the node, before the move.
+    hot_clone_dir: str = ""
     state: str = CREATING
     context: dict[str, str] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)

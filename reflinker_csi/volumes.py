@@ -91,6 +91,12 @@ def _mismatch(record: VolumeRecord, spec: CreateSpec) -> str:
     return ""
 
 
+def _clone_mode(spec: CreateSpec, location: SourceLocation | None) -> str:
+    if not (spec.source_volume_id or spec.source_snapshot_id):
+        return ""
+    return "hot" if location is not None and location.server is not None else "cold"
+
+
 class Materializer(Protocol):
     """Makes a reserved record's data exist, and removes it: on this host (standalone) or
     through the node agent of the record's node (Kubernetes)."""
@@ -165,6 +171,7 @@ class VolumeService:
                 return self._complete(existing, timeout)
             source_id = spec.source_volume_id or spec.source_snapshot_id
             context = self._context_of(spec)
+            location: SourceLocation | None = None
             if source_id:
                 kind = VOLUME if spec.source_volume_id else SNAPSHOT
                 source, location = self._clone_source(source_id, kind)
@@ -189,6 +196,7 @@ class VolumeService:
                 parameters=dict(spec.parameters),
                 source_volume_id=spec.source_volume_id,
                 source_snapshot_id=spec.source_snapshot_id,
+                clone_mode=_clone_mode(spec, location),
                 state=CREATING,
                 context=context,
             )

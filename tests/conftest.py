@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REFLINKER = [sys.executable, "-m", "reflinker_csi.cli"]
 
 
-def _can_mount() -> str:
+def mount_unavailable() -> str:
     if os.geteuid() != 0:
         return "needs root (mount, loop devices)"
     if shutil.which("mkfs.xfs") is None:
@@ -31,7 +31,7 @@ def _can_mount() -> str:
     return ""
 
 
-requires_mount = pytest.mark.skipif(bool(_can_mount()), reason=_can_mount() or "ok")
+requires_mount = pytest.mark.skipif(bool(mount_unavailable()), reason=mount_unavailable() or "ok")
 
 
 class Filesystem:
@@ -64,7 +64,7 @@ class Filesystem:
 
 @pytest.fixture(scope="session")
 def xfs() -> Iterator[Filesystem]:
-    reason = _can_mount()
+    reason = mount_unavailable()
     if reason:
         pytest.skip(reason)
     fs = Filesystem("xfs")

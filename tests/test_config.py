@@ -108,14 +108,16 @@ def test_version_flag() -> None:
     assert result.stdout.startswith("reflinker-csi ")
 
 
-def test_kubernetes_modes_refuse_with_a_clear_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["controller", "node"])
+def test_kubernetes_modes_without_credentials_say_what_to_set(tmp_path: Path, mode: str) -> None:
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)} | good_env(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "reflinker_csi.cli", "controller"],
+        [sys.executable, "-m", "reflinker_csi.cli", mode],
         env=env,
         capture_output=True,
         text=True,
         timeout=30,
     )
-    assert result.returncode == 2
-    assert "standalone" in result.stderr
+    assert result.returncode == 1
+    assert "no Kubernetes configuration" in result.stderr and "KUBECONFIG" in result.stderr
+    assert "Traceback" not in result.stderr
