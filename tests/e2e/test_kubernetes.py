@@ -171,3 +171,40 @@ def _exists(read) -> bool:  # type: ignore[no-untyped-def]
         if err.status == 404:
             return False
         raise
+
+
+def test_claim_whose_source_no_pod_uses_gets_a_cold_clone(cluster: Cluster) -> None:
+    cluster.pvc("template")
+    source = cluster.wait_bound("template")
+    (cluster.prefix / source.spec.csi.volume_handle / "seed.sql").write_text("select 1;\n")
+    cluster.pvc("from-template", source="template")
+    pv = cluster.wait_bound("from-template")
+    guid = pv.spec.csi.volume_handle
+    assert (cluster.prefix / guid / "seed.sql").read_text() == "select 1;\n"
+    [record] = record_of(cluster, guid)
+    assert record["spec"]["cloneMode"] == "cold"
+    assert pv.spec.csi.volume_attributes["pg-reflinker.csi/source-pvc"] == f"{NS}/template"
+
+
+def test_missing_replication_secret_is_named_and_the_claim_binds_once_it_exists(
+    cluster: Cluster, cnpg: CnpgInstance
+) -> None:
+    secret = cluster.core.read_namespaced_secret("pg-xyz-replication", NS)
+    cluster.core.delete_namespaced_secret("pg-xyz-replication", NS)
+    try:
+        cluster.pvc("pg-xyz-nosecret", source=cnpg.pvc)
+        events = wait_for(
+            "a ProvisioningFailed event naming the secret",
+            lambda: [
+                e
+                for e in cluster.events_for("PersistentVolumeClaim", "pg-xyz-nosecret")
+                if "ProvisioningFailed" in e and f"{NS}/pg-xyz-replication" in e
+            ],
+            30,
+        )
+        assert "is missing" in events[0]
+    finally:
+        secret.metadata = client.V1ObjectMeta(name="pg-xyz-replication")
+        cluster.core.create_namespaced_secret(NS, secret)
+    cluster.wait_bound("pg-xyz-nosecret", timeout=30)
+    cluster.core.delete_namespaced_persistent_volume_claim("pg-xyz-nosecret", NS)

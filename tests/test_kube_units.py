@@ -1,0 +1,92 @@
+"""Kubernetes-mode rules that need no cluster: record names, record round trips, path mapping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reflinker_csi import errors
+from reflinker_csi.kube import from_object, record_name, to_object
+from reflinker_csi.kube_controller import host_path_of
+from reflinker_csi.layout import Layout
+from reflinker_csi.locator import SourceLocation
+from reflinker_csi.registry import READY, SNAPSHOT, VolumeRecord
+
+SRC = "11111111-2222-4333-8444-555555555555"
+NEW = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee"
+
+
+def test_record_names_are_stable_and_valid() -> None:
+    assert (
+        record_name("volume", "pvc-0b6f4c1e-1111-4222-8333-444455556666")
+        == "pvc-0b6f4c1e-1111-4222-8333-444455556666"
+    )
+    odd = record_name("volume", "Sanity Volume/ÄÖ")
+    assert odd == record_name("volume", "Sanity Volume/ÄÖ") and odd.startswith("vol-")
+    assert record_name(SNAPSHOT, "snap") != record_name("volume", "snap")
+    assert len(record_name("volume", "x" * 128)) <= 63
+
+
+def test_record_round_trips_through_the_custom_resource() -> None:
+    record = VolumeRecord(
+        guid=NEW,
+        name="pvc-1",
+        node="node-a",
+        required_bytes=5,
+        limit_bytes=0,
+        parameters={"csi.storage.k8s.io/pvc/name": "c"},
+        source_volume_id=SRC,
+        clone_mode="hot",
+        context={"pg-reflinker.csi/claim": "apps/c"},
+    )
+    obj = to_object(record)
+    assert obj["metadata"]["finalizers"] == ["pg-reflinker.csi/node-agent"]
+    assert obj["metadata"]["labels"]["pg-reflinker.csi/node"] == "node-a"
+    obj["status"] = {"phase": "Ready"}
+    back = from_object(obj)
+    assert back.state == READY
+    assert (back.guid, back.name, back.source_volume_id, back.clone_mode, back.context) == (
+        record.guid,
+        record.name,
+        record.source_volume_id,
+        "hot",
+        record.context,
+    )
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return Layout(tmp_path)
+
+
+def location(mount: str = "/var/lib/postgresql/data") -> SourceLocation:
+    return SourceLocation(node="node-a", host_path=Path("/x"), mount_path=mount)
+
+
+def test_returned_path_inside_the_pod_mount_maps_into_the_source_volume(layout: Layout) -> None:
+    path = host_path_of(
+        f"/var/lib/postgresql/data/.pg-reflinker/{NEW}", location(), layout, SRC, NEW
+    )
+    assert path == str(layout.prefix / SRC / ".pg-reflinker" / NEW)
+
+
+def test_returned_prefix_path_is_taken_as_is(layout: Layout) -> None:
+    assert host_path_of(str(layout.prefix / NEW), location(), layout, SRC, NEW) == str(
+        layout.prefix / NEW
+    )
+
+
+@pytest.mark.parametrize(
+    "returned",
+    [
+        "/etc/" + NEW,
+        f"/var/lib/postgresql/data/../../../etc/{NEW}",
+        "/var/lib/postgresql/data/.pg-reflinker/other-label",
+        f"/var/lib/postgresql/database/{NEW}",
+    ],
+)
+def test_returned_path_outside_both_is_refused_naming_it(layout: Layout, returned: str) -> None:
+    with pytest.raises(errors.FailedPrecondition) as err:
+        host_path_of(returned, location(), layout, SRC, NEW)
+    assert repr(returned) in str(err.value)
