@@ -18,6 +18,7 @@ import grpc
 from csi import csi_pb2_grpc
 
 from . import __version__, config, kube, logs
+from .claim_loop import ClaimLoop, Lease
 from .controller import ControllerServicer
 from .errors import ReflinkerError
 from .identity import IdentityServicer, prefix_usable
@@ -139,6 +140,20 @@ def run_controller(cfg: config.Config) -> int:
     identity = IdentityServicer(cfg.driver_name, lambda: True, controller=True)
     controller = ControllerServicer(volumes, snapshots=False)
     annotator = PvAnnotator(api, cfg.driver_name)
+    claims = ClaimLoop(
+        api,
+        registry,
+        locator,
+        materializer,
+        layout,
+        cfg.driver_name,
+        cfg.storage_class,
+        cfg.namespace_path,
+        Lease(api, cfg.pod_namespace, "pg-reflinker-claim-loop"),
+        cfg.pg_connect_timeout_seconds,
+        cfg.pg_statement_timeout_seconds,
+        cfg.target_root,
+    )
     return _serve(
         cfg,
         "controller",
@@ -146,7 +161,7 @@ def run_controller(cfg: config.Config) -> int:
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
             lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s),
         ],
-        [annotator.run],
+        [annotator.run, claims.run],
     )
 
 
@@ -155,7 +170,7 @@ def run_node(cfg: config.Config) -> int:
     api = kube.connect()
     layout = Layout(cfg.hostpath_prefix)
     layout.state_dir.mkdir(mode=0o700, exist_ok=True)
-    agent = NodeAgent(KubeRegistry(api), LocalDisk(layout), cfg.node_id)
+    agent = NodeAgent(KubeRegistry(api), LocalDisk(layout, (cfg.target_root,)), cfg.node_id)
     identity = IdentityServicer(
         cfg.driver_name, prefix_usable(str(layout.prefix)), controller=False
     )

@@ -21,6 +21,8 @@ _DRIVER_NAME_RE = re.compile(r"^[a-zA-Z][A-Za-z0-9\-._]{0,61}[a-zA-Z]$")
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9\-_.]{0,61}[A-Za-z0-9])?$")
 _NAMESPACE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
+_SC_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 
@@ -44,6 +46,8 @@ class Config:
     hostpath_prefix: Path
     target_root: Path
     namespace_path: tuple[str, ...]
+    storage_class: str
+    pod_namespace: str
     log_level: str
     log_format: str
     grpc_workers: int
@@ -176,6 +180,20 @@ def load(env: Mapping[str, str] | None = None) -> Config:
             "",
             "a comma-separated list of Kubernetes namespace names",
             _namespaces,
+        ),
+        storage_class=_parse(
+            env,
+            "STORAGE_CLASS",
+            "pg-reflinker",
+            "a StorageClass name (lowercase letters, digits, '-', '.')",
+            _matching(_SC_RE),
+        ),
+        pod_namespace=_parse(
+            env,
+            "POD_NAMESPACE",
+            "pg-reflinker",
+            "the namespace the controller runs in (its leader-election Lease)",
+            _matching(_NAMESPACE_RE),
         ),
         log_level=_parse(
             env, "LOG_LEVEL", "info", "one of " + ", ".join(LOG_LEVELS), _one_of(LOG_LEVELS)

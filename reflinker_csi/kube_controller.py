@@ -37,9 +37,7 @@ ANNOTATION_SOURCE_PVC = "pg-reflinker.csi/source-pvc"
 ANNOTATION_CLAIM = "pg-reflinker.csi/claim"
 
 
-def host_path_of(
-    returned: str, location: SourceLocation, layout: Layout, source_guid: str, label: str
-) -> str:
+def host_path_of(returned: str, location: SourceLocation, layout: Layout, label: str) -> str:
     """Map the directory reflink_snapshot() returned (as the server sees it) to the node."""
     own = layout.volume_dir(label)
     if os.path.normpath(returned) == str(own):
@@ -48,7 +46,7 @@ def host_path_of(
     normal = os.path.normpath(returned)
     if mount and normal.startswith(mount + "/") and ".." not in returned.split("/"):
         inside = normal[len(mount) + 1 :]
-        host = layout.volume_dir(source_guid) / inside
+        host = location.host_path / inside
         if host.name == label:
             return str(host)
     raise FailedPrecondition(
@@ -108,7 +106,7 @@ class KubeMaterializer:
         ):
             budget = min(self.statement_timeout, max(1.0, deadline - time.monotonic()))
             result = hot_clone(location.server, record.guid, self.connect_timeout, budget)
-            path = host_path_of(result.directory, location, self.layout, source.guid, record.guid)
+            path = host_path_of(result.directory, location, self.layout, record.guid)
             self.registry.set_hot_clone_dir(record, path)
             log.info(
                 "hot clone taken",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -52,29 +53,40 @@ class KubeSourceLocator:
         pv = self._pv_of(source)
         if pv is None or pv.spec.claim_ref is None:
             return SourceLocation(node=source.node, host_path=host_path)
-        ns, claim = pv.spec.claim_ref.namespace, pv.spec.claim_ref.name
-        context = {CTX_SOURCE_PVC: f"{ns}/{claim}"}
+        return self.locate_claim(
+            pv.spec.claim_ref.namespace, pv.spec.claim_ref.name, host_path, source.node
+        )
+
+    def instance_using(self, ns: str, claim: str) -> tuple[Any, str] | None:
+        """The live pod that mounts claim, and the name of its volume for it."""
         try:
             pods = self.api.core.list_namespaced_pod(ns).items
         except ApiException as err:
             raise api_error(err, f"list pods in namespace {ns}") from None
-        users = []
         for pod in pods:
             if pod.status.phase in ("Succeeded", "Failed") or pod.metadata.deletion_timestamp:
                 continue
             for volume in pod.spec.volumes or []:
                 pvc = volume.persistent_volume_claim
                 if pvc is not None and pvc.claim_name == claim:
-                    users.append((pod, volume.name))
-        if not users:
-            return SourceLocation(node=source.node, host_path=host_path, context=context)
-        pod, volume_name = users[0]
+                    return pod, str(volume.name)
+        return None
+
+    def locate_claim(
+        self, ns: str, claim: str, host_path: Path, default_node: str
+    ) -> SourceLocation:
+        """Where the volume of claim ns/claim is used, and how to reach its server."""
+        context = {CTX_SOURCE_PVC: f"{ns}/{claim}"}
+        user = self.instance_using(ns, claim)
+        if user is None:
+            return SourceLocation(node=default_node, host_path=host_path, context=context)
+        pod, volume_name = user
         where = f"pod {ns}/{pod.metadata.name}"
         context[CTX_SOURCE_POD] = f"{ns}/{pod.metadata.name}"
         cluster = (pod.metadata.labels or {}).get(CNPG_CLUSTER_LABEL)
         if not cluster:
             return SourceLocation(
-                node=source.node,
+                node=default_node,
                 host_path=host_path,
                 in_use_at=(f"{where}, which is not a CNPG instance",),
                 context=context,
@@ -96,11 +108,12 @@ class KubeSourceLocator:
             client_key=self._secret_key(ns, f"{cluster}-replication", "tls.key"),
         )
         return SourceLocation(
-            node=pod.spec.node_name or source.node,
+            node=pod.spec.node_name or default_node,
             host_path=host_path,
             in_use_at=(where,),
             server=server,
             mount_path=mount_path,
+            pod_uid=pod.metadata.uid or "",
             context=context,
         )
 

@@ -4,6 +4,7 @@ Used directly by standalone mode and by the node agent in Kubernetes mode."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -34,8 +35,11 @@ def remove_tree(path: Path) -> None:
 class LocalDisk:
     """Volume and snapshot directories of one prefix on this host."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, source_roots: tuple[Path, ...] = ()) -> None:
         self.layout = layout
+        # Besides the prefix, where hot clones of other drivers' volumes may wait (kubelet's
+        # directory): the only places adopt() takes a directory from.
+        self.source_roots = tuple(Path(os.path.realpath(r)) for r in source_roots)
 
     def data_dir(self, record: VolumeRecord) -> Path:
         if record.kind == SNAPSHOT:
@@ -91,19 +95,32 @@ class LocalDisk:
         )
 
     def adopt(self, record: VolumeRecord, moved_from: Path) -> None:
-        """Move a hot clone's <label> directory into place with one rename (same filesystem)."""
+        """Move a hot clone's <label> directory into place: one rename on the same mount, or a
+        reflink copy and removal when it sits on another mount of the same filesystem."""
         final = self.data_dir(record)
         if os.path.lexists(final):
             return
         real = Path(os.path.realpath(moved_from))
-        if not self.layout.contains(real) or real.name != record.guid or real.is_symlink():
+        inside = self.layout.contains(real) or any(r in real.parents for r in self.source_roots)
+        if not inside or real.name != record.guid or moved_from.is_symlink():
             raise FailedPrecondition(
                 f"hot clone directory {moved_from} is not a {record.guid} directory under "
-                f"{self.layout.prefix}; it cannot be moved into place"
+                f"{self.layout.prefix} or {', '.join(map(str, self.source_roots)) or '-'}; "
+                "it cannot be moved into place"
             )
         if not (real / "pgdata").is_dir():
             raise FailedPrecondition(f"hot clone directory {moved_from} has no pgdata inside")
-        os.rename(real, final)
+        try:
+            os.rename(real, final)
+            return
+        except OSError as err:
+            if err.errno != errno.EXDEV:
+                raise
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        remove_tree(partial)
+        reflink.copy_tree(real, partial)
+        os.rename(partial, final)
+        remove_tree(real)
 
     def remove(self, record: VolumeRecord) -> None:
         final = self.data_dir(record)

@@ -22,6 +22,7 @@ class SourceLocation:
     server: SourceServer | None = None
     # Where that server's pod mounts the source volume (maps paths the server returns).
     mount_path: str = ""
+    pod_uid: str = ""
     # Traceability for the clone's volume_context (source claim, pod).
     context: dict[str, str] = field(default_factory=dict)
 

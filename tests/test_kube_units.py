@@ -61,18 +61,16 @@ def layout(tmp_path: Path) -> Layout:
 
 
 def location(mount: str = "/var/lib/postgresql/data") -> SourceLocation:
-    return SourceLocation(node="node-a", host_path=Path("/x"), mount_path=mount)
+    return SourceLocation(node="node-a", host_path=Path("/prefix") / SRC, mount_path=mount)
 
 
 def test_returned_path_inside_the_pod_mount_maps_into_the_source_volume(layout: Layout) -> None:
-    path = host_path_of(
-        f"/var/lib/postgresql/data/.pg-reflinker/{NEW}", location(), layout, SRC, NEW
-    )
-    assert path == str(layout.prefix / SRC / ".pg-reflinker" / NEW)
+    path = host_path_of(f"/var/lib/postgresql/data/.pg-reflinker/{NEW}", location(), layout, NEW)
+    assert path == f"/prefix/{SRC}/.pg-reflinker/{NEW}"
 
 
 def test_returned_prefix_path_is_taken_as_is(layout: Layout) -> None:
-    assert host_path_of(str(layout.prefix / NEW), location(), layout, SRC, NEW) == str(
+    assert host_path_of(str(layout.prefix / NEW), location(), layout, NEW) == str(
         layout.prefix / NEW
     )
 
@@ -88,5 +86,5 @@ def test_returned_prefix_path_is_taken_as_is(layout: Layout) -> None:
 )
 def test_returned_path_outside_both_is_refused_naming_it(layout: Layout, returned: str) -> None:
     with pytest.raises(errors.FailedPrecondition) as err:
-        host_path_of(returned, location(), layout, SRC, NEW)
+        host_path_of(returned, location(), layout, NEW)
     assert repr(returned) in str(err.value)

@@ -165,7 +165,10 @@ class Cluster:
         events = self.core.list_namespaced_event(
             namespace, field_selector=f"involvedObject.kind={kind},involvedObject.name={name}"
         )
-        return [f"{e.reason}: {e.message}" for e in events.items]
+        return [
+            f"{e.source.component if e.source else ''} {e.reason}: {e.message}"
+            for e in events.items
+        ]
 
 
 def tools_dir() -> Path:
@@ -198,6 +201,7 @@ def _driver_env(cluster: Cluster, kubeconfig: Path, socket: Path) -> dict[str, s
         LOG_LEVEL="debug",
         PYTHONPATH=str(ROOT),
         PG_STATEMENT_TIMEOUT="60",
+        NAMESPACE_PATH="templates",
     )
     return env
 
@@ -210,6 +214,7 @@ def cluster() -> Iterator[Cluster]:
     work = Path(tempfile.mkdtemp(prefix="pg-reflinker-e2e."))
     os.chmod(work, 0o755)
     fs = Filesystem("xfs", size="8G")
+    os.chmod(fs.work, 0o755)  # PostgreSQL (user postgres) runs on hostPath volumes in there
     plane = ControlPlane(bin_dir, work / "plane")
     prefix, kubelet = fs.mnt / "pg-reflinker", work / "kubelet"
     prefix.mkdir()
@@ -298,7 +303,10 @@ def cluster() -> Iterator[Cluster]:
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
             if line.split()[4].startswith(str(work)):
                 subprocess.run(["umount", "-l", line.split()[4]], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("E2E_KEEP"):
+            print(f"\nend-to-end logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _crd_established(api: client.ApiClient) -> bool:
@@ -362,35 +370,73 @@ def cnpg(cluster: Cluster) -> Iterator[CnpgInstance]:
     server.install_function()
     server.psql("CREATE DATABASE app")
     server.pgbench("-i", "-s", "2", "-q")
-    core = cluster.core
-    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
-    core.create_namespaced_secret(
-        NS,
-        client.V1Secret(
-            metadata=client.V1ObjectMeta(name="pg-xyz-ca"),
-            type="Opaque",
-            data={"ca.crt": b64(certs.read("ca.crt")), "ca.key": b64(certs.read("ca.key"))},
-        ),
+    create_cnpg_objects(cluster.core, NS, "pg-xyz", name, name, certs, str(target), server.port)
+    instance = CnpgInstance(name, pv, target, server, certs, pod_uid)
+    instance.set_ready(cluster, True)
+    yield instance
+    server.stop("immediate")
+    cluster.unpublish(pv, target)
+
+
+def set_pod_ready(core: client.CoreV1Api, ns: str, pod: str, ready: bool) -> None:
+    """What kubelet reports for a running instance: Running, Ready, the pod IP."""
+    core.patch_namespaced_pod_status(
+        pod,
+        ns,
+        {
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "podIPs": [{"ip": "127.0.0.1"}],
+                "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            }
+        },
     )
-    core.create_namespaced_secret(
-        NS,
-        client.V1Secret(
-            metadata=client.V1ObjectMeta(name="pg-xyz-replication"),
-            type="kubernetes.io/tls",
-            data={
-                "tls.crt": b64(certs.read("replication.crt")),
-                "tls.key": b64(certs.read("replication.key")),
-            },
-        ),
-    )
+
+
+def create_cnpg_objects(
+    core: client.CoreV1Api,
+    ns: str,
+    cluster_name: str,
+    pod: str,
+    claim: str,
+    certs: Certificates | None,
+    mount_path: str,
+    port: int,
+) -> None:
+    """What CNPG creates for an instance: its secrets (once per cluster) and its Pod."""
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    if certs is not None:
+        core.create_namespaced_secret(
+            ns,
+            client.V1Secret(
+                metadata=client.V1ObjectMeta(name=f"{cluster_name}-ca"),
+                type="Opaque",
+                data={"ca.crt": b64(certs.read("ca.crt")), "ca.key": b64(certs.read("ca.key"))},
+            ),
+        )
+        core.create_namespaced_secret(
+            ns,
+            client.V1Secret(
+                metadata=client.V1ObjectMeta(name=f"{cluster_name}-replication"),
+                type="kubernetes.io/tls",
+                data={
+                    "tls.crt": b64(certs.read("replication.crt")),
+                    "tls.key": b64(certs.read("replication.key")),
+                },
+            ),
+        )
     core.create_namespaced_pod(
-        NS,
+        ns,
         client.V1Pod(
             metadata=client.V1ObjectMeta(
-                name=name,
+                name=pod,
                 labels={
-                    "cnpg.io/cluster": "pg-xyz",
-                    "cnpg.io/instanceName": name,
+                    "cnpg.io/cluster": cluster_name,
+                    "cnpg.io/instanceName": pod,
                     "cnpg.io/podRole": "instance",
                     "cnpg.io/instanceRole": "primary",
                 },
@@ -402,25 +448,19 @@ def cnpg(cluster: Cluster) -> Iterator[CnpgInstance]:
                     client.V1Container(
                         name="postgres",
                         image="postgres",
-                        ports=[
-                            client.V1ContainerPort(name="postgresql", container_port=server.port)
-                        ],
-                        volume_mounts=[client.V1VolumeMount(name="pgdata", mount_path=str(target))],
+                        ports=[client.V1ContainerPort(name="postgresql", container_port=port)],
+                        volume_mounts=[client.V1VolumeMount(name="pgdata", mount_path=mount_path)],
                     )
                 ],
                 volumes=[
                     client.V1Volume(
                         name="pgdata",
                         persistent_volume_claim=(
-                            client.V1PersistentVolumeClaimVolumeSource(claim_name=name)
+                            client.V1PersistentVolumeClaimVolumeSource(claim_name=claim)
                         ),
                     )
                 ],
             ),
         ),
     )
-    instance = CnpgInstance(name, pv, target, server, certs, pod_uid)
-    instance.set_ready(cluster, True)
-    yield instance
-    server.stop("immediate")
-    cluster.unpublish(pv, target)
+    set_pod_ready(core, ns, pod, True)

@@ -1,0 +1,239 @@
+"""The claim loop end to end: claims whose source lives in another namespace (NAMESPACE_PATH)
+or on another driver, which external-provisioner cannot clone."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from tests.e2e.conftest import NS, Cluster, create_cnpg_objects, wait_for
+from tests.pgserver import Certificates, PostgresServer, boot_clone, chown_postgres, free_port
+
+pytestmark = pytest.mark.integration
+TEMPLATES = "templates"
+UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+@dataclass
+class Template:
+    server: PostgresServer
+    directory: Path
+
+
+def hostpath_claim(cluster: Cluster, ns: str, name: str, path: Path) -> None:
+    """A static hostPath PV pre-bound to a claim of no StorageClass (another driver)."""
+    pv_name = f"hostpath-{ns}-{name}"
+    cluster.core.create_persistent_volume(
+        client.V1PersistentVolume(
+            metadata=client.V1ObjectMeta(name=pv_name),
+            spec=client.V1PersistentVolumeSpec(
+                capacity={"storage": "1Gi"},
+                access_modes=["ReadWriteOnce"],
+                host_path=client.V1HostPathVolumeSource(path=str(path)),
+                storage_class_name="",
+                persistent_volume_reclaim_policy="Retain",
+                claim_ref=client.V1ObjectReference(namespace=ns, name=name),
+            ),
+        )
+    )
+    cluster.core.create_namespaced_persistent_volume_claim(
+        ns,
+        client.V1PersistentVolumeClaim(
+            metadata=client.V1ObjectMeta(name=name),
+            spec=client.V1PersistentVolumeClaimSpec(
+                access_modes=["ReadWriteOnce"],
+                storage_class_name="",
+                volume_name=pv_name,
+                resources=client.V1VolumeResourceRequirements(requests={"storage": "1Gi"}),
+            ),
+        ),
+    )
+    cluster.wait_bound(name, namespace=ns)
+
+
+def claim_from(cluster: Cluster, name: str, source: str, namespace: str = NS) -> None:
+    cluster.core.create_namespaced_persistent_volume_claim(
+        namespace,
+        client.V1PersistentVolumeClaim(
+            metadata=client.V1ObjectMeta(name=name),
+            spec=client.V1PersistentVolumeClaimSpec(
+                access_modes=["ReadWriteOnce"],
+                storage_class_name="pg-reflinker",
+                resources=client.V1VolumeResourceRequirements(requests={"storage": "1Gi"}),
+                data_source_ref=client.V1TypedObjectReference(
+                    api_group="", kind="PersistentVolumeClaim", name=source
+                ),
+            ),
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def template(cluster: Cluster) -> Iterator[Template]:
+    """A CNPG instance in namespace templates on a hostPath PV (not a pg-reflinker volume)."""
+    cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=TEMPLATES)))
+    directory = cluster.prefix / "hostpath" / "pg-tmpl-1"
+    directory.mkdir(parents=True)
+    chown_postgres(directory)
+    hostpath_claim(cluster, TEMPLATES, "pg-tmpl-1", directory)
+    certs = Certificates.create(cluster.plane.work / "certs-tmpl", "pg-tmpl", TEMPLATES)
+    os.chmod(certs.directory, 0o755)
+    server = PostgresServer(
+        volume=directory, port=free_port(), socket_dir=cluster.plane.work / "sock", certs=certs
+    )
+    server.initdb()
+    server.start()
+    server.install_function()
+    server.psql("CREATE DATABASE app")
+    server.pgbench("-i", "-s", "1", "-q")
+    create_cnpg_objects(
+        cluster.core,
+        TEMPLATES,
+        "pg-tmpl",
+        "pg-tmpl-1",
+        "pg-tmpl-1",
+        certs,
+        str(directory),
+        server.port,
+    )
+    yield Template(server, directory)
+    server.stop("immediate")
+
+
+def test_claim_in_apps_clones_the_template_found_through_namespace_path(
+    cluster: Cluster, template: Template
+) -> None:
+    claim_from(cluster, "dev", "pg-tmpl-1")
+    pv = cluster.wait_bound("dev", timeout=60)
+    guid = pv.spec.csi.volume_handle
+    assert UUID4.match(guid) and pv.metadata.name == guid
+    notes = pv.metadata.annotations
+    assert notes["pv.kubernetes.io/provisioned-by"] == "pg-reflinker.csi"
+    assert notes["pg-reflinker.csi/guid"] == guid
+    assert notes["pg-reflinker.csi/source-pvc"] == f"{TEMPLATES}/pg-tmpl-1"
+    assert notes["pg-reflinker.csi/claim"] == f"{NS}/dev"
+    assert pv.spec.claim_ref.name == "dev" and pv.spec.claim_ref.namespace == NS
+    assert pv.spec.persistent_volume_reclaim_policy == "Delete"
+    events = cluster.events_for("PersistentVolumeClaim", "dev")
+    assert any("Provisioning" in e and f"{TEMPLATES}/pg-tmpl-1" in e for e in events)
+    assert any("ProvisioningSucceeded" in e and guid in e for e in events)
+
+    target = cluster.publish(pv, str(uuid.uuid4()))
+    clone = boot_clone(target, cluster.plane.work / "sock")
+    try:
+        q = "SELECT count(*) FROM pgbench_accounts"
+        assert clone.psql(q, db="app") == template.server.psql(q, db="app") == "100000"
+    finally:
+        clone.stop()
+        cluster.unpublish(pv, target)
+
+
+def test_same_name_in_the_claims_own_namespace_wins(cluster: Cluster, template: Template) -> None:
+    # templates/pg-shadow would be cloneable (the template's server uses the same directory);
+    # apps/pg-shadow, on another driver with no instance running, must still be the one chosen.
+    hostpath_claim(cluster, TEMPLATES, "pg-shadow", template.directory)
+    own = cluster.prefix / "hostpath" / "apps-shadow"
+    own.mkdir(parents=True)
+    hostpath_claim(cluster, NS, "pg-shadow", own)
+    claim_from(cluster, "shadow-clone", "pg-shadow")
+    events = wait_for(
+        "an event naming apps/pg-shadow",
+        lambda: [
+            e
+            for e in cluster.events_for("PersistentVolumeClaim", "shadow-clone")
+            if f"{NS}/pg-shadow" in e
+        ],
+        30,
+    )
+    assert not any(
+        f"{TEMPLATES}/pg-shadow" in e
+        for e in cluster.events_for("PersistentVolumeClaim", "shadow-clone")
+    )
+    assert any("no running CNPG instance" in e for e in events)
+    pvc = cluster.core.read_namespaced_persistent_volume_claim("shadow-clone", NS)
+    assert pvc.status.phase == "Pending"
+    cluster.core.delete_namespaced_persistent_volume_claim("shadow-clone", NS)
+
+
+def test_delete_and_recreate_a_claim_gets_a_new_guid(cluster: Cluster, template: Template) -> None:
+    claim_from(cluster, "again", "pg-tmpl-1")
+    first = cluster.wait_bound("again", timeout=60).spec.csi.volume_handle
+    cluster.core.delete_namespaced_persistent_volume_claim("again", NS)
+    wait_for(
+        "the first volume's directory to go", lambda: not (cluster.prefix / first).exists(), 30
+    )
+    wait_for(
+        "the first claim to go",
+        lambda: (
+            not [
+                c
+                for c in cluster.core.list_namespaced_persistent_volume_claim(NS).items
+                if c.metadata.name == "again"
+            ]
+        ),
+        30,
+    )
+    claim_from(cluster, "again", "pg-tmpl-1")
+    second = cluster.wait_bound("again", timeout=60).spec.csi.volume_handle
+    assert second != first
+    assert (cluster.prefix / second / "pgdata").is_dir()
+
+
+def test_missing_source_is_reported_then_binds_when_it_appears(
+    cluster: Cluster, template: Template
+) -> None:
+    claim_from(cluster, "late", "pg-late-1")
+    events = wait_for(
+        "a Warning listing the namespaces searched",
+        lambda: [
+            e
+            for e in cluster.events_for("PersistentVolumeClaim", "late")
+            if "ProvisioningFailed" in e and "not found in namespaces apps, templates" in e
+        ],
+        30,
+    )
+    assert events
+    # Now the source appears: another instance of pg-tmpl (same server, same directory).
+    hostpath_claim(cluster, TEMPLATES, "pg-late-1", template.directory)
+    create_cnpg_objects(
+        cluster.core,
+        TEMPLATES,
+        "pg-tmpl",
+        "pg-late-1",
+        "pg-late-1",
+        None,
+        str(template.directory),
+        template.server.port,
+    )
+    cluster.wait_bound("late", timeout=60)
+
+
+def test_two_claims_from_one_source_at_once(cluster: Cluster, template: Template) -> None:
+    claim_from(cluster, "twin-a", "pg-tmpl-1")
+    claim_from(cluster, "twin-b", "pg-tmpl-1")
+    a = cluster.wait_bound("twin-a", timeout=60).spec.csi.volume_handle
+    b = cluster.wait_bound("twin-b", timeout=60).spec.csi.volume_handle
+    assert a != b
+    assert (cluster.prefix / a / "pgdata").is_dir() and (cluster.prefix / b / "pgdata").is_dir()
+
+
+def test_pg_reflinker_source_in_the_same_namespace_is_left_to_external_provisioner(
+    cluster: Cluster,
+) -> None:
+    cluster.pvc("own-src")
+    cluster.wait_bound("own-src")
+    claim_from(cluster, "own-clone", "own-src")
+    pv = cluster.wait_bound("own-clone")
+    claim = cluster.core.read_namespaced_persistent_volume_claim("own-clone", NS)
+    # external-provisioner names PVs pvc-<claim UID>; the loop would have used the GUID.
+    assert pv.metadata.name == f"pvc-{claim.metadata.uid}"
+    events = cluster.events_for("PersistentVolumeClaim", "own-clone")
+    assert any("ProvisioningSucceeded" in e for e in events)
+    assert not any(e.startswith("pg-reflinker.csi/claim-loop") for e in events)
