@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from tests.e2e.conftest import NS, Cluster, create_cnpg_objects, wait_for
+from tests.e2e.stack import NS, Cluster, create_cnpg_objects, wait_for
 from tests.pgserver import Certificates, PostgresServer, boot_clone, chown_postgres, free_port
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from kubernetes import client
 
 from reflinker_csi import TOPOLOGY_KEY
 from reflinker_csi.kube import GROUP, PLURAL, VERSION
-from tests.e2e.conftest import NODE, NS, Cluster, CnpgInstance, wait_for
+from tests.e2e.stack import NODE, NS, Cluster, CnpgInstance, wait_for
 from tests.pgserver import boot_clone, pg_bin, run_as_postgres
 
 pytestmark = pytest.mark.integration
