@@ -1,6 +1,7 @@
 # pg-reflinker. `make test` sets up everything a fresh Debian machine needs (as root) and runs
 # every test; `make demo` shows the product working. See README.md.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 .DEFAULT_GOAL := help
 
 PYTHON ?= python3
@@ -16,7 +17,10 @@ PYTEST_ARGS ?=
 
 .PHONY: help
 help:
-	@echo "make test      set up (Debian packages, venv, csi-sanity) and run every test"
+	@echo "make demo      the whole job on one machine: a running database cloned by a PVC"
+	@echo "make test      set up (Debian packages, venv, Go tools) and run every test"
+	@echo "make e2e       only the end-to-end tests on the real control plane"
+	@echo "make bench     clone time vs size, vs cp --reflink and pg_basebackup; writes docs/"
 	@echo "make sanity    run csi-sanity against reflinker-csi standalone on a fresh XFS"
 	@echo "make lint      ruff and mypy --strict"
 	@echo "make proto     regenerate csi/ from proto/csi.proto"
@@ -87,10 +91,11 @@ $(K8S_TOOLS)/.built: tests/tools/k8s/go.mod tests/tools/k8s/go.sum
 	@echo "building etcd, kube-apiserver, kube-controller-manager and csi-provisioner into $(K8S_TOOLS)"
 	@echo "(once per go.sum; the first build takes 10-20 minutes on 2 cores)"
 	mkdir -p $(K8S_TOOLS)
-	cd tests/tools/k8s && go build -trimpath -o $(K8S_TOOLS)/ \
+	cd tests/tools/k8s && go build -v -trimpath -o $(K8S_TOOLS)/ \
 		k8s.io/kubernetes/cmd/kube-apiserver \
 		k8s.io/kubernetes/cmd/kube-controller-manager \
-		github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner
+		github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner 2>&1 \
+		| awk '/^#|error|cannot|undefined/ {print; next} NR % 100 == 0 {printf "  ... %d packages compiled\n", NR; fflush()}'
 	cd tests/tools/k8s && go build -trimpath -o $(K8S_TOOLS)/etcd go.etcd.io/etcd/server/v3
 	@touch $@
 
@@ -100,3 +105,7 @@ k8s-tools: $(K8S_TOOLS)/.built
 .PHONY: e2e
 e2e: deps k8s-tools
 	K8S_TOOLS=$(K8S_TOOLS) $(PY) -m pytest -ra -p no:cacheprovider tests/e2e $(PYTEST_ARGS)
+
+.PHONY: demo
+demo: deps k8s-tools
+	K8S_TOOLS=$(K8S_TOOLS) $(PY) -m tests.tools.demo

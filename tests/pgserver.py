@@ -15,6 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTION_SQL = ROOT / "deploy" / "postgres" / "reflink_snapshot.sql"
@@ -294,7 +295,9 @@ class PostgresServer:
             capture_output=True,
         )
 
-    def pgbench(self, *args: str, db: str = "app") -> subprocess.CompletedProcess[str]:
+    def pgbench(
+        self, *args: str, db: str = "app", **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
         return run_as_postgres(
             [
                 str(pg_bin() / "pgbench"),
@@ -305,7 +308,7 @@ class PostgresServer:
                 *args,
                 db,
             ],
-            capture_output=True,
+            **(kwargs or {"capture_output": True}),
         )
 
     def wait_ready(self, timeout: float = 120) -> None:

@@ -189,9 +189,14 @@ def _driver_env(
 
 @contextlib.contextmanager
 def running_stack(
-    bin_dir: Path, disk: str = "8G", namespace_path: str = "templates"
+    bin_dir: Path,
+    disk: str = "8G",
+    namespace_path: str = "templates",
+    announce: Callable[[str], None] = lambda step: None,
 ) -> Iterator[Cluster]:
-    """The whole stack on one machine; everything is stopped and removed on exit."""
+    """The whole stack on one machine; everything is stopped and removed on exit.
+    announce(step) is called as each phase begins."""
+    announce("make an XFS reflink filesystem on a sparse loop file")
     work = Path(tempfile.mkdtemp(prefix="pg-reflinker-e2e."))
     os.chmod(work, 0o755)
     fs = Filesystem("xfs", size=disk)
@@ -202,8 +207,10 @@ def running_stack(
     kubelet.mkdir()
     c = Cluster(plane, fs, prefix, kubelet, work / "node.sock", work / "controller.sock")
     try:
+        announce("start etcd, kube-apiserver and kube-controller-manager")
         plane.start()
         admin = plane.api_client()
+        announce("apply deploy/ (CRD, RBAC, CSIDriver, StorageClass; workloads as a dry run)")
         # Real: namespace, CRD, RBAC, CSIDriver, StorageClass. Dry run: the workloads.
         for name in (
             "namespace.yaml",
@@ -238,6 +245,7 @@ def running_stack(
                 ),
             )
         )
+        announce("start reflinker-csi node and controller, and csi-provisioner")
         controller_kc = plane.service_account_kubeconfig("pg-reflinker", "pg-reflinker-controller")
         node_kc = plane.service_account_kubeconfig("pg-reflinker", "pg-reflinker-node")
         reflinker = [sys.executable, "-m", "reflinker_csi.cli"]
@@ -335,9 +343,19 @@ class CnpgInstance:
         )
 
 
-def start_cnpg(cluster: Cluster, scale: int = 2, name: str = "pg-xyz-1") -> CnpgInstance:
+def start_cnpg(
+    cluster: Cluster,
+    scale: int = 2,
+    name: str = "pg-xyz-1",
+    announce: Callable[[str], None] = lambda step: None,
+    pgbench_output: Any = subprocess.PIPE,
+) -> CnpgInstance:
     """Play CNPG: a PGDATA claim of our StorageClass, published (playing kubelet), a TLS
     PostgreSQL on it with reflink_snapshot() and pgbench data, its secrets and its Pod."""
+    announce(
+        f"start PostgreSQL like a CNPG instance on claim {NS}/{name} (TLS, "
+        "streaming_replica certificate, reflink_snapshot)"
+    )
     cluster.pvc(name)
     pv = cluster.wait_bound(name)
     pod_uid = "0000aaaa-1111-4222-8333-444455556666"
@@ -352,7 +370,11 @@ def start_cnpg(cluster: Cluster, scale: int = 2, name: str = "pg-xyz-1") -> Cnpg
     server.start()
     server.install_function()
     server.psql("CREATE DATABASE app")
-    server.pgbench("-i", "-s", str(scale), "-q")
+    announce(f"load pgbench data, scale {scale} (about {scale * 15} MB)")
+    if pgbench_output is subprocess.PIPE:
+        server.pgbench("-i", "-s", str(scale), "-q")
+    else:
+        server.pgbench("-i", "-s", str(scale), "-q", stdout=pgbench_output, stderr=pgbench_output)
     create_cnpg_objects(cluster.core, NS, "pg-xyz", name, name, certs, str(target), server.port)
     instance = CnpgInstance(name, pv, target, server, certs, pod_uid)
     instance.set_ready(cluster, True)
