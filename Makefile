@@ -109,3 +109,7 @@ e2e: deps k8s-tools
 .PHONY: demo
 demo: deps k8s-tools
 	K8S_TOOLS=$(K8S_TOOLS) $(PY) -m tests.tools.demo
+
+.PHONY: bench
+bench: deps k8s-tools
+	K8S_TOOLS=$(K8S_TOOLS) $(PY) -m tests.bench.bench_stack

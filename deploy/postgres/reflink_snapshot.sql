@@ -41,8 +41,10 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
 BEGIN
-    -- The program's stdin receives one row, which it ignores; a non-zero exit raises an error.
-    EXECUTE format('COPY (SELECT 1) TO PROGRAM %L', 'set -eu; ' || script);
+    -- The program reads the one row COPY sends to its stdin before it does anything: a
+    -- program that exits without reading can make COPY fail with "Broken pipe" under load.
+    -- A non-zero exit raises an error.
+    EXECUTE format('COPY (SELECT 1) TO PROGRAM %L', 'cat > /dev/null; set -eu; ' || script);
 END
 $$;
 
@@ -105,15 +107,13 @@ BEGIN
             USING ERRCODE = 'feature_not_supported';
     END IF;
 
+    -- base/ is copied one database directory at a time, the rest one entry at a time, by up
+    -- to four cp processes at once: reflinking is per-file kernel work that parallelises.
     FOR name IN SELECT n FROM pg_ls_dir(datadir) AS t(n) ORDER BY n LOOP
-        IF NOT (name = ANY (emptied) OR name = ANY (skipped)) THEN
+        IF NOT (name = ANY (emptied) OR name = ANY (skipped) OR name = 'base') THEN
             entries := entries || ' ' || reflinker.sh_quote(name);
         END IF;
     END LOOP;
-
-    PERFORM reflinker.run(format(
-        'rm -rf -- %1$s; mkdir -p -m 700 -- %2$s',
-        reflinker.sh_quote(partial), reflinker.sh_quote(dst)));
 
     -- Keep every WAL segment from here on until this session ends.
     PERFORM pg_create_physical_replication_slot(slot, true, true);
@@ -122,7 +122,9 @@ BEGIN
     -- Files may vanish while they are copied (dropped relations, truncated SLRUs); WAL replay
     -- recreates what matters, so only "No such file" errors are tolerated.
     PERFORM reflinker.run(format(
-        'cd %1$s; err=$(cp -a --reflink=always -- %2$s %3$s/ 2>&1) || '
+        'rm -rf -- %3$s; mkdir -p -m 700 -- %3$s/base; cd %1$s; '
+        'err=$( { printf ''%%s\0'' %2$s; for d in base/*; do printf ''%%s\0'' "$d"; done; } '
+        '| xargs -0 -P 4 -I{} cp -a --reflink=always -- {} %3$s/{} 2>&1 ) || '
         'if printf ''%%s\n'' "$err" | grep -v ''No such file or directory'' | grep -q .; '
         'then printf ''%%s\n'' "$err" >&2; exit 1; fi; '
         'cd %3$s; for d in %4$s; do mkdir -m 700 "$d"; done; mkdir -m 700 pg_wal/archive_status; '
@@ -131,17 +133,6 @@ BEGIN
         array_to_string(emptied, ' ')));
 
     SELECT * INTO stop FROM pg_backup_stop(false);
-
-    PERFORM reflinker.run(format(
-        'printf %%s %1$s | base64 -d > %2$s/backup_label',
-        reflinker.sh_quote(translate(encode(convert_to(stop.labelfile, 'UTF8'), 'base64'), E'\n', '')),
-        reflinker.sh_quote(dst)));
-    IF coalesce(stop.spcmapfile, '') <> '' THEN
-        PERFORM reflinker.run(format(
-            'printf %%s %1$s | base64 -d > %2$s/tablespace_map',
-            reflinker.sh_quote(translate(encode(convert_to(stop.spcmapfile, 'UTF8'), 'base64'), E'\n', '')),
-            reflinker.sh_quote(dst)));
-    END IF;
 
     -- WAL from the segment holding the backup's start onward, on any timeline, plus history.
     segno := floor((start_lsn - '0/0'::pg_lsn) / seg_size);
@@ -155,15 +146,20 @@ BEGIN
     LOOP
         wal := wal || ' ' || name;
     END LOOP;
-    IF wal <> '' THEN
-        PERFORM reflinker.run(format(
-            'cd %1$s/pg_wal; cp --reflink=always -p -- %2$s %3$s/pg_wal/',
-            reflinker.sh_quote(datadir), wal, reflinker.sh_quote(dst)));
-    END IF;
-    PERFORM pg_drop_replication_slot(slot);
 
-    PERFORM reflinker.run(format('mv -T -- %1$s %2$s',
+    -- backup_label and tablespace_map byte for byte (base64 through the shell), the WAL, and
+    -- the rename that makes the copy visible, in one program.
+    PERFORM reflinker.run(format(
+        'printf %%s %1$s | base64 -d > %2$s/backup_label; '
+        'if [ -n %3$s ]; then printf %%s %3$s | base64 -d > %2$s/tablespace_map; fi; '
+        'if [ -n %4$s ]; then cd %5$s/pg_wal; cp --reflink=always -p -- %6$s %2$s/pg_wal/; fi; '
+        'mv -T -- %7$s %8$s',
+        reflinker.sh_quote(translate(encode(convert_to(stop.labelfile, 'UTF8'), 'base64'), E'\n', '')),
+        reflinker.sh_quote(dst),
+        reflinker.sh_quote(translate(encode(convert_to(coalesce(stop.spcmapfile, ''), 'UTF8'), 'base64'), E'\n', '')),
+        reflinker.sh_quote(wal), reflinker.sh_quote(datadir), wal,
         reflinker.sh_quote(partial), reflinker.sh_quote(target)));
+    PERFORM pg_drop_replication_slot(slot);
     RETURN target;
 END
 $$;
