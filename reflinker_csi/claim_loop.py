@@ -38,7 +38,7 @@ from .kube_locator import CTX_SOURCE_PVC, KubeSourceLocator
 from .layout import Layout, new_guid
 from .locator import SourceLocation
 from .node_agent import list_and_watch
-from .registry import VolumeRecord
+from .registry import DELETING, VolumeRecord
 from .source import hot_clone
 from .volumes import CTX_CLAIM, CTX_GUID, CTX_HOST_PATH, CTX_NODE, CTX_PV, CTX_SOURCE_VOLUME
 
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 COMPONENT = "pg-reflinker.csi/claim-loop"
 PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 MAX_BACKOFF = 60.0
+SWEEP_SECONDS = 30.0
 
 
 class SourceNotFound(NotFound):
@@ -155,6 +156,7 @@ class ClaimLoop:
         self.statement_timeout = statement_timeout
         self.target_root = target_root
         self._retries: dict[str, _Retry] = {}
+        self._next_sweep = 0.0
         self._lock = threading.Lock()
 
     # -- loop -----------------------------------------------------------------------------
@@ -173,6 +175,9 @@ class ClaimLoop:
         if not self.lease.leading.is_set():
             return
         with self._lock:
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + SWEEP_SECONDS
+                self.sweep()
             meta = claim.get("metadata") or {}
             # A new PVC may be the source some waiting claim is looking for: retry those now.
             for waiting in self._retries.values():
@@ -229,6 +234,26 @@ class ClaimLoop:
             "ProvisioningSucceeded",
             f"cloned into volume {guid} on node {node} in {time.monotonic() - started:.2f} s",
         )
+
+    def sweep(self) -> None:
+        """Delete records of claims that went away before their PV was made (a claim deleted,
+        or the controller restarted, mid-provisioning): no orphaned directories."""
+        try:
+            records = self.registry.list()
+        except ReflinkerError as err:
+            log.warning("cannot sweep ReflinkVolumes: %s", err)
+            return
+        for record in records:
+            if not record.name.startswith("claim-") or record.state == DELETING:
+                continue
+            if self._read_pv(record.guid) is not None:
+                continue  # bound: external-provisioner deletes it with the claim
+            ns, _, name = record.context.get(CTX_CLAIM, "/").partition("/")
+            claim = self._read_claim(ns, name) if ns and name else None
+            if claim is not None and f"claim-{claim.metadata.uid}" == record.name:
+                continue  # still being provisioned or retried
+            log.info("removing volume %s: its claim %s/%s is gone", record.guid, ns, name)
+            self.registry.remove(record.guid)
 
     # -- one claim ------------------------------------------------------------------------
 

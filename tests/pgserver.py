@@ -311,6 +311,44 @@ class PostgresServer:
             **(kwargs or {"capture_output": True}),
         )
 
+    def pgbench_background(self, *args: str, db: str = "app") -> subprocess.Popen[str]:
+        """pgbench running while the caller does something else; stdout+stderr to a pipe."""
+        return subprocess.Popen(
+            [
+                "runuser",
+                "-u",
+                PG_USER,
+                "--",
+                str(pg_bin() / "pgbench"),
+                "-h",
+                str(self.socket_dir),
+                "-p",
+                str(self.port),
+                *args,
+                db,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def amcheck(self, db: str = "app") -> None:
+        """pg_amcheck --heapallindexed over every table and index; raises on corruption."""
+        run_as_postgres(
+            [
+                str(pg_bin() / "pg_amcheck"),
+                "-h",
+                str(self.socket_dir),
+                "-p",
+                str(self.port),
+                "--heapallindexed",
+                "--install-missing",
+                "-d",
+                db,
+            ],
+            capture_output=True,
+        )
+
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while True:

@@ -26,9 +26,7 @@ from tests.pgserver import (
     PostgresServer,
     boot_clone,
     free_port,
-    pg_bin,
     remove,
-    run_as_postgres,
 )
 
 pytestmark = [pytest.mark.integration, requires_mount]
@@ -123,29 +121,7 @@ def test_clone_of_a_pgbench_database_boots_with_the_same_rows(source: Source) ->
 
 
 def test_clones_taken_under_write_load_boot_and_pass_amcheck(source: Source) -> None:
-    bench = subprocess.Popen(
-        [
-            "runuser",
-            "-u",
-            "postgres",
-            "--",
-            str(pg_bin() / "pgbench"),
-            "-h",
-            str(source.server.socket_dir),
-            "-p",
-            str(source.server.port),
-            "-c",
-            "2",
-            "-j",
-            "2",
-            "-T",
-            "25",
-            "app",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    bench = source.server.pgbench_background("-c", "2", "-j", "2", "-T", "25")
     labels = []
     try:
         time.sleep(3)
@@ -172,20 +148,7 @@ def test_clones_taken_under_write_load_boot_and_pass_amcheck(source: Source) -> 
                 db="app",
             )
             assert len(set(sums.split(","))) == 1, f"pgbench invariant broken: {sums}"
-            run_as_postgres(
-                [
-                    str(pg_bin() / "pg_amcheck"),
-                    "-h",
-                    str(clone.socket_dir),
-                    "-p",
-                    str(clone.port),
-                    "--heapallindexed",
-                    "--install-missing",
-                    "-d",
-                    "app",
-                ],
-                capture_output=True,
-            )
+            clone.amcheck()
         finally:
             clone.stop()
             remove(directory)

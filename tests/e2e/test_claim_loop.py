@@ -237,3 +237,38 @@ def test_pg_reflinker_source_in_the_same_namespace_is_left_to_external_provision
     events = cluster.events_for("PersistentVolumeClaim", "own-clone")
     assert any("ProvisioningSucceeded" in e for e in events)
     assert not any(e.startswith("pg-reflinker.csi/claim-loop") for e in events)
+
+
+def test_claim_deleted_while_its_clone_fails_leaves_no_record(
+    cluster: Cluster, template: Template
+) -> None:
+    template.server.psql("REVOKE EXECUTE ON FUNCTION reflink_snapshot(text) FROM streaming_replica")
+    try:
+        claim_from(cluster, "doomed", "pg-tmpl-1")
+        wait_for(
+            "a ProvisioningFailed event naming the role",
+            lambda: [
+                e
+                for e in cluster.events_for("PersistentVolumeClaim", "doomed")
+                if "streaming_replica" in e
+            ],
+            30,
+        )
+        uid = cluster.core.read_namespaced_persistent_volume_claim("doomed", NS).metadata.uid
+        records = cluster.custom.list_cluster_custom_object(
+            "pg-reflinker.csi", "v1alpha1", "reflinkvolumes"
+        )["items"]
+        assert any(r["metadata"]["name"] == f"claim-{uid}" for r in records)
+        cluster.core.delete_namespaced_persistent_volume_claim("doomed", NS)
+    finally:
+        template.server.psql(
+            "GRANT EXECUTE ON FUNCTION reflink_snapshot(text) TO streaming_replica"
+        )
+
+    def gone() -> bool:
+        items = cluster.custom.list_cluster_custom_object(
+            "pg-reflinker.csi", "v1alpha1", "reflinkvolumes"
+        )["items"]
+        return not any(r["metadata"]["name"] == f"claim-{uid}" for r in items)
+
+    wait_for("the orphaned record to be removed", gone, 90)

@@ -13,7 +13,7 @@ from kubernetes import client
 from reflinker_csi import TOPOLOGY_KEY
 from reflinker_csi.kube import GROUP, PLURAL, VERSION
 from tests.e2e.stack import NODE, NS, Cluster, CnpgInstance, wait_for
-from tests.pgserver import boot_clone, pg_bin, run_as_postgres
+from tests.pgserver import boot_clone
 
 pytestmark = pytest.mark.integration
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -87,20 +87,7 @@ def test_clone_of_a_running_cnpg_instance_binds_and_boots(
         for table in ("pgbench_accounts", "pgbench_branches", "pgbench_tellers"):
             q = f"SELECT count(*) FROM {table}"
             assert clone.psql(q, db="app") == cnpg.server.psql(q, db="app")
-        run_as_postgres(
-            [
-                str(pg_bin() / "pg_amcheck"),
-                "-h",
-                str(clone.socket_dir),
-                "-p",
-                str(clone.port),
-                "--heapallindexed",
-                "--install-missing",
-                "-d",
-                "app",
-            ],
-            capture_output=True,
-        )
+        clone.amcheck()
     finally:
         clone.stop()
         cluster.unpublish(pv, target)
