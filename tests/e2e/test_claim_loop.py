@@ -121,9 +121,19 @@ def test_claim_in_apps_clones_the_template_found_through_namespace_path(
     assert notes["pg-reflinker.csi/claim"] == f"{NS}/dev"
     assert pv.spec.claim_ref.name == "dev" and pv.spec.claim_ref.namespace == NS
     assert pv.spec.persistent_volume_reclaim_policy == "Delete"
-    events = cluster.events_for("PersistentVolumeClaim", "dev")
+    events = wait_for(
+        "the claim loop's ProvisioningSucceeded event",
+        lambda: (
+            [
+                e
+                for e in cluster.events_for("PersistentVolumeClaim", "dev")
+                if "ProvisioningSucceeded" in e and guid in e
+            ]
+            and cluster.events_for("PersistentVolumeClaim", "dev")
+        ),
+        15,
+    )
     assert any("Provisioning" in e and f"{TEMPLATES}/pg-tmpl-1" in e for e in events)
-    assert any("ProvisioningSucceeded" in e and guid in e for e in events)
 
     target = cluster.publish(pv, str(uuid.uuid4()))
     clone = boot_clone(target, cluster.plane.work / "sock")
@@ -234,8 +244,18 @@ def test_pg_reflinker_source_in_the_same_namespace_is_left_to_external_provision
     claim = cluster.core.read_namespaced_persistent_volume_claim("own-clone", NS)
     # external-provisioner names PVs pvc-<claim UID>; the loop would have used the GUID.
     assert pv.metadata.name == f"pvc-{claim.metadata.uid}"
-    events = cluster.events_for("PersistentVolumeClaim", "own-clone")
-    assert any("ProvisioningSucceeded" in e for e in events)
+    events = wait_for(
+        "external-provisioner's ProvisioningSucceeded event",
+        lambda: (
+            [
+                e
+                for e in cluster.events_for("PersistentVolumeClaim", "own-clone")
+                if "ProvisioningSucceeded" in e
+            ]
+            and cluster.events_for("PersistentVolumeClaim", "own-clone")
+        ),
+        15,
+    )
     assert not any(e.startswith("pg-reflinker.csi/claim-loop") for e in events)
 
 
