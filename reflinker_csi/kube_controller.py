@@ -12,7 +12,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from . import TOPOLOGY_KEY
-from .errors import FailedPrecondition, OperationInProgress
+from .errors import FailedPrecondition, OperationInProgress, SourceUnavailable
 from .kube import (
     PHASE_FAILED,
     PHASE_PENDING,
@@ -117,6 +117,11 @@ class KubeMaterializer:
                         "s": round(result.seconds, 3),
                     }
                 },
+            )
+        elif record.clone_mode == "hot" and not current.get("hotCloneDir"):
+            raise SourceUnavailable(
+                f"volume {record.guid} is a hot clone of {record.source_volume_id or 'a claim'}, "
+                "but no running CNPG instance uses the source now; retried until one does"
             )
         if (obj.get("status") or {}).get("phase") == PHASE_FAILED:
             # A new attempt: the node agent tries again.
