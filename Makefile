@@ -12,7 +12,7 @@ STAMPS := .stamps
 TOOLS_CACHE ?= $(HOME)/.cache/pg-reflinker
 CSI_SANITY_VERSION := v5.4.0
 CSI_SANITY := $(TOOLS_CACHE)/csi-sanity-$(CSI_SANITY_VERSION)/csi-sanity
-DEBIAN_PACKAGES := xfsprogs util-linux coreutils postgresql postgresql-contrib
+DEBIAN_PACKAGES := xfsprogs util-linux coreutils openssl postgresql postgresql-contrib
 PYTEST_ARGS ?=
 
 .PHONY: help
@@ -31,7 +31,7 @@ help:
 $(STAMPS)/system: Makefile
 	@mkdir -p $(STAMPS)
 	@missing=""; \
-	for cmd in mkfs.xfs losetup mount runuser; do command -v $$cmd >/dev/null || missing=1; done; \
+	for cmd in mkfs.xfs losetup mount runuser openssl; do command -v $$cmd >/dev/null || missing=1; done; \
 	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing=1; \
 	ls /usr/lib/postgresql/*/bin/pg_amcheck >/dev/null 2>&1 || missing=1; \
 	if [ -n "$$missing" ]; then \
