@@ -32,6 +32,7 @@ def topology(node: str) -> csi_pb2.Topology:
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def __init__(self, volumes: VolumeService, snapshots: bool = True) -> None:
         self._volumes = volumes
+        self._snapshots = snapshots
         self._capabilities = [
             c
             for c in CAPABILITIES
@@ -70,6 +71,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         if request.HasField("volume_content_source"):
             content = request.volume_content_source
             if content.WhichOneof("type") == "snapshot":
+                if not self._snapshots:
+                    raise InvalidArgument(
+                        "volume snapshots are not supported as a content source in Kubernetes "
+                        "mode; use a PersistentVolumeClaim dataSource to clone a volume"
+                    )
                 source_snapshot = content.snapshot.snapshot_id
                 if not source_snapshot:
                     raise InvalidArgument("volume_content_source.snapshot.snapshot_id is required")
@@ -150,6 +156,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         )
 
     def CreateSnapshot(self, request: Any, context: Any) -> csi_pb2.CreateSnapshotResponse:
+        if not self._snapshots:
+            raise NotImplementedError
         if request.parameters:
             raise InvalidArgument(
                 f"unknown VolumeSnapshotClass parameters {sorted(request.parameters)}; "
