@@ -1,4 +1,4 @@
-"""The claim loop: provisions claims that external-provisioner cannot, as the user's design has it.
+"""The claim loop: provisions claims that external-provisioner cannot (the design's reconcile loop).
 
 external-provisioner only clones a Bound pg-reflinker volume in the claim's own namespace. This
 loop takes the other claims of our StorageClass whose dataSourceRef names a PVC: it finds the
