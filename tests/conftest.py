@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -52,6 +53,19 @@ class Filesystem:
         subprocess.run(["mount", "-o", "loop", str(image), str(self.mnt)], check=True)
 
     def close(self) -> None:
+        # A server a failed set-up left running would keep the filesystem busy.
+        for proc in Path("/proc").iterdir():
+            try:
+                args = (proc / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if (
+                args
+                and args[0].endswith(b"/postgres")
+                and any(a.startswith(str(self.work).encode()) for a in args)
+            ):
+                with contextlib.suppress(OSError):
+                    os.kill(int(proc.name), signal.SIGQUIT)
         mounts = [
             line.split()[4]
             for line in Path("/proc/self/mountinfo").read_text().splitlines()

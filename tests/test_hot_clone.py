@@ -47,10 +47,14 @@ class Source:
         )
         self.server.initdb()
         self.server.start()
-        self.server.install_function()
-        self.server.psql("CREATE DATABASE app")
-        self.server.pgbench("-i", "-s", str(SCALE), "-q")
-        self.server.psql("CHECKPOINT")
+        try:
+            self.server.install_function()
+            self.server.psql("CREATE DATABASE app")
+            self.server.pgbench("-i", "-s", str(SCALE), "-q")
+            self.server.psql("CHECKPOINT")
+        except BaseException:
+            self.server.stop("immediate")
+            raise
 
     @property
     def endpoint(self) -> SourceServer:
@@ -73,10 +77,12 @@ class Source:
 @pytest.fixture(scope="session")
 def source() -> Iterator[Source]:
     fs = Filesystem("xfs", size="16G")
-    src = Source(fs)
-    yield src
-    src.server.stop("immediate")
-    fs.close()
+    try:
+        src = Source(fs)
+        yield src
+        src.server.stop("immediate")
+    finally:
+        fs.close()
 
 
 def key_dirs() -> list[str]:
