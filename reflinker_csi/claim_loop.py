@@ -32,14 +32,12 @@ from .kube_controller import (
     ANNOTATION_GUID,
     ANNOTATION_SOURCE_PVC,
     KubeMaterializer,
-    host_path_of,
 )
 from .kube_locator import CTX_SOURCE_PVC, KubeSourceLocator
 from .layout import Layout, new_guid
 from .locator import SourceLocation
 from .node_agent import list_and_watch
 from .registry import DELETING, VolumeRecord
-from .source import hot_clone
 from .volumes import CTX_CLAIM, CTX_GUID, CTX_HOST_PATH, CTX_NODE, CTX_PV, CTX_SOURCE_VOLUME
 
 log = logging.getLogger(__name__)
@@ -139,8 +137,6 @@ class ClaimLoop:
         storage_class: str,
         namespace_path: tuple[str, ...],
         lease: Lease,
-        connect_timeout: float,
-        statement_timeout: float,
         target_root: Path,
     ) -> None:
         self.api = api
@@ -152,8 +148,6 @@ class ClaimLoop:
         self.storage_class = storage_class
         self.namespace_path = namespace_path
         self.lease = lease
-        self.connect_timeout = connect_timeout
-        self.statement_timeout = statement_timeout
         self.target_root = target_root
         self._retries: dict[str, _Retry] = {}
         self._next_sweep = 0.0
@@ -293,16 +287,9 @@ class ClaimLoop:
         )
         # Keyed by the claim's UID: a restart, or the next attempt, finds the same GUID.
         record, _ = self.registry.reserve(record)
-        if location.server is not None:
-            existing = self.registry.object_of(record.guid) or {}
-            if not (existing.get("spec") or {}).get("hotCloneDir"):
-                result = hot_clone(
-                    location.server, record.guid, self.connect_timeout, self.statement_timeout
-                )
-                self.registry.set_hot_clone_dir(
-                    record, host_path_of(result.directory, location, self.layout, record.guid)
-                )
-        ready = self.materializer.materialize(record, None, None, 120)
+        # The same path as CreateVolume: hot clone if a server uses the source, then wait for
+        # the node agent.
+        ready = self.materializer.materialize(record, None, location, 120)
         self._create_pv(claim, ready, location, request)
         return ready.guid, ready.node
 

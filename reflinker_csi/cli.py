@@ -150,8 +150,6 @@ def run_controller(cfg: config.Config) -> int:
         cfg.storage_class,
         cfg.namespace_path,
         Lease(api, cfg.pod_namespace, "pg-reflinker-claim-loop"),
-        cfg.pg_connect_timeout_seconds,
-        cfg.pg_statement_timeout_seconds,
         cfg.target_root,
     )
     return _serve(

@@ -98,12 +98,7 @@ class KubeMaterializer:
         deadline = time.monotonic() + max(1.0, timeout - 1.0)
         obj = self.registry.object(record_name(record.kind, record.name)) or {}
         current = obj.get("spec", {})
-        if (
-            source is not None
-            and location is not None
-            and location.server is not None
-            and not current.get("hotCloneDir")
-        ):
+        if location is not None and location.server is not None and not current.get("hotCloneDir"):
             budget = min(self.statement_timeout, max(1.0, deadline - time.monotonic()))
             result = hot_clone(location.server, record.guid, self.connect_timeout, budget)
             path = host_path_of(result.directory, location, self.layout, record.guid)
@@ -113,7 +108,7 @@ class KubeMaterializer:
                 extra={
                     "fields": {
                         "guid": record.guid,
-                        "source": source.guid,
+                        "source": location.context.get(CTX_SOURCE_PVC, record.source_volume_id),
                         "s": round(result.seconds, 3),
                     }
                 },
