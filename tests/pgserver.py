@@ -332,6 +332,29 @@ class PostgresServer:
             text=True,
         )
 
+    def basebackup(self, target: Path) -> None:
+        """pg_basebackup -X stream -c fast into target (what users do today without reflinks)."""
+        target.mkdir(mode=0o700)
+        chown_postgres(target)
+        run_as_postgres(
+            [
+                str(pg_bin() / "pg_basebackup"),
+                "-h",
+                str(self.socket_dir),
+                "-p",
+                str(self.port),
+                "-U",
+                PG_USER,
+                "-D",
+                str(target),
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ],
+            capture_output=True,
+        )
+
     def amcheck(self, db: str = "app") -> None:
         """pg_amcheck --heapallindexed over every table and index; raises on corruption."""
         run_as_postgres(

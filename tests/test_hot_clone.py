@@ -297,10 +297,9 @@ def test_key_material_is_private_while_connecting(source: Source) -> None:
     assert key_dirs() == []
 
 
-def test_snapshot_cli_prints_directory_and_time(source: Source) -> None:
+def run_snapshot_cli(source: Source, port: int, *extra: str) -> subprocess.CompletedProcess[str]:
     c = source.certs
-    label = str(uuid.uuid4())
-    result = subprocess.run(
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -309,7 +308,7 @@ def test_snapshot_cli_prints_directory_and_time(source: Source) -> None:
             "--host",
             "127.0.0.1",
             "--port",
-            str(source.server.port),
+            str(port),
             "--cluster",
             "pg-xyz",
             "--namespace",
@@ -320,8 +319,7 @@ def test_snapshot_cli_prints_directory_and_time(source: Source) -> None:
             str(c.path("replication.crt")),
             "--key",
             str(c.path("replication.key")),
-            "--label",
-            label,
+            *extra,
         ],
         capture_output=True,
         text=True,
@@ -329,36 +327,15 @@ def test_snapshot_cli_prints_directory_and_time(source: Source) -> None:
         timeout=120,
         env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)},
     )
+
+
+def test_snapshot_cli_prints_directory_and_time(source: Source) -> None:
+    label = str(uuid.uuid4())
+    result = run_snapshot_cli(source, source.server.port, "--label", label)
     assert result.returncode == 0, result.stderr
     assert str(source.clone_area / label) in result.stdout
     assert "seconds" in result.stdout
     remove(source.clone_area / label)
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reflinker_csi.cli",
-            "snapshot",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(free_port()),
-            "--cluster",
-            "pg-xyz",
-            "--namespace",
-            "apps",
-            "--ca",
-            str(c.path("ca.crt")),
-            "--cert",
-            str(c.path("replication.crt")),
-            "--key",
-            str(c.path("replication.key")),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)},
-    )
+    bad = run_snapshot_cli(source, free_port())
     assert bad.returncode == 1
     assert "cannot reach" in bad.stderr and "Traceback" not in bad.stderr

@@ -88,21 +88,27 @@ def test_json_logs_never_carry_secrets(xfs: Filesystem, driver_on) -> None:  # t
     assert "hunter2" not in drv.log()
 
 
-def test_in_flight_rpc_finishes_after_sigterm(driver: Driver) -> None:
-    """A clone of a large tree is still running when SIGTERM arrives; it completes."""
-    src = driver.controller.CreateVolume(create_request("pvc-big")).volume
+def start_big_clone(driver: Driver, name: str, dirs: int) -> tuple[grpc.Future, str]:
+    """A source of dirs x 100 small files and a clone of it in flight (its .partial exists)."""
+    src = driver.controller.CreateVolume(create_request(f"{name}-src")).volume
     base = driver.prefix / src.volume_id
-    for d in range(40):
+    for d in range(dirs):
         (base / f"d{d}").mkdir()
         for f in range(100):
             (base / f"d{d}" / f"f{f}").write_bytes(b"x" * 100)
     future = driver.controller.CreateVolume.future(
-        create_request("pvc-big-clone", source=src.volume_id)
+        create_request(f"{name}-clone", source=src.volume_id)
     )
     deadline = time.monotonic() + 20
     while not any(p.name.endswith(".partial") for p in driver.prefix.iterdir()):
         assert time.monotonic() < deadline, "the clone never started"
         time.sleep(0.005)
+    return future, src.volume_id
+
+
+def test_in_flight_rpc_finishes_after_sigterm(driver: Driver) -> None:
+    """A clone of a large tree is still running when SIGTERM arrives; it completes."""
+    future, _ = start_big_clone(driver, "pvc-big", 40)
     assert driver.process is not None
     driver.process.send_signal(signal.SIGTERM)
     volume = future.result(timeout=30).volume
@@ -131,19 +137,7 @@ def test_crash_after_record_before_directory_is_completed_by_the_retry(driver: D
 
 
 def test_kill_during_clone_leaves_no_orphan_and_retry_gets_same_guid(driver: Driver) -> None:
-    src = driver.controller.CreateVolume(create_request("pvc-kill-src")).volume
-    base = driver.prefix / src.volume_id
-    for d in range(60):
-        (base / f"d{d}").mkdir()
-        for f in range(100):
-            (base / f"d{d}" / f"f{f}").write_bytes(b"y" * 100)
-    future = driver.controller.CreateVolume.future(
-        create_request("pvc-kill-clone", source=src.volume_id)
-    )
-    deadline = time.monotonic() + 20
-    while not any(p.name.endswith(".partial") for p in driver.prefix.iterdir()):
-        assert time.monotonic() < deadline, "the clone never started"
-        time.sleep(0.005)
+    future, source_id = start_big_clone(driver, "pvc-kill", 60)
     driver.stop(signal.SIGKILL)
     with pytest.raises(grpc.RpcError):
         future.result(timeout=10)
@@ -157,13 +151,11 @@ def test_kill_during_clone_leaves_no_orphan_and_retry_gets_same_guid(driver: Dri
 
     driver.start()
     assert not any(p.name.endswith(".partial") for p in driver.prefix.iterdir())
-    vol = driver.controller.CreateVolume(
-        create_request("pvc-kill-clone", source=src.volume_id)
-    ).volume
+    vol = driver.controller.CreateVolume(create_request("pvc-kill-clone", source=source_id)).volume
     assert vol.volume_id == guids.pop()
     assert len(list((driver.prefix / vol.volume_id).rglob("f*"))) == 6000
     entries = sorted(p.name for p in driver.prefix.iterdir())
-    assert entries == sorted([".pg-reflinker", src.volume_id, vol.volume_id])
+    assert entries == sorted([".pg-reflinker", source_id, vol.volume_id])
 
 
 def test_unknown_rpc_is_unimplemented(driver: Driver) -> None:

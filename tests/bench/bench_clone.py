@@ -21,11 +21,9 @@ from tests.conftest import Filesystem
 from tests.pgserver import (
     Certificates,
     PostgresServer,
-    chown_postgres,
     free_port,
     pg_bin,
     remove,
-    run_as_postgres,
 )
 
 
@@ -82,29 +80,7 @@ def bench_scale(fs: Filesystem, certs: Certificates, scale: int, runs: int) -> d
 
     def one_basebackup() -> float:
         target = fs.mnt / f"bb-{uuid.uuid4()}"
-        target.mkdir(mode=0o700)
-        chown_postgres(target)
-        seconds = timed(
-            lambda: run_as_postgres(
-                [
-                    str(pg_bin() / "pg_basebackup"),
-                    "-h",
-                    str(server.socket_dir),
-                    "-p",
-                    str(server.port),
-                    "-U",
-                    "postgres",
-                    "-D",
-                    str(target),
-                    "-X",
-                    "stream",
-                    "-c",
-                    "fast",
-                    "--no-sync",
-                ],
-                capture_output=True,
-            )
-        )
+        seconds = timed(lambda: server.basebackup(target))
         remove(target)
         return seconds
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from reflinker_csi.source import SourceServer, hot_clone
 from tests.e2e.stack import NS, Cluster, CnpgInstance, running_stack, start_cnpg, wait_for
-from tests.pgserver import chown_postgres, pg_bin, remove, run_as_postgres
+from tests.pgserver import pg_bin, remove
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -94,28 +94,7 @@ def one_cp(cluster: Cluster, source: CnpgInstance) -> float:
 
 def one_basebackup(cluster: Cluster, source: CnpgInstance) -> float:
     target = cluster.prefix / f"bench-bb-{uuid.uuid4().hex[:8]}"
-    target.mkdir(mode=0o700)
-    chown_postgres(target)
-    seconds = timed(
-        lambda: run_as_postgres(
-            [
-                str(pg_bin() / "pg_basebackup"),
-                "-h",
-                str(source.server.socket_dir),
-                "-p",
-                str(source.server.port),
-                "-U",
-                "postgres",
-                "-D",
-                str(target),
-                "-X",
-                "stream",
-                "-c",
-                "fast",
-            ],
-            capture_output=True,
-        )
-    )
+    seconds = timed(lambda: source.server.basebackup(target))
     remove(target)
     return seconds
 
