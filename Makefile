@@ -12,7 +12,8 @@ STAMPS := .stamps
 TOOLS_CACHE ?= $(HOME)/.cache/pg-reflinker
 CSI_SANITY_VERSION := v5.4.0
 CSI_SANITY := $(TOOLS_CACHE)/csi-sanity-$(CSI_SANITY_VERSION)/csi-sanity
-DEBIAN_PACKAGES := xfsprogs util-linux coreutils openssl postgresql postgresql-contrib
+DEBIAN_PACKAGES := xfsprogs util-linux coreutils openssl postgresql postgresql-contrib \
+	containerd runc containernetworking-plugins buildah debootstrap iptables iproute2
 PYTEST_ARGS ?=
 
 .PHONY: help
@@ -31,7 +32,9 @@ help:
 $(STAMPS)/system: Makefile
 	@mkdir -p $(STAMPS)
 	@missing=""; \
-	for cmd in mkfs.xfs losetup mount runuser openssl; do command -v $$cmd >/dev/null || missing=1; done; \
+	for cmd in mkfs.xfs losetup mount runuser openssl containerd runc buildah debootstrap iptables ip; do \
+		command -v $$cmd >/dev/null || missing=1; done; \
+	test -x /usr/lib/cni/bridge || missing=1; \
 	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing=1; \
 	ls /usr/lib/postgresql/*/bin/pg_amcheck >/dev/null 2>&1 || missing=1; \
 	if [ -n "$$missing" ]; then \
@@ -58,7 +61,7 @@ deps: $(STAMPS)/system $(STAMPS)/venv $(CSI_SANITY)
 
 .PHONY: test
 test: deps k8s-tools
-	CSI_SANITY=$(CSI_SANITY) K8S_TOOLS=$(K8S_TOOLS) $(PY) -m pytest -ra $(PYTEST_ARGS)
+	CSI_SANITY=$(CSI_SANITY) $(TOOLS_ENV) $(PY) -m pytest -ra $(PYTEST_ARGS)
 
 .PHONY: sanity
 sanity: deps
@@ -87,29 +90,53 @@ bench-clone: $(STAMPS)/system $(STAMPS)/venv
 K8S_TOOLS_KEY := $(shell sha256sum tests/tools/k8s/go.sum 2>/dev/null | cut -c1-12)
 K8S_TOOLS := $(TOOLS_CACHE)/k8s-$(K8S_TOOLS_KEY)
 
-$(K8S_TOOLS)/.built: tests/tools/k8s/go.mod tests/tools/k8s/go.sum
-	@echo "building etcd, kube-apiserver, kube-controller-manager and csi-provisioner into $(K8S_TOOLS)"
-	@echo "(once per go.sum; the first build takes 10-20 minutes on 2 cores)"
+K8S_VERSION := v1.36.1
+K8S_LDFLAGS := -X k8s.io/component-base/version.gitVersion=$(K8S_VERSION)
+
+$(K8S_TOOLS)/.built: tests/tools/k8s/go.mod tests/tools/k8s/go.sum $(wildcard tests/tools/k8s/cmd/*/*.go)
+	@echo "building the one-node cluster (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,"
+	@echo "kube-proxy, kubelet, kubectl), csi-provisioner and the test stand-ins into $(K8S_TOOLS)"
+	@echo "(once per go.sum; the first build takes 15-25 minutes on 2 cores)"
 	mkdir -p $(K8S_TOOLS)
-	cd tests/tools/k8s && go build -v -trimpath -o $(K8S_TOOLS)/ \
+	cd tests/tools/k8s && CGO_ENABLED=0 go build -v -trimpath -ldflags "$(K8S_LDFLAGS)" -o $(K8S_TOOLS)/ \
 		k8s.io/kubernetes/cmd/kube-apiserver \
 		k8s.io/kubernetes/cmd/kube-controller-manager \
-		github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner 2>&1 \
-		| awk '/^#|error|cannot|undefined/ {print; next} NR % 100 == 0 {printf "  ... %d packages compiled\n", NR; fflush()}'
-	cd tests/tools/k8s && go build -trimpath -o $(K8S_TOOLS)/etcd go.etcd.io/etcd/server/v3
+		k8s.io/kubernetes/cmd/kube-scheduler \
+		k8s.io/kubernetes/cmd/kube-proxy \
+		k8s.io/kubernetes/cmd/kubelet \
+		k8s.io/kubernetes/cmd/kubectl \
+		github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner \
+		./cmd/pause ./cmd/registrar-standin ./cmd/livenessprobe-standin 2>&1 \
+		| awk '/^#|\.go:[0-9]+:/ {print; next} NR % 100 == 0 {printf "  ... %d packages compiled\n", NR; fflush()}'
+	cd tests/tools/k8s && CGO_ENABLED=0 go build -trimpath -o $(K8S_TOOLS)/etcd go.etcd.io/etcd/server/v3
 	@touch $@
 
+# The CloudNativePG operator (its manager binary and release manifest) for the real cluster.
+CNPG_VERSION := 1.30.0
+CNPG_TOOLS_KEY := $(shell sha256sum tests/tools/cnpg/go.sum 2>/dev/null | cut -c1-12)
+CNPG_TOOLS := $(TOOLS_CACHE)/cnpg-$(CNPG_TOOLS_KEY)
+
+$(CNPG_TOOLS)/.built: tests/tools/cnpg/go.mod tests/tools/cnpg/go.sum
+	@echo "building the CloudNativePG operator $(CNPG_VERSION) into $(CNPG_TOOLS) (once, ~3 minutes)"
+	mkdir -p $(CNPG_TOOLS)
+	cd tests/tools/cnpg && CGO_ENABLED=0 go build -trimpath -o $(CNPG_TOOLS)/manager \
+		github.com/cloudnative-pg/cloudnative-pg/cmd/manager
+	cd tests/tools/cnpg && cp "$$(go list -m -f '{{.Dir}}' github.com/cloudnative-pg/cloudnative-pg)/releases/cnpg-$(CNPG_VERSION).yaml" $(CNPG_TOOLS)/
+	@touch $@
+
+TOOLS_ENV := K8S_TOOLS=$(K8S_TOOLS) CNPG_TOOLS=$(CNPG_TOOLS) TOOLS_CACHE=$(TOOLS_CACHE)
+
 .PHONY: k8s-tools
-k8s-tools: $(K8S_TOOLS)/.built
+k8s-tools: $(K8S_TOOLS)/.built $(CNPG_TOOLS)/.built
 
 .PHONY: e2e
 e2e: deps k8s-tools
-	K8S_TOOLS=$(K8S_TOOLS) $(PY) -m pytest -ra -p no:cacheprovider tests/e2e $(PYTEST_ARGS)
+	$(TOOLS_ENV) $(PY) -m pytest -ra -p no:cacheprovider tests/e2e $(PYTEST_ARGS)
 
 .PHONY: demo
 demo: deps k8s-tools
-	K8S_TOOLS=$(K8S_TOOLS) $(PY) -m tests.tools.demo
+	$(TOOLS_ENV) $(PY) -m tests.tools.demo
 
 .PHONY: bench
 bench: deps k8s-tools
-	K8S_TOOLS=$(K8S_TOOLS) $(PY) -m tests.bench.bench_stack
+	$(TOOLS_ENV) $(PY) -m tests.bench.bench_stack

@@ -164,6 +164,16 @@ BEGIN
 END
 $$;
 
+-- CloudNativePG creates streaming_replica when the instance first starts, after initdb has run
+-- postInitSQL; create it here as CNPG would, so this script also works from postInitSQLRefs.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'streaming_replica') THEN
+        CREATE ROLE streaming_replica LOGIN REPLICATION;
+    END IF;
+END
+$$;
+
 REVOKE ALL ON FUNCTION public.reflink_snapshot(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION reflinker.run(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION reflinker.sh_quote(text) FROM PUBLIC;

@@ -1,6 +1,7 @@
-"""A real Kubernetes control plane on loopback for end-to-end tests: etcd, kube-apiserver
-(RBAC, service-account tokens) and kube-controller-manager (the PV binder), built from the Go
-module proxy by `make k8s-tools` (tests/tools/k8s). No kubelet: tests play it."""
+"""A real Kubernetes control plane for end-to-end tests: etcd, kube-apiserver (RBAC,
+service-account tokens) and kube-controller-manager (the PV binder), built from the Go module
+proxy by `make k8s-tools` (tests/tools/k8s). On its own it serves on loopback and tests play
+kubelet; tests/e2e/onenode.py adds a real node around it."""
 
 from __future__ import annotations
 
@@ -20,12 +21,26 @@ ADMIN_TOKEN = "pg-reflinker-e2e-admin-token"
 
 
 class ControlPlane:
-    def __init__(self, bin_dir: Path, work: Path) -> None:
+    # Controllers that need a real node or a cloud are off unless a real node is there.
+    WITHOUT_NODE = "*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-route,-service"
+    WITH_NODE = "*,-nodeipam,-cloud-node-lifecycle,-route,-service"
+
+    def __init__(
+        self,
+        bin_dir: Path,
+        work: Path,
+        address: str = "127.0.0.1",
+        controllers: str = WITHOUT_NODE,
+        service_cidr: str = "10.96.0.0/24",
+    ) -> None:
         self.bin = bin_dir
         self.work = work
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.api_port = free_port()
-        self.url = f"https://127.0.0.1:{self.api_port}"
+        self.address = address
+        self.controllers = controllers
+        self.service_cidr = service_cidr
+        self.url = f"https://{address}:{self.api_port}"
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
@@ -81,8 +96,8 @@ class ControlPlane:
             [
                 str(self.bin / "kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={self.api_port}",
                 f"--cert-dir={self.work / 'pki'}",
                 f"--token-auth-file={self.work / 'tokens.csv'}",
@@ -90,8 +105,10 @@ class ControlPlane:
                 "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-account-key-file={sa_pub}",
                 f"--service-account-signing-key-file={sa_key}",
-                "--service-cluster-ip-range=10.96.0.0/24",
+                f"--service-cluster-ip-range={self.service_cidr}",
                 "--allow-privileged=true",
+                # exec, logs and port-forward reach kubelet at the node's IP, not its name.
+                "--kubelet-preferred-address-types=InternalIP",
                 "--enable-priority-and-fairness=false",
                 "--v=1",
             ],
@@ -109,7 +126,7 @@ class ControlPlane:
                 "--use-service-account-credentials=false",
                 f"--service-account-private-key-file={sa_key}",
                 f"--root-ca-file={self.work / 'pki' / 'apiserver.crt'}",
-                "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-route,-service",
+                f"--controllers={self.controllers}",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={free_port()}",
                 "--v=1",

@@ -1,0 +1,171 @@
+"""CloudNativePG on the real cluster: apply the example manifests, wait for health, run SQL and
+pgbench inside the instance pods (as the postgres user, through `kubectl exec`)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.conftest import ROOT
+from tests.e2e.onenode import OneNodeCluster
+
+EXAMPLES = ROOT / "deploy" / "examples"
+FUNCTION_SQL = ROOT / "deploy" / "postgres" / "reflink_snapshot.sql"
+NS = "apps"
+
+
+def example(name: str, **changes: Any) -> dict[str, Any]:
+    """A manifest from deploy/examples, with top-level metadata/spec changes for a scenario."""
+    doc: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        doc[section][field] = value
+    return doc
+
+
+def ensure_namespace(k8s: OneNodeCluster, ns: str = NS) -> None:
+    if k8s.kubectl("get", "namespace", ns, check=False).returncode != 0:
+        k8s.kubectl("create", "namespace", ns)
+        k8s.wait(f"service account default in {ns}", lambda: _has_default_sa(k8s, ns), 60)
+
+
+def _has_default_sa(k8s: OneNodeCluster, ns: str) -> bool:
+    return k8s.kubectl("get", "serviceaccount", "default", "-n", ns, check=False).returncode == 0
+
+
+def install_function_configmap(k8s: OneNodeCluster, ns: str = NS) -> None:
+    """What docs/cloning-cnpg.md tells users to run before creating the source cluster."""
+    if k8s.kubectl("get", "configmap", "pg-reflinker-snapshot", "-n", ns, check=False).returncode:
+        k8s.kubectl(
+            "create", "configmap", "pg-reflinker-snapshot", "-n", ns,
+            f"--from-file=reflink_snapshot.sql={FUNCTION_SQL}",
+        )
+
+
+def cluster_status(k8s: OneNodeCluster, name: str, ns: str = NS) -> dict[str, Any]:
+    result = k8s.kubectl("get", "cluster.postgresql.cnpg.io", name, "-n", ns, "-o", "json",
+                         check=False)
+    if result.returncode != 0:
+        return {}
+    import json
+
+    status: dict[str, Any] = json.loads(result.stdout).get("status", {})
+    return status
+
+
+def wait_healthy(k8s: OneNodeCluster, name: str, ns: str = NS, timeout: float = 240) -> float:
+    """Seconds until the Cluster reports a healthy state with all its instances ready."""
+    start = time.monotonic()
+
+    def healthy() -> bool:
+        status = cluster_status(k8s, name, ns)
+        return (
+            status.get("phase") == "Cluster in healthy state"
+            and status.get("readyInstances", 0) >= 1
+            and status.get("readyInstances") == status.get("instances")
+        )
+
+    try:
+        k8s.wait(f"Cluster {ns}/{name} healthy", healthy, timeout)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{diagnose(k8s, name, ns)}") from None
+    return time.monotonic() - start
+
+
+def diagnose(k8s: OneNodeCluster, name: str, ns: str = NS) -> str:
+    parts = [
+        f"status: {cluster_status(k8s, name, ns)}",
+        k8s.kubectl("get", "pods,pvc", "-n", ns, "-o", "wide", check=False).stdout,
+        k8s.kubectl("get", "events", "-n", ns, "--sort-by=.lastTimestamp", check=False).stdout[
+            -3000:
+        ],
+        "--- instance ---",
+        k8s.pod_logs(ns, f"cnpg.io/cluster={name}")[-3000:],
+        "--- pg-reflinker controller ---",
+        k8s.pod_logs("pg-reflinker", "app.kubernetes.io/name=pg-reflinker-controller",
+                     "controller")[-3000:],
+        "--- pg-reflinker node ---",
+        k8s.pod_logs("pg-reflinker", "app.kubernetes.io/name=pg-reflinker-node", "node")[-2000:],
+    ]
+    return "\n".join(parts)
+
+
+def primary_pod(k8s: OneNodeCluster, name: str, ns: str = NS) -> str:
+    pod = cluster_status(k8s, name, ns).get("currentPrimary", "")
+    assert pod, f"Cluster {ns}/{name} has no primary"
+    return str(pod)
+
+
+def psql(k8s: OneNodeCluster, pod: str, sql: str, db: str = "app", ns: str = NS) -> str:
+    result = k8s.kubectl(
+        "exec", "-n", ns, pod, "-c", "postgres", "--",
+        "psql", "-X", "-v", "ON_ERROR_STOP=1", "-d", db, "-tAc", sql, check=False,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"psql in {ns}/{pod} failed: {result.stderr}")
+    return result.stdout.strip()
+
+
+def pgbench(k8s: OneNodeCluster, pod: str, *args: str, ns: str = NS) -> str:
+    result = k8s.kubectl(
+        "exec", "-n", ns, pod, "-c", "postgres", "--", "pgbench", *args, "app",
+        check=False, timeout=900,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"pgbench {' '.join(args)} in {ns}/{pod} failed: {result.stderr}")
+    return result.stdout + result.stderr
+
+
+def pgbench_background(
+    k8s: OneNodeCluster, pod: str, seconds: int, ns: str = NS
+) -> subprocess.Popen[str]:
+    """A bounded pgbench run (it stops by itself after `seconds`)."""
+    return subprocess.Popen(
+        [
+            str(k8s.bin / "kubectl"), f"--kubeconfig={k8s.kubeconfig}", "exec", "-n", ns, pod,
+            "-c", "postgres", "--", "pgbench", "-c", "2", "-T", str(seconds), "-n", "app",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def pgbench_sums(k8s: OneNodeCluster, pod: str, ns: str = NS) -> set[str]:
+    """pgbench's invariant: every transaction adds the same delta to an account, its teller,
+    its branch and the history, so the four sums are equal in any consistent copy."""
+    sums = psql(
+        k8s,
+        pod,
+        "SELECT (SELECT coalesce(sum(abalance), 0) FROM pgbench_accounts) || ',' ||"
+        " (SELECT coalesce(sum(tbalance), 0) FROM pgbench_tellers) || ',' ||"
+        " (SELECT coalesce(sum(bbalance), 0) FROM pgbench_branches) || ',' ||"
+        " (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
+        ns=ns,
+    )
+    return set(sums.split(","))
+
+
+def amcheck(k8s: OneNodeCluster, pod: str, ns: str = NS) -> None:
+    """pg_amcheck --heapallindexed over every table and index of database app."""
+    result = k8s.kubectl(
+        "exec", "-n", ns, pod, "-c", "postgres", "--",
+        "pg_amcheck", "--heapallindexed", "--install-missing", "-d", "app",
+        check=False, timeout=600,
+    )
+    assert result.returncode == 0, f"pg_amcheck in {ns}/{pod}: {result.stdout}{result.stderr}"
+
+
+def delete_cluster(k8s: OneNodeCluster, name: str, ns: str = NS) -> None:
+    k8s.kubectl("delete", "cluster.postgresql.cnpg.io", name, "-n", ns, "--wait=true",
+                "--timeout=120s", timeout=150)
+
+
+def host_path(relative: str) -> Path:
+    from tests.e2e.onenode import PREFIX
+
+    return PREFIX / relative

@@ -1,0 +1,294 @@
+"""Container images for the one-node test cluster, built on this machine with no registry.
+
+- `debian:bookworm-slim`: a minbase debootstrap of Debian bookworm from the mirror this machine's
+  apt is configured with (read from /etc/apt at run time), trimmed like the published slim image.
+- the project's image, built by buildah from the repository's Dockerfile as shipped;
+- the PostgreSQL instance image CNPG runs (tests/e2e/images/postgresql/Containerfile);
+- single-binary images from the Go builds: csi-provisioner, the CNPG operator, the pod sandbox
+  (`pause`) and the test stand-ins for node-driver-registrar and livenessprobe.
+
+Builds happen once per input: each image is saved as a docker-archive under the tools cache, named by
+a hash of what it is built from, and imported into the test cluster's containerd at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+HERE = Path(__file__).resolve().parent
+
+# The names the test overlay (tests/e2e/overlay) gives the images; deploy/ keeps the public ones.
+PAUSE = "localhost/pause:test"
+PROJECT = "localhost/pg-reflinker:test"
+PROVISIONER = "localhost/csi-provisioner:v6.3.0"
+REGISTRAR = "localhost/node-driver-registrar-standin:test"
+LIVENESS = "localhost/livenessprobe-standin:test"
+OPERATOR = "localhost/cloudnative-pg:1.30.0"
+# CNPG reads the PostgreSQL major version from the image tag.
+POSTGRES = "localhost/postgresql:15"
+DEBIAN_BASE = "docker.io/library/debian:bookworm-slim"
+
+
+def tools_cache() -> Path:
+    return Path(os.environ.get("TOOLS_CACHE", Path.home() / ".cache" / "pg-reflinker"))
+
+
+def debian_mirror() -> str:
+    """The Debian archive this machine's apt uses for bookworm (deb822 or one-line sources)."""
+    sources = Path("/etc/apt")
+    for path in sorted((sources / "sources.list.d").glob("*.sources")):
+        for stanza in path.read_text().split("\n\n"):
+            fields = dict(
+                line.split(":", 1) for line in stanza.splitlines() if re.match(r"^[A-Za-z-]+:", line)
+            )
+            suites = fields.get("Suites", "").split()
+            if "bookworm" in suites and fields.get("Types", "").split()[:1] == ["deb"]:
+                return fields["URIs"].split()[0]
+    for path in [sources / "sources.list", *sorted((sources / "sources.list.d").glob("*.list"))]:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                words = re.sub(r"\[[^]]*\]", "", line).split()
+                if len(words) >= 3 and words[0] == "deb" and words[2] == "bookworm":
+                    return words[1]
+    raise RuntimeError("no Debian bookworm source in /etc/apt: cannot build the base image")
+
+
+def _digest(parts: Iterable[bytes | str | Path]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            h.update(str(part.relative_to(ROOT) if part.is_relative_to(ROOT) else part).encode())
+            h.update(part.read_bytes())
+        else:
+            h.update(part.encode() if isinstance(part, str) else part)
+    return h.hexdigest()[:16]
+
+
+def _tree(*paths: Path) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(
+                p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+            )
+        else:
+            files.append(path)
+    return files
+
+
+@dataclass
+class Builder:
+    """buildah with its own storage under the tools cache; every image ends as an archive."""
+
+    cache: Path
+    announce: Callable[[str], None]
+
+    @property
+    def store(self) -> Path:
+        return self.cache / "images"
+
+    def buildah(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [
+                "buildah",
+                "--root",
+                str(self.store / "storage"),
+                "--runroot",
+                str(self.store / "run"),
+                "--storage-driver",
+                "vfs",
+                *args,
+            ],
+            text=True,
+            capture_output=True,
+            **kwargs,  # type: ignore[call-overload]
+        )
+        if result.returncode != 0:
+            tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
+            raise RuntimeError(f"buildah {' '.join(args)} failed:\n{tail}")
+        return result
+
+    def archive(self, name: str, key: str) -> Path:
+        slug = name.split("/")[-1].replace(":", "-")
+        return self.store / f"{slug}-{key}.tar"
+
+    def _save(self, name: str, archive: Path) -> None:
+        partial = archive.with_suffix(".partial")
+        partial.unlink(missing_ok=True)
+        self.buildah("push", name, f"docker-archive:{partial}:{name}")
+        partial.rename(archive)
+        for old in self.store.glob(archive.name.rsplit("-", 1)[0] + "-*.tar"):
+            if old != archive:
+                old.unlink()
+
+    def _timed(self, what: str, build: Callable[[], None]) -> None:
+        self.announce(f"build image {what}")
+        start = time.monotonic()
+        build()
+        self.announce(f"built image {what} in {time.monotonic() - start:.1f} s")
+
+    def single_binary(self, name: str, binary: Path, path: str, links: dict[str, str]) -> Path:
+        """An image holding one static binary at `path` (and symlinks to it), run as `path`."""
+        archive = self.archive(name, _digest([binary.read_bytes(), path, repr(sorted(links))]))
+        if archive.exists():
+            return archive
+
+        def build() -> None:
+            ctr = self.buildah("from", "scratch").stdout.strip()
+            try:
+                self.buildah("copy", "--chmod", "0755", ctr, str(binary), path)
+                if links:
+                    mnt = Path(self.buildah("mount", ctr).stdout.strip())
+                    for link, dest in links.items():
+                        (mnt / link.lstrip("/")).symlink_to(dest)
+                    self.buildah("umount", ctr)
+                self.buildah("config", "--entrypoint", f'["{path}"]', "--cmd", "", ctr)
+                self.buildah("commit", "--rm", ctr, name)
+            except BaseException:
+                self.buildah("rm", ctr)
+                raise
+            self._save(name, archive)
+
+        self._timed(name, build)
+        return archive
+
+    def debian_base(self) -> None:
+        """debian:bookworm-slim in buildah's storage, from the configured Debian mirror."""
+        marker = self.store / "debian-bookworm-slim.done"
+        if marker.exists():
+            try:
+                self.buildah("inspect", "--type", "image", DEBIAN_BASE)
+                return
+            except RuntimeError:
+                pass
+
+        def build() -> None:
+            rootfs = self.store / "debian-rootfs"
+            subprocess.run(["rm", "-rf", str(rootfs)], check=True)
+            subprocess.run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    "bookworm",
+                    str(rootfs),
+                    debian_mirror(),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            # What the published slim image leaves out: documentation, manuals, locales, caches.
+            (rootfs / "etc/dpkg/dpkg.cfg.d/slim").write_text(
+                "path-exclude /usr/share/doc/*\npath-include /usr/share/doc/*/copyright\n"
+                "path-exclude /usr/share/man/*\npath-exclude /usr/share/info/*\n"
+                "path-exclude /usr/share/locale/*\npath-include /usr/share/locale/locale.alias\n"
+            )
+            for junk in ("usr/share/doc", "usr/share/man", "usr/share/info", "var/cache/apt"):
+                subprocess.run(["rm", "-rf", str(rootfs / junk)], check=True)
+            subprocess.run(
+                ["find", str(rootfs / "var/lib/apt/lists"), "-type", "f", "-delete"], check=True
+            )
+            ctr = self.buildah("from", "scratch").stdout.strip()
+            mnt = Path(self.buildah("mount", ctr).stdout.strip())
+            subprocess.run(
+                f"tar -C {rootfs} --exclude=./dev/* -cf - . | tar -C {mnt} -xpf -",
+                shell=True,
+                check=True,
+            )
+            self.buildah("umount", ctr)
+            self.buildah("config", "--cmd", "bash", "--env", "PATH=/usr/local/sbin:"
+                         "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", ctr)
+            self.buildah("commit", "--rm", ctr, DEBIAN_BASE)
+            subprocess.run(["rm", "-rf", str(rootfs)], check=True)
+            marker.touch()
+
+        self._timed(f"{DEBIAN_BASE} (debootstrap)", build)
+
+    def containerfile(self, name: str, context: Path, containerfile: Path, inputs: list[Path]) -> Path:
+        """`buildah bud` of a Dockerfile on the local debian:bookworm-slim, never pulling."""
+        archive = self.archive(name, _digest(_tree(containerfile, *inputs)))
+        if archive.exists():
+            return archive
+        self.debian_base()
+
+        def build() -> None:
+            # RUN steps reach Debian's archive and PyPI through this machine's network, whose
+            # egress may need a local CA: the machine's local CAs (Debian's place for them) are
+            # lent to the build, where ca-certificates picks them up as it does on the host.
+            local_cas = Path("/usr/local/share/ca-certificates")
+            trust = (
+                ["--volume", f"{local_cas}:{local_cas}:ro"]
+                if any(local_cas.glob("*.crt"))
+                else []
+            )
+            self.buildah(
+                "bud",
+                "--pull=never",
+                "--layers",
+                "--isolation",
+                "chroot",
+                *trust,
+                "-f",
+                str(containerfile),
+                "-t",
+                name,
+                str(context),
+            )
+            self._save(name, archive)
+
+        self._timed(name, build)
+        return archive
+
+
+def build_all(
+    k8s_tools: Path, cnpg_tools: Path, announce: Callable[[str], None] = lambda s: None
+) -> dict[str, Path]:
+    """Every image the test cluster runs, as {name: docker-archive}."""
+    b = Builder(tools_cache(), announce)
+    b.store.mkdir(parents=True, exist_ok=True)
+    images = {
+        PAUSE: b.single_binary(PAUSE, k8s_tools / "pause", "/pause", {}),
+        PROVISIONER: b.single_binary(
+            PROVISIONER, k8s_tools / "csi-provisioner", "/csi-provisioner", {}
+        ),
+        REGISTRAR: b.single_binary(
+            REGISTRAR, k8s_tools / "registrar-standin", "/csi-node-driver-registrar", {}
+        ),
+        LIVENESS: b.single_binary(
+            LIVENESS, k8s_tools / "livenessprobe-standin", "/livenessprobe", {}
+        ),
+        # The operator globs operator/manager_* to learn the architectures it can run on.
+        OPERATOR: b.single_binary(
+            OPERATOR,
+            cnpg_tools / "manager",
+            "/operator/manager_amd64",
+            {"/manager": "/operator/manager_amd64"},
+        ),
+        PROJECT: b.containerfile(
+            PROJECT,
+            ROOT,
+            ROOT / "Dockerfile",
+            [
+                ROOT / "pyproject.toml",
+                ROOT / "requirements.lock",
+                ROOT / "README.md",
+                ROOT / "csi",
+                ROOT / "reflinker_csi",
+            ],
+        ),
+        POSTGRES: b.containerfile(
+            POSTGRES,
+            HERE / "images" / "postgresql",
+            HERE / "images" / "postgresql" / "Containerfile",
+            [],
+        ),
+    }
+    return images

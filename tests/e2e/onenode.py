@@ -1,0 +1,757 @@
+"""A real one-node Kubernetes cluster on this machine, for the real-cluster tests, the demo and
+the benchmark: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy and
+kubelet (all built from the pinned k8s.io/kubernetes module in tests/tools/k8s), Debian's
+containerd, runc and CNI bridge plugin, images built locally (tests/e2e/images.py), deploy/
+applied through the test overlay (tests/e2e/overlay), and the CloudNativePG operator.
+
+Everything runs as host processes with its own state directories and high ports. The host is put
+back as it was found on exit: processes are ended by PID, and every address, bridge, netns,
+mount, cgroup, iptables chain, sysctl and directory the cluster made is removed or restored.
+
+Addresses (all created here, all local; nothing is routed off the machine, nothing masqueraded
+to the outside): the node IP on `lo`, the pod network on its own bridge, the service network
+(virtual, kube-proxy's iptables rules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client
+
+from tests.conftest import ROOT, Filesystem
+from tests.e2e import images
+from tests.e2e.cluster import ControlPlane
+from tests.pgserver import free_port
+
+NODE = "pg-reflinker-test-node"
+NODE_IP = "10.245.255.1"
+POD_CIDR = "10.245.0.0/24"
+POD_GATEWAY = "10.245.0.1"
+SERVICE_CIDR = "10.96.0.0/24"
+BRIDGE = "prlk-test0"
+KUBELET_ROOT = Path("/var/lib/kubelet")
+# The overlay's HOSTPATH_PREFIX: where the harness mounts its XFS reflink filesystem.
+PREFIX = Path("/var/lib/pg-reflinker-test")
+RUN_DIR = Path("/run/pg-reflinker-test")
+OVERLAY = ROOT / "tests" / "e2e" / "overlay"
+CNPG_NAMESPACE = "cnpg-system"
+
+# Kernel settings kubelet, kube-proxy or the bridge plugin may change; restored on exit.
+SYSCTLS = (
+    "net/ipv4/ip_forward",
+    "net/ipv4/conf/all/route_localnet",
+    "net/bridge/bridge-nf-call-iptables",
+    "net/bridge/bridge-nf-call-ip6tables",
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+    "net/netfilter/nf_conntrack_max",
+    "net/netfilter/nf_conntrack_tcp_timeout_established",
+    "net/netfilter/nf_conntrack_tcp_timeout_close_wait",
+    "net/netfilter/nf_conntrack_tcp_be_liberal",
+)
+
+
+def _run(*args: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), check=check, text=True, capture_output=True, **kwargs)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if point == str(path) or point.startswith(str(path) + "/"):
+            found.append(point)
+    return found
+
+
+def _unmount_tree(path: Path) -> None:
+    for point in sorted(set(_mounts_under(path)), key=len, reverse=True):
+        _run("umount", "-l", point, check=False)
+
+
+class HostState:
+    """What the cluster changes on the host, recorded as it is changed and undone in reverse."""
+
+    def __init__(self) -> None:
+        self.undo: list[tuple[str, Callable[[], None]]] = []
+        self.sysctls: dict[str, str] = {}
+
+    def record_sysctls(self) -> None:
+        for key in SYSCTLS:
+            path = Path("/proc/sys") / key
+            with contextlib.suppress(OSError):
+                self.sysctls[key] = path.read_text().strip()
+
+    def restore_sysctls(self) -> None:
+        for key, value in self.sysctls.items():
+            path = Path("/proc/sys") / key
+            with contextlib.suppress(OSError):
+                if path.read_text().strip() != value:
+                    path.write_text(value)
+
+    def directory(self, path: Path) -> None:
+        """Create `path` (and parents) and remove what was created on exit."""
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        path.mkdir(parents=True, exist_ok=True)
+        for created in reversed(missing):
+            self.undo.append((f"remove {created}", lambda c=created: _remove_tree(c)))
+
+    def track(self, path: Path) -> None:
+        """A host directory others also use (kubelet and CNI write to fixed places): on exit,
+        remove what was added under it, or all of it if it did not exist."""
+        if not path.exists():
+            self.directory(path)
+            return
+        before = {str(p) for p in path.rglob("*")}
+
+        def remove_added() -> None:
+            added = [p for p in path.rglob("*") if str(p) not in before]
+            for p in sorted(added, key=lambda p: -len(p.parts)):
+                if p.is_dir() and not p.is_symlink():
+                    _remove_tree(p)
+                else:
+                    p.unlink(missing_ok=True)
+
+        self.undo.append((f"remove what was added under {path}", remove_added))
+
+    def then(self, what: str, action: Callable[[], None]) -> None:
+        self.undo.append((what, action))
+
+    def restore(self) -> list[str]:
+        problems = []
+        for what, action in reversed(self.undo):
+            try:
+                action()
+            except Exception as err:  # every step is tried; the first failure must not hide others
+                problems.append(f"{what}: {err}")
+        self.restore_sysctls()
+        return problems
+
+
+def _remove_tree(path: Path) -> None:
+    _unmount_tree(path)
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        raise RuntimeError(f"{path} could not be removed")
+
+
+@dataclass
+class Daemon:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class OneNodeCluster:
+    """The running cluster: its control plane, its node's daemons and kubectl."""
+
+    plane: ControlPlane
+    fs: Filesystem
+    work: Path
+    bin: Path
+    host: HostState
+    timings: list[tuple[str, float]] = field(default_factory=list)
+    daemons: dict[str, Daemon] = field(default_factory=dict)
+
+    @property
+    def api(self) -> client.ApiClient:
+        return self.plane.api_client()
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    @property
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.plane.admin_kubeconfig
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(self.bin / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+    def apply(self, manifest: str | dict[str, Any] | list[dict[str, Any]]) -> None:
+        if not isinstance(manifest, str):
+            docs = manifest if isinstance(manifest, list) else [manifest]
+            manifest = yaml.safe_dump_all(docs)
+        self.kubectl("apply", "-f", "-", input=manifest)
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", "-o", "json", *args).stdout)
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        log = self.work / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        self.daemons[name] = Daemon(name, proc, log)
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        if name in self.daemons:
+            text = self.daemons[name].log.read_text(errors="replace")
+            return "\n".join(text.splitlines()[-lines:])
+        return self.plane.log_tail(name, lines)
+
+    def step(self, what: str, announce: Callable[[str], None], action: Callable[[], Any]) -> Any:
+        announce(what)
+        start = time.monotonic()
+        result = action()
+        self.timings.append((what, time.monotonic() - start))
+        return result
+
+    def wait(self, what: str, check: Callable[[], Any], timeout: float = 120) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            for daemon in self.daemons.values():
+                if daemon.process.poll() is not None:
+                    raise RuntimeError(f"{daemon.name} exited:\n{self.log_tail(daemon.name)}")
+            value = check()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            time.sleep(0.25)
+
+    def pod_logs(self, namespace: str, selector: str, container: str = "") -> str:
+        args = ["logs", "-n", namespace, "-l", selector, "--tail=60", "--prefix"]
+        args += ["-c", container] if container else ["--all-containers"]
+        return self.kubectl(*args, check=False).stdout
+
+    def wait_rollout(self, kind_name: str, namespace: str, timeout: float = 180) -> None:
+        result = self.kubectl(
+            "rollout", "status", kind_name, "-n", namespace, f"--timeout={int(timeout)}s",
+            check=False, timeout=timeout + 30,
+        )
+        if result.returncode != 0:
+            pods = self.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout
+            events = self.kubectl(
+                "get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False
+            ).stdout
+            raise AssertionError(
+                f"{kind_name} in {namespace} did not become ready: {result.stderr}\n{pods}\n"
+                f"{events[-4000:]}\n--- kubelet ---\n{self.log_tail('kubelet', 30)}"
+            )
+
+
+# -- set-up -------------------------------------------------------------------------------------
+
+
+def _containerd_config(c: OneNodeCluster) -> Path:
+    root, state = c.work / "containerd", RUN_DIR / "containerd"
+    config = c.work / "containerd.toml"
+    config.write_text(
+        f"""version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{RUN_DIR}/containerd.sock"
+[ttrpc]
+  address = "{RUN_DIR}/containerd.sock.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{root}/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{images.PAUSE}"
+  # This machine's root lacks CAP_SYS_RESOURCE: runc must not lower oom_score_adj.
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{c.work / 'cni'}"
+"""
+    )
+    (c.work / "cni").mkdir()
+    (c.work / "cni" / "10-pg-reflinker-test.conflist").write_text(
+        json.dumps(
+            {
+                "cniVersion": "0.4.0",
+                "name": "pg-reflinker-test",
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": BRIDGE,
+                        "isGateway": True,
+                        "ipMasq": False,
+                        "hairpinMode": True,
+                        "ipam": {
+                            "type": "host-local",
+                            "ranges": [[{"subnet": POD_CIDR, "gateway": POD_GATEWAY}]],
+                            "routes": [{"dst": "0.0.0.0/0"}],
+                            "dataDir": str(c.work / "cni-ipam"),
+                        },
+                    }
+                ],
+            }
+        )
+    )
+    return config
+
+
+def _kubelet_config(c: OneNodeCluster) -> Path:
+    resolv = c.work / "resolv.conf"
+    # Pods get no resolver they could not reach; cluster names are not needed for one instance.
+    resolv.write_text("nameserver 127.0.0.1\noptions ndots:1 timeout:1 attempts:1\n")
+    config = c.work / "kubelet.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubelet.config.k8s.io/v1beta1",
+                "kind": "KubeletConfiguration",
+                "address": NODE_IP,
+                "port": free_port(),
+                "readOnlyPort": 0,
+                "healthzBindAddress": "127.0.0.1",
+                "healthzPort": free_port(),
+                "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}},
+                "authorization": {"mode": "AlwaysAllow"},
+                "cgroupDriver": "cgroupfs",
+                "failCgroupV1": False,
+                "failSwapOn": False,
+                "containerRuntimeEndpoint": f"unix://{RUN_DIR}/containerd.sock",
+                # Imported images cannot be pulled again: never collect them.
+                "imageGCHighThresholdPercent": 100,
+                "imageGCLowThresholdPercent": 99,
+                "evictionHard": {
+                    "memory.available": "100Mi",
+                    "nodefs.available": "1%",
+                    "imagefs.available": "1%",
+                    "nodefs.inodesFree": "1%",
+                },
+                "resolvConf": str(resolv),
+                "clusterDomain": "cluster.local",
+                "serializeImagePulls": False,
+                "volumePluginDir": str(c.work / "volume-plugins"),
+                "syncFrequency": "10s",
+                "fileCheckFrequency": "10s",
+                "nodeStatusUpdateFrequency": "4s",
+                "shutdownGracePeriod": "0s",
+                "protectKernelDefaults": False,
+            }
+        )
+    )
+    return config
+
+
+def _kube_proxy_config(c: OneNodeCluster) -> Path:
+    config = c.work / "kube-proxy.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+                "kind": "KubeProxyConfiguration",
+                "mode": "iptables",
+                "clientConnection": {"kubeconfig": str(c.plane.admin_kubeconfig)},
+                "hostnameOverride": NODE,
+                "bindAddress": NODE_IP,
+                "healthzBindAddress": f"127.0.0.1:{free_port()}",
+                "metricsBindAddress": f"127.0.0.1:{free_port()}",
+                "clusterCIDR": POD_CIDR,
+                "nodePortAddresses": [f"{NODE_IP}/32"],
+                # Leave the host's conntrack and localhost settings alone.
+                "iptables": {"localhostNodePorts": False, "masqueradeAll": True},
+                "conntrack": {
+                    "maxPerCore": 0,
+                    "min": 0,
+                    "tcpEstablishedTimeout": "0s",
+                    "tcpCloseWaitTimeout": "0s",
+                },
+            }
+        )
+    )
+    return config
+
+
+def _start_node(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
+    host = c.host
+    # The node IP: kubelet refuses a loopback address, so one of our own goes on lo.
+    _run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")
+    host.then("remove the node IP", lambda: _run("ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo"))
+
+    # kubelet's root must be a shared mount for Bidirectional propagation (CSI node plugin).
+    host.directory(KUBELET_ROOT)
+    _run("mount", "--bind", str(KUBELET_ROOT), str(KUBELET_ROOT))
+    _run("mount", "--make-rshared", str(KUBELET_ROOT))
+    host.then("unmount the kubelet root", lambda: _unmount_tree(KUBELET_ROOT))
+
+    # The overlay's HOSTPATH_PREFIX, on the XFS reflink filesystem, also shared.
+    host.directory(PREFIX)
+    (c.fs.mnt / "pg-reflinker").mkdir(exist_ok=True)
+    _run("mount", "--bind", str(c.fs.mnt / "pg-reflinker"), str(PREFIX))
+    _run("mount", "--make-rshared", str(PREFIX))
+    host.then("unmount the prefix", lambda: _unmount_tree(PREFIX))
+
+    # Fixed places kubelet, containerd's CNI and kube-controller-manager write to.
+    for shared in (
+        Path("/var/log/pods"),
+        Path("/var/log/containers"),
+        Path("/var/lib/cni"),
+        Path("/usr/libexec/kubernetes"),
+    ):
+        host.track(shared)
+    host.directory(RUN_DIR)
+    shim_dir = Path("/run/containerd")
+    host.directory(shim_dir)  # containerd 1.6 keeps shim sockets under /run/containerd/s
+    netns_dir = Path("/run/netns")
+    host.directory(netns_dir)
+    netns_before = set(os.listdir(netns_dir))
+    # Undone in reverse: containers are ended first, then their cgroups, netns and bridge.
+    host.then("remove the pod bridge", lambda: _remove_link(BRIDGE))
+    host.then("remove pod network namespaces", lambda: _remove_netns(netns_before))
+    host.then("remove kubepods cgroups", _remove_kubepods_cgroups)
+    host.then("end leftover container processes", _kill_pods)
+
+    config = _containerd_config(c)
+    c.step(
+        "start containerd",
+        announce,
+        lambda: (
+            c.spawn("containerd", ["containerd", "--config", str(config)]),
+            c.wait("containerd", lambda: (RUN_DIR / "containerd.sock").exists(), 30),
+        ),
+    )
+
+
+def _import_images(c: OneNodeCluster, archives: dict[str, Path]) -> None:
+    for name, archive in archives.items():
+        result = _run(
+            "ctr", "--address", str(RUN_DIR / "containerd.sock"), "-n", "k8s.io",
+            "images", "import", "--no-unpack", str(archive), check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"importing {name} from {archive}: {result.stderr}")
+
+
+def _remove_link(name: str) -> None:
+    if _run("ip", "link", "show", name, check=False).returncode == 0:
+        _run("ip", "link", "del", name)
+
+
+def _remove_netns(before: set[str]) -> None:
+    netns_dir = Path("/run/netns")
+    if not netns_dir.exists():
+        return
+    for name in set(os.listdir(netns_dir)) - before:
+        _run("umount", "-l", str(netns_dir / name), check=False)
+        with contextlib.suppress(OSError):
+            (netns_dir / name).unlink()
+
+
+def _kill_pods() -> None:
+    """Every process in a pod's cgroup, then containerd's shims: both outlive containerd."""
+    for _ in range(20):
+        pids = set()
+        for controller in Path("/sys/fs/cgroup").iterdir():
+            top = controller / "kubepods"
+            if top.is_dir():
+                for procs in top.rglob("cgroup.procs"):
+                    with contextlib.suppress(OSError):
+                        pids |= {int(p) for p in procs.read_text().split()}
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    _kill_shims()
+
+
+def _kill_shims() -> None:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"containerd-shim-runc-v2") and any(
+            str(RUN_DIR).encode() in a for a in cmdline
+        ):
+            with contextlib.suppress(OSError):
+                os.killpg(int(proc.name), signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
+def _remove_kubepods_cgroups() -> None:
+    root = Path("/sys/fs/cgroup")
+    for controller in root.iterdir():
+        top = controller / "kubepods"
+        if not top.is_dir():
+            continue
+        for _ in range(50):
+            dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+            for d in [*dirs, top]:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            if not top.exists():
+                break
+            time.sleep(0.1)
+
+
+def _start_kubernetes(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
+    plane = c.plane
+    c.step("start etcd, kube-apiserver, kube-controller-manager", announce, plane.start)
+    admin = str(plane.admin_kubeconfig)
+    c.spawn(
+        "kube-scheduler",
+        [
+            str(c.bin / "kube-scheduler"),
+            f"--kubeconfig={admin}",
+            f"--authentication-kubeconfig={admin}",
+            f"--authorization-kubeconfig={admin}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={free_port()}",
+            "--v=1",
+        ],
+    )
+    chains_before = _chains()
+    c.host.then("remove iptables chains", lambda: _remove_new_chains(chains_before))
+    # kube-proxy's own --cleanup removes the chains it made.
+    proxy_config = _kube_proxy_config(c)
+    c.host.then(
+        "remove kube-proxy's iptables rules",
+        lambda: _run(str(c.bin / "kube-proxy"), "--cleanup", f"--config={proxy_config}", check=False),
+    )
+    c.spawn("kube-proxy", [str(c.bin / "kube-proxy"), f"--config={proxy_config}", "--v=1"])
+    kubelet_config = _kubelet_config(c)
+    c.step(
+        "start kubelet and wait for the node to be Ready",
+        announce,
+        lambda: (
+            c.spawn(
+                "kubelet",
+                [
+                    str(c.bin / "kubelet"),
+                    f"--config={kubelet_config}",
+                    f"--kubeconfig={admin}",
+                    f"--hostname-override={NODE}",
+                    f"--node-ip={NODE_IP}",
+                    f"--root-dir={KUBELET_ROOT}",
+                    f"--cert-dir={c.work / 'kubelet-pki'}",
+                    "--v=1",
+                ],
+            ),
+            c.wait("node Ready and schedulable", lambda: _node_ready(c), 120),
+        ),
+    )
+
+
+IPTABLES = ("iptables", "ip6tables")
+TABLES = ("filter", "nat", "mangle")
+
+
+def _chains() -> dict[tuple[str, str], set[str]]:
+    found = {}
+    for tool in IPTABLES:
+        for table in TABLES:
+            rules = _run(tool, "-t", table, "-S", check=False).stdout.splitlines()
+            found[tool, table] = {r.split()[1] for r in rules if r.startswith(("-N ", "-P "))}
+    return found
+
+
+def _remove_new_chains(before: dict[tuple[str, str], set[str]]) -> None:
+    """Chains kubelet and kube-proxy made (KUBE-FIREWALL, the canaries, ...), with the rules
+    that jump to them; chains that were there before are left alone."""
+    for (tool, table), chains in _chains().items():
+        new = chains - before.get((tool, table), set())
+        if not new:
+            continue
+        for rule in _run(tool, "-t", table, "-S", check=False).stdout.splitlines():
+            words = rule.split()
+            if words[:1] == ["-A"] and words[1] not in new and any(c in words for c in new):
+                _run(tool, "-t", table, "-D", *words[1:], check=False)
+        for chain in new:
+            _run(tool, "-t", table, "-F", chain, check=False)
+        for chain in new:
+            _run(tool, "-t", table, "-X", chain, check=False)
+
+
+def _node_ready(c: OneNodeCluster) -> bool:
+    try:
+        node = c.core.read_node(NODE)
+    except client.exceptions.ApiException:
+        return False
+    ready = any(
+        cond.type == "Ready" and cond.status == "True" for cond in node.status.conditions or []
+    )
+    return ready and not any(
+        t.key == "node.kubernetes.io/not-ready" for t in node.spec.taints or []
+    )
+
+
+def _deploy_driver(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
+    def apply() -> None:
+        c.kubectl("apply", "-k", str(OVERLAY))
+        c.wait_rollout("daemonset/pg-reflinker-node", "pg-reflinker")
+        c.wait_rollout("statefulset/pg-reflinker-controller", "pg-reflinker")
+        c.wait("the node plugin registered with kubelet (CSINode)", lambda: _registered(c), 60)
+
+    c.step("apply deploy/ through the test overlay; wait for both plugins", announce, apply)
+
+
+def _registered(c: OneNodeCluster) -> bool:
+    result = c.kubectl("get", "csinode", NODE, "-o", "json", check=False)
+    if result.returncode != 0:
+        return False
+    drivers = json.loads(result.stdout)["spec"].get("drivers") or []
+    return any(d["name"] == "pg-reflinker.csi" for d in drivers)
+
+
+def cnpg_manifest(cnpg_tools: Path) -> str:
+    """CNPG's own release manifest, with the locally built images: the operator's, and the
+    PostgreSQL image as the operator's default (there is no registry to pull from)."""
+    docs = [d for d in yaml.safe_load_all((cnpg_tools / "cnpg-1.30.0.yaml").read_text()) if d]
+    for doc in docs:
+        if doc["kind"] != "Deployment":
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            container["image"] = images.OPERATOR
+            container["imagePullPolicy"] = "IfNotPresent"
+            for env in container.get("env", []):
+                if env["name"] == "OPERATOR_IMAGE_NAME":
+                    env["value"] = images.OPERATOR
+            container.setdefault("env", []).append(
+                {"name": "POSTGRES_IMAGE_NAME", "value": images.POSTGRES}
+            )
+    return yaml.safe_dump_all(docs)
+
+
+def _install_cnpg(c: OneNodeCluster, cnpg_tools: Path, announce: Callable[[str], None]) -> None:
+    def install() -> None:
+        c.kubectl("apply", "--server-side", "-f", "-", input=cnpg_manifest(cnpg_tools))
+        c.wait_rollout("deployment/cnpg-controller-manager", CNPG_NAMESPACE)
+
+    c.step("install the CloudNativePG operator 1.30.0", announce, install)
+
+
+def _teardown_workloads(c: OneNodeCluster) -> None:
+    """Operator first (it recreates instance pods), then workloads, then the CSI plugins."""
+    if "kubelet" not in c.daemons or c.daemons["kubelet"].process.poll() is not None:
+        return
+    c.kubectl("delete", "deployment", "-n", CNPG_NAMESPACE, "--all", "--wait=false", check=False)
+    namespaces = [
+        ns.metadata.name
+        for ns in c.core.list_namespace().items
+        if ns.metadata.name not in ("kube-system", "kube-public", "kube-node-lease", "default")
+        and ns.metadata.name != "pg-reflinker"
+    ]
+    for ns in namespaces:
+        c.kubectl(
+            "delete", "pods", "-n", ns, "--all", "--grace-period=1", "--wait=true",
+            "--timeout=60s", check=False, timeout=90,
+        )
+    c.kubectl(
+        "delete", "pods", "-n", "pg-reflinker", "--all", "--grace-period=1", "--wait=true",
+        "--timeout=30s", check=False, timeout=60,
+    )
+
+
+@contextlib.contextmanager
+def running_cluster(
+    k8s_tools: Path,
+    cnpg_tools: Path,
+    disk: str = "24G",
+    announce: Callable[[str], None] = lambda step: None,
+) -> Iterator[OneNodeCluster]:
+    """The whole cluster; stopped and the host restored on exit, even after a failed set-up."""
+    work = Path(tempfile.mkdtemp(prefix="pg-reflinker-cluster."))
+    os.chmod(work, 0o755)
+    host = HostState()
+    host.record_sysctls()
+    fs = Filesystem("xfs", size=disk)
+    os.chmod(fs.work, 0o755)
+    plane = ControlPlane(
+        k8s_tools,
+        work / "plane",
+        address=NODE_IP,
+        controllers=ControlPlane.WITH_NODE,
+        service_cidr=SERVICE_CIDR,
+    )
+    c = OneNodeCluster(plane, fs, work, k8s_tools, host)
+    try:
+        archives = c.step(
+            "build images (cached by input)",
+            announce,
+            lambda: images.build_all(k8s_tools, cnpg_tools, announce),
+        )
+        _start_node(c, announce)
+        c.step("import images into containerd", announce, lambda: _import_images(c, archives))
+        _start_kubernetes(c, announce)
+        _deploy_driver(c, announce)
+        _install_cnpg(c, cnpg_tools, announce)
+        yield c
+    finally:
+        start = time.monotonic()
+        with contextlib.suppress(Exception):
+            _teardown_workloads(c)
+        for daemon in reversed(list(c.daemons.values())):
+            if daemon.process.poll() is None:
+                daemon.process.terminate()
+        for daemon in reversed(list(c.daemons.values())):
+            try:
+                daemon.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                daemon.process.kill()
+                daemon.process.wait()
+        plane.stop()
+        problems = host.restore()
+        fs.close()
+        _unmount_tree(work)
+        if os.environ.get("E2E_KEEP"):
+            shutil.rmtree(work / "containerd", ignore_errors=True)
+            print(f"\ncluster logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        c.timings.append(("teardown, host restored", time.monotonic() - start))
+        if problems:
+            raise RuntimeError("the host could not be fully restored:\n" + "\n".join(problems))
