@@ -12,7 +12,14 @@ from .errors import InvalidArgument
 from .publish import Publisher
 
 _RPC = csi_pb2.NodeServiceCapability.RPC
-CAPABILITIES = (_RPC.GET_VOLUME_STATS, _RPC.VOLUME_CONDITION, _RPC.SINGLE_NODE_MULTI_WRITER)
+# VOLUME_MOUNT_GROUP: kubelet hands the pod's fsGroup to NodePublishVolume instead of walking
+# the volume's tree itself (a recursive chown/chmod of a cloned PGDATA at every mount).
+CAPABILITIES = (
+    _RPC.GET_VOLUME_STATS,
+    _RPC.VOLUME_CONDITION,
+    _RPC.SINGLE_NODE_MULTI_WRITER,
+    _RPC.VOLUME_MOUNT_GROUP,
+)
 
 
 class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
@@ -35,6 +42,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             request.target_path,
             readonly=request.readonly or is_read_only_mode(cap),
             options=list(cap.mount.mount_flags),
+            mount_group=cap.mount.volume_mount_group,
         )
         return csi_pb2.NodePublishVolumeResponse()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +76,18 @@ class Publisher:
         return path
 
     def publish(
-        self, volume_id: str, target_path: str, readonly: bool, options: Sequence[str]
+        self,
+        volume_id: str,
+        target_path: str,
+        readonly: bool,
+        options: Sequence[str],
+        mount_group: str = "",
     ) -> None:
-        """Bind-mount the volume at target_path; succeed if it is already mounted there."""
+        """Bind-mount the volume at target_path; succeed if it is already mounted there.
+        mount_group (the pod's fsGroup, from kubelet) is applied to the volume's top directory."""
         _require(volume_id=volume_id, target_path=target_path)
         flags = mount_flags(options, readonly)
+        gid = parse_mount_group(mount_group)
         source = self._volume_dir(volume_id)
         target = self._target(target_path)
         entries = read_mountinfo()
@@ -106,6 +114,8 @@ class Publisher:
             raise NotFound(
                 f"the parent of target_path {target} does not exist; kubelet creates it"
             ) from None
+        if gid is not None and not flags & MS_RDONLY:
+            apply_group(source, gid)
         bind_mount(source, target, flags)
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
@@ -157,6 +167,29 @@ class Publisher:
         if current is None or (current.device, current.root) != (device, inner):
             raise NotFound(f"volume {volume_id} is not published at {path}")
         return _stats(os.statvfs(path), abnormal=False, message="volume is healthy")
+
+
+def parse_mount_group(value: str) -> int | None:
+    if not value:
+        return None
+    if not value.isdigit() or len(value) > 10 or int(value) > 0xFFFFFFFE:
+        raise InvalidArgument(
+            f"volume_mount_group {value[:40]!r} is not a numeric group id (the pod's fsGroup)"
+        )
+    return int(value)
+
+
+def apply_group(directory: Path, gid: int) -> None:
+    """What kubelet's fsGroup handling gives a pod, applied to the volume's top directory only:
+    owned by the group, group-writable, setgid so new files get the group. Files below keep
+    their owners and modes; a clone already carries its source's (CNPG: uid and gid 26), and
+    PostgreSQL refuses a data directory that is group-writable."""
+    st = directory.stat()
+    mode = stat.S_IMODE(st.st_mode) | stat.S_IRWXG | stat.S_ISGID
+    if st.st_gid != gid:
+        os.chown(directory, -1, gid)
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(directory, mode)
 
 
 def _require(**fields: str) -> None:

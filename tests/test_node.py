@@ -22,10 +22,12 @@ def publish(
     target: Path,
     readonly: bool = False,
     flags: tuple[str, ...] = (),
+    group: str = "",
 ) -> None:
     cap = csi_pb2.VolumeCapability()
     cap.CopyFrom(MOUNT_RW)
     cap.mount.mount_flags.extend(flags)
+    cap.mount.volume_mount_group = group
     driver.node.NodePublishVolume(
         csi_pb2.NodePublishVolumeRequest(
             volume_id=volume_id, target_path=str(target), volume_capability=cap, readonly=readonly
@@ -52,6 +54,42 @@ def test_publish_binds_the_volume_and_unpublish_removes_the_target(driver: Drive
     unpublish(driver, vol.volume_id, target)  # already gone: still OK
     assert not target.exists()
     assert mount_at(target) is None
+
+
+def test_fs_group_is_applied_to_the_top_directory_only(driver: Driver) -> None:
+    """kubelet passes the pod's fsGroup (VOLUME_MOUNT_GROUP) instead of walking the tree: the
+    volume's top directory becomes group-writable for it, a data directory inside keeps the
+    owner and the 0700 mode PostgreSQL insists on."""
+    vol = driver.controller.CreateVolume(create_request("pvc-group")).volume
+    pgdata = driver.prefix / vol.volume_id / "pgdata"
+    pgdata.mkdir(mode=0o700)
+    (pgdata / "PG_VERSION").write_text("15")
+    os.chmod(pgdata / "PG_VERSION", 0o600)
+    target = driver.target_root / "pods" / "uid-group" / "mount"
+    target.parent.mkdir(parents=True)
+    publish(driver, vol.volume_id, target, group="26")
+    try:
+        top = os.stat(target)
+        assert top.st_gid == 26
+        assert top.st_mode & 0o2070 == 0o2070
+        assert os.stat(pgdata).st_mode & 0o777 == 0o700
+        assert os.stat(pgdata / "PG_VERSION").st_mode & 0o777 == 0o600
+        assert os.stat(pgdata).st_gid == 0
+    finally:
+        unpublish(driver, vol.volume_id, target)
+    caps = driver.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest()).capabilities
+    assert csi_pb2.NodeServiceCapability.RPC.VOLUME_MOUNT_GROUP in [c.rpc.type for c in caps]
+
+
+def test_a_mount_group_that_is_not_a_group_id_is_refused(driver: Driver) -> None:
+    vol = driver.controller.CreateVolume(create_request("pvc-badgroup")).volume
+    target = driver.target_root / "pods" / "uid-badgroup" / "mount"
+    target.parent.mkdir(parents=True)
+    with pytest.raises(grpc.RpcError) as err:
+        publish(driver, vol.volume_id, target, group="staff")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'staff' is not a numeric group id" in (err.value.details() or "")
+    assert not target.exists()
 
 
 def test_read_only_publish_refuses_writes(driver: Driver) -> None:

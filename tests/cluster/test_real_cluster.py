@@ -6,15 +6,20 @@ The scenarios build on each other in file order (one source cluster for the pack
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from tests.cluster import cnpg
 from tests.e2e.onenode import NODE, PREFIX, OneNodeCluster
 
 NS = cnpg.NS
-SOURCE = "pg-xyz"
+SOURCE = "pg-prod"
+CLONE = "pg-prod-dev"
 PGBENCH_SCALE = 20
 
 
@@ -54,3 +59,214 @@ def test_source_cluster_runs_on_a_pg_reflinker_volume_with_the_function(
     assert int(cnpg.psql(k8s, source, "SELECT count(*) FROM pgbench_accounts")) == (
         PGBENCH_SCALE * 100000
     )
+
+
+def _records(k8s: OneNodeCluster) -> list[dict[str, Any]]:
+    return list(k8s.get("reflinkvolumes")["items"])
+
+
+def _record_for(k8s: OneNodeCluster, guid: str) -> dict[str, Any]:
+    found = [r for r in _records(k8s) if r["spec"]["guid"] == guid]
+    assert len(found) == 1, f"{len(found)} records for volume {guid}"
+    return found[0]
+
+
+def _pv_of(k8s: OneNodeCluster, claim: str, ns: str = NS) -> dict[str, Any]:
+    pvc = k8s.get("pvc", claim, "-n", ns)
+    assert pvc["status"]["phase"] == "Bound", f"claim {ns}/{claim} is {pvc['status']['phase']}"
+    pv: dict[str, Any] = k8s.get("pv", pvc["spec"]["volumeName"])
+    return pv
+
+
+def _volume_dirs() -> set[str]:
+    return {p.name for p in PREFIX.iterdir() if not p.name.startswith(".")}
+
+
+def _group_bits(directory: Path) -> list[str]:
+    """Files under a data directory that kubelet's recursive fsGroup walk would have changed."""
+    return [
+        str(p) for p in directory.rglob("*") if p.is_file() and p.stat().st_mode & 0o070
+    ][:5]
+
+
+def test_new_cluster_from_a_running_cluster_under_pgbench_load(
+    k8s: OneNodeCluster, source: str
+) -> None:
+    load = cnpg.pgbench_background(k8s, source, seconds=25)
+    try:
+        time.sleep(3)  # the clone is taken while transactions are committing
+        start = time.monotonic()
+        k8s.apply(cnpg.example("clone-cluster.yaml"))
+        cnpg.wait_healthy(k8s, CLONE)
+        elapsed = time.monotonic() - start
+    finally:
+        out, _ = load.communicate(timeout=120)
+    assert load.returncode == 0, f"pgbench on the source failed: {out}"
+    assert "number of transactions actually processed" in out
+    print(f"\nclone Cluster {CLONE} healthy {elapsed:.1f} s after apply (source under pgbench)")
+
+    pod = cnpg.primary_pod(k8s, CLONE)
+    sums = cnpg.pgbench_sums(k8s, pod)
+    assert len(sums) == 1, f"pgbench invariant broken in the clone: {sums}"
+    assert sums != {"0"}, "the clone has no pgbench transactions: it was not taken under load"
+    cnpg.amcheck(k8s, pod)
+    rows = int(cnpg.psql(k8s, pod, "SELECT count(*) FROM pgbench_accounts"))
+    assert rows == PGBENCH_SCALE * 100000
+    # The clone is a primary that accepts writes, independent of its source.
+    cnpg.psql(k8s, pod, "CREATE TABLE only_in_clone (id int); INSERT INTO only_in_clone VALUES (1)")
+    assert cnpg.psql(k8s, source, "SELECT to_regclass('only_in_clone') IS NULL") == "t"
+
+    pv = _pv_of(k8s, pod)
+    guid = pv["spec"]["csi"]["volumeHandle"]
+    record = _record_for(k8s, guid)
+    assert record["spec"]["cloneMode"] == "hot"
+    assert record["spec"]["nodeName"] == NODE
+    source_guid = _pv_of(k8s, source)["spec"]["csi"]["volumeHandle"]
+    assert record["spec"]["sourceVolume"] == source_guid
+    # CNPG made the claim from the source claim; csi-provisioner passed it on as a clone.
+    claim = k8s.get("pvc", pod, "-n", NS)
+    assert claim["spec"]["dataSource"] == {
+        "apiGroup": "", "kind": "PersistentVolumeClaim", "name": source
+    }
+    # No hot-clone work directory is left inside the source volume.
+    assert not list((PREFIX / source_guid).glob(".pg-reflinker/*"))
+
+
+def test_kubelet_hands_fs_group_to_the_driver_instead_of_walking_the_clone(
+    k8s: OneNodeCluster,
+) -> None:
+    """CNPG pods run with fsGroup 26 and no fsGroupChangePolicy: kubelet would chown and chmod
+    every file of a cloned PGDATA at every mount. With VOLUME_MOUNT_GROUP it passes the group to
+    NodePublishVolume and walks nothing: the clone's files keep their modes."""
+    pod = cnpg.primary_pod(k8s, CLONE)
+    guid = _pv_of(k8s, pod)["spec"]["csi"]["volumeHandle"]
+    volume = PREFIX / guid
+    assert volume.stat().st_gid == 26
+    pgdata = volume / "pgdata"
+    assert pgdata.stat().st_mode & 0o777 == 0o700
+    assert _group_bits(pgdata / "base") == []
+    instance = k8s.get("pod", pod, "-n", NS)
+    assert instance["spec"]["securityContext"]["fsGroup"] == 26
+    conditions = {c["type"]: c["lastTransitionTime"] for c in instance["status"]["conditions"]}
+    print(
+        f"\nclone instance pod: scheduled {conditions['PodScheduled']}, "
+        f"initialized {conditions['Initialized']} (mount and init containers)"
+    )
+
+
+# The seed's example claim: what CNPG creates for a Cluster "pg-xyz" restored from claim
+# "pgdata-empty". Instance-specific values (the owner's uid, the operator's version) excepted,
+# the claim CNPG makes must be exactly this.
+SEED_PVC = """
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  annotations:
+    cnpg.io/nodeSerial: "1"
+    cnpg.io/operatorVersion: 1.28.0
+  name: pg-xyz-1
+  namespace: apps
+  ownerReferences:
+    - apiVersion: postgresql.cnpg.io/v1
+      controller: true
+      kind: Cluster
+      name: pg-xyz
+      uid: d82a45e1-3236-42a1-933f-2203991d1a66
+spec:
+  accessModes:
+    - ReadWriteOnce
+  dataSourceRef:
+    apiGroup: ""
+    kind: PersistentVolumeClaim
+    name: pgdata-empty
+  resources:
+    requests:
+      storage: 6400Gi
+  storageClassName: pg-reflinker
+  volumeMode: Filesystem
+"""
+
+
+def test_the_seed_example_claim_is_bound_and_mounted_by_a_real_pod(
+    k8s: OneNodeCluster, source: str
+) -> None:
+    seed = yaml.safe_load(SEED_PVC)
+    # pgdata-empty: a clone of the running source, labelled as CNPG labels PGDATA claims.
+    k8s.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {
+                "name": "pgdata-empty",
+                "namespace": NS,
+                "labels": {"cnpg.io/pvcRole": "PG_DATA"},
+            },
+            "spec": {
+                "storageClassName": "pg-reflinker",
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "8Gi"}},
+                "dataSource": {"kind": "PersistentVolumeClaim", "name": source},
+            },
+        }
+    )
+    k8s.wait("claim pgdata-empty Bound", lambda: _phase(k8s, "pgdata-empty") == "Bound", 60)
+    cluster = cnpg.example("clone-cluster.yaml")
+    cluster["metadata"]["name"] = "pg-xyz"
+    cluster["spec"]["storage"]["size"] = "6400Gi"  # clones are thin: no room is reserved
+    cluster["spec"]["bootstrap"]["recovery"]["volumeSnapshots"]["storage"]["name"] = "pgdata-empty"
+    k8s.apply(cluster)
+    cnpg.wait_healthy(k8s, "pg-xyz")
+
+    made = k8s.get("pvc", "pg-xyz-1", "-n", NS)
+    owner = k8s.get("cluster.postgresql.cnpg.io", "pg-xyz", "-n", NS)
+    expected = json.loads(json.dumps(seed))
+    expected["metadata"]["ownerReferences"][0]["uid"] = owner["metadata"]["uid"]
+    expected["metadata"]["annotations"]["cnpg.io/operatorVersion"] = "1.30.0"
+    for key, value in expected["metadata"]["annotations"].items():
+        assert made["metadata"]["annotations"].get(key) == value, key
+    refs = [
+        {k: r.get(k) for k in ("apiVersion", "controller", "kind", "name", "uid")}
+        for r in made["metadata"]["ownerReferences"]
+    ]
+    assert refs == expected["metadata"]["ownerReferences"]
+    for key in ("accessModes", "resources", "storageClassName", "volumeMode"):
+        assert made["spec"][key] == expected["spec"][key], key
+    ref = made["spec"]["dataSourceRef"]
+    assert (ref.get("apiGroup", ""), ref["kind"], ref["name"]) == ("", "PersistentVolumeClaim",
+                                                                   "pgdata-empty")
+    assert made["status"]["phase"] == "Bound"
+    assert made["status"]["capacity"]["storage"] == "6400Gi"
+    # Mounted by the real instance pod, which serves the source's data.
+    pod = k8s.get("pod", "pg-xyz-1", "-n", NS)
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+              if "persistentVolumeClaim" in v]
+    assert "pg-xyz-1" in claims
+    assert pod["status"]["phase"] == "Running"
+    assert int(cnpg.psql(k8s, "pg-xyz-1", "SELECT count(*) FROM pgbench_accounts")) == (
+        PGBENCH_SCALE * 100000
+    )
+
+
+def _phase(k8s: OneNodeCluster, claim: str, ns: str = NS) -> str:
+    result = k8s.kubectl("get", "pvc", claim, "-n", ns, "-o", "jsonpath={.status.phase}",
+                         check=False)
+    return result.stdout.strip()
+
+
+def test_deleting_a_cluster_and_its_claims_removes_directories_and_records(
+    k8s: OneNodeCluster,
+) -> None:
+    guids = {
+        _pv_of(k8s, claim)["spec"]["csi"]["volumeHandle"] for claim in ("pg-xyz-1", "pgdata-empty")
+    }
+    assert guids <= _volume_dirs()
+    cnpg.delete_cluster(k8s, "pg-xyz")
+    k8s.kubectl("delete", "pvc", "pgdata-empty", "-n", NS, "--wait=true", "--timeout=60s")
+    k8s.wait("the claims' volumes removed", lambda: not (guids & _volume_dirs()), 60)
+    k8s.wait(
+        "their records removed",
+        lambda: not [r for r in _records(k8s) if r["spec"]["guid"] in guids],
+        60,
+    )
+    pvs = {pv["spec"]["csi"]["volumeHandle"] for pv in k8s.get("pv")["items"]}
+    assert not guids & pvs
