@@ -270,3 +270,110 @@ def test_deleting_a_cluster_and_its_claims_removes_directories_and_records(
     )
     pvs = {pv["spec"]["csi"]["volumeHandle"] for pv in k8s.get("pv")["items"]}
     assert not guids & pvs
+
+
+def _claim(name: str, source: str = "", size: str = "1Gi") -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "storageClassName": "pg-reflinker",
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": size}},
+    }
+    if source:
+        spec["dataSource"] = {"kind": "PersistentVolumeClaim", "name": source}
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    }
+
+
+def _shell_pod(name: str, claim: str, script: str) -> dict[str, Any]:
+    """A pod that mounts `claim` at /data and runs `script` (as CNPG's uid, with fsGroup 26)."""
+    from tests.e2e import images
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "securityContext": {"runAsUser": 26, "runAsGroup": 26, "fsGroup": 26},
+            "terminationGracePeriodSeconds": 1,
+            "containers": [
+                {
+                    "name": "shell",
+                    "image": images.POSTGRES,
+                    "imagePullPolicy": "Never",
+                    "command": ["sh", "-c", script],
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                }
+            ],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
+        },
+    }
+
+
+def _pod_phase(k8s: OneNodeCluster, name: str) -> str:
+    result = k8s.kubectl("get", "pod", name, "-n", NS, "-o", "jsonpath={.status.phase}",
+                         check=False)
+    return result.stdout.strip()
+
+
+def test_node_plugin_restart_keeps_mounts_and_registers_again(k8s: OneNodeCluster) -> None:
+    clone_pod = cnpg.primary_pod(k8s, CLONE)
+    old = k8s.get("pods", "-n", "pg-reflinker", "-l", "app.kubernetes.io/name=pg-reflinker-node")
+    old_name = old["items"][0]["metadata"]["name"]
+    k8s.kubectl("delete", "pod", old_name, "-n", "pg-reflinker", "--wait=true", "--timeout=60s")
+    # While no node plugin runs, the mounted clone keeps serving reads and writes.
+    cnpg.psql(k8s, clone_pod, "INSERT INTO only_in_clone VALUES (2)")
+    k8s.wait_rollout("daemonset/pg-reflinker-node", "pg-reflinker")
+    k8s.wait(
+        "the new node plugin registered with kubelet",
+        lambda: "kubelet registered pg-reflinker.csi"
+        in k8s.pod_logs("pg-reflinker", "app.kubernetes.io/name=pg-reflinker-node",
+                        "node-driver-registrar"),
+        60,
+    )
+    assert cnpg.psql(k8s, clone_pod, "SELECT count(*) FROM only_in_clone") == "2"
+    # kubelet reaches the new plugin: a new volume is published into a new pod.
+    k8s.apply(_claim("after-restart"))
+    k8s.apply(_shell_pod("after-restart", "after-restart", "echo written > /data/f && sleep 600"))
+    k8s.wait("pod after-restart Running", lambda: _pod_phase(k8s, "after-restart") == "Running",
+             90)
+    guid = _pv_of(k8s, "after-restart")["spec"]["csi"]["volumeHandle"]
+    k8s.wait("the pod's write on the volume", lambda: (PREFIX / guid / "f").exists(), 30)
+    assert (PREFIX / guid / "f").read_text() == "written\n"
+    k8s.kubectl("delete", "pod", "after-restart", "-n", NS, "--wait=true", "--timeout=60s")
+    k8s.kubectl("delete", "pvc", "after-restart", "-n", NS, "--wait=true", "--timeout=60s")
+    k8s.wait("volume after-restart removed", lambda: guid not in _volume_dirs(), 60)
+
+
+def test_controller_restart_during_a_clone_ends_bound_without_orphans(
+    k8s: OneNodeCluster, source: str
+) -> None:
+    k8s.apply(_claim("restart-clone", source=source, size="8Gi"))
+
+    def reserved() -> bool:
+        return any(r["spec"].get("claim", "").endswith("restart-clone") for r in _records(k8s))
+
+    k8s.wait("the clone's record (CreateVolume has started)", reserved, 60)
+    k8s.kubectl("delete", "pod", "pg-reflinker-controller-0", "-n", "pg-reflinker",
+                "--grace-period=1", "--wait=false")
+    start = time.monotonic()
+    k8s.wait("claim restart-clone Bound", lambda: _phase(k8s, "restart-clone") == "Bound", 180)
+    print(f"\nclaim Bound {time.monotonic() - start:.1f} s after the controller pod was deleted")
+    k8s.wait_rollout("statefulset/pg-reflinker-controller", "pg-reflinker")
+
+    guid = _pv_of(k8s, "restart-clone")["spec"]["csi"]["volumeHandle"]
+    assert (PREFIX / guid / "pgdata" / "PG_VERSION").exists()
+    # Exactly one volume, one record and one directory per claim; nothing half-made.
+    handles = {pv["spec"]["csi"]["volumeHandle"] for pv in k8s.get("pv")["items"]}
+    assert _volume_dirs() == handles
+    assert sorted(r["spec"]["guid"] for r in _records(k8s)) == sorted(handles)
+    source_guid = _pv_of(k8s, source)["spec"]["csi"]["volumeHandle"]
+    assert not list((PREFIX / source_guid).glob(".pg-reflinker/*"))
+    assert cnpg.psql(
+        k8s, source, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pg_reflinker%'"
+    ) == "0"
+    k8s.kubectl("delete", "pvc", "restart-clone", "-n", NS, "--wait=true", "--timeout=60s")
+    k8s.wait("volume restart-clone removed", lambda: guid not in _volume_dirs(), 60)
