@@ -18,10 +18,13 @@ PYTEST_ARGS ?=
 
 .PHONY: help
 help:
-	@echo "make demo      the whole job on one machine: a running database cloned by a PVC"
-	@echo "make test      set up (Debian packages, venv, Go tools) and run every test"
-	@echo "make e2e       only the end-to-end tests on the real control plane"
-	@echo "make bench     clone time vs size, vs cp --reflink and pg_basebackup; writes docs/"
+	@echo "make demo      the whole job on one machine: a real one-node cluster, the CNPG operator,"
+	@echo "               a running CNPG Cluster cloned into a new one"
+	@echo "make test      set up (Debian packages, venv, Go tools, images) and run every test"
+	@echo "make cluster-test  only the scenarios on the real one-node cluster"
+	@echo "make e2e       only the end-to-end tests on the control plane with kubelet played"
+	@echo "make bench     new CNPG Cluster from a running one vs pg_basebackup, 1/4/16 GiB; docs/"
+	@echo "make bench-stack  the driver's stack: clone time vs cp --reflink and pg_basebackup"
 	@echo "make sanity    run csi-sanity against reflinker-csi standalone on a fresh XFS"
 	@echo "make lint      ruff and mypy --strict"
 	@echo "make proto     regenerate csi/ from proto/csi.proto"
@@ -137,6 +140,14 @@ e2e: deps k8s-tools
 demo: deps k8s-tools
 	$(TOOLS_ENV) $(PY) -m tests.tools.demo
 
+.PHONY: cluster-test
+cluster-test: deps k8s-tools
+	$(TOOLS_ENV) $(PY) -m pytest -ra -p no:cacheprovider tests/cluster $(PYTEST_ARGS)
+
 .PHONY: bench
 bench: deps k8s-tools
+	$(TOOLS_ENV) $(PY) -m tests.bench.bench_cluster
+
+.PHONY: bench-stack
+bench-stack: deps k8s-tools
 	$(TOOLS_ENV) $(PY) -m tests.bench.bench_stack

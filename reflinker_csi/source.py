@@ -137,7 +137,10 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _query_error(err: psycopg.Error, server: SourceServer) -> Exception:
+def _query_error(err: psycopg.Error, server: SourceServer, timed_out: bool) -> Exception:
+    """timed_out: the statement had run for its whole statement_timeout when it failed. A
+    timeout that fires while COPY ... TO PROGRAM runs comes back as the program's failure
+    (SQLSTATE 38000), not as query_canceled, and is a deadline all the same."""
     if isinstance(err, pg_errors.UndefinedFunction) and not err.diag.context:
         return FailedPrecondition(
             f"function {FUNCTION} does not exist in database postgres of {server.where}; "
@@ -148,7 +151,9 @@ def _query_error(err: psycopg.Error, server: SourceServer) -> Exception:
             f"role {REPLICATION_USER} may not run {FUNCTION} on {server.where}: "
             f"{_first_line(err)}; grant EXECUTE as deploy/postgres/reflink_snapshot.sql does"
         )
-    if isinstance(err, pg_errors.QueryCanceled):
+    if isinstance(err, pg_errors.QueryCanceled) or (
+        timed_out and isinstance(err, pg_errors.ExternalRoutineException)
+    ):
         return DeadlineExceeded(
             f"{FUNCTION} on {server.where} ran past the statement timeout: {_first_line(err)}; "
             "raise PG_STATEMENT_TIMEOUT or retry when the instance is less busy"
@@ -187,11 +192,13 @@ def hot_clone(
             )
         except psycopg.OperationalError as err:
             raise _connect_error(err, server) from None
+        started = time.monotonic()
         try:
             with conn:
                 row = conn.execute("SELECT reflink_snapshot(%s)", (label,)).fetchone()
         except psycopg.Error as err:
-            raise _query_error(err, server) from None
+            timed_out = time.monotonic() - started >= statement_timeout
+            raise _query_error(err, server, timed_out) from None
     if row is None or not isinstance(row[0], str) or not row[0].startswith("/"):
         raise FailedPrecondition(
             f"{FUNCTION} on {server.where} returned {row!r}, not an absolute directory; "

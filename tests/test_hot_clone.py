@@ -339,3 +339,18 @@ def test_snapshot_cli_prints_directory_and_time(source: Source) -> None:
     bad = run_snapshot_cli(source, free_port())
     assert bad.returncode == 1
     assert "cannot reach" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_program_failure_after_the_whole_statement_timeout_is_a_deadline() -> None:
+    """A statement timeout that fires while COPY ... TO PROGRAM runs reaches the client as the
+    program's failure (SQLSTATE 38000), not as query_canceled: whether it is a deadline is
+    decided by the time the statement ran, not by the message. The same failure before the
+    timeout is the function's own failure."""
+    from psycopg import errors as pg_errors
+
+    from reflinker_csi.source import _query_error
+
+    server = SourceServer(pod_ip="10.0.0.1", cluster="pg-xyz", namespace="apps")
+    failed = pg_errors.ExternalRoutineException('program "cp ..." failed')
+    assert isinstance(_query_error(failed, server, timed_out=True), errors.DeadlineExceeded)
+    assert isinstance(_query_error(failed, server, timed_out=False), errors.FailedPrecondition)

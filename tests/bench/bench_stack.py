@@ -1,5 +1,5 @@
-"""`make bench`: clone time against database size through the whole stack, next to the physical
-floor and to what users do today, plus the cost under write load and the space clones use.
+"""`make bench-stack`: clone time against database size through the whole stack, next to the
+physical floor and to what users do today, plus the cost under write load and the space clones use.
 
 For each pgbench size (BENCH_SCALES, default 70 270 1100: about 1, 4 and 16 GB) and BENCH_RUNS
 (default 5) runs each, all in one run on one XFS reflink loop filesystem:
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from reflinker_csi.source import SourceServer, hot_clone
+from tests.bench.report import write_section
 from tests.e2e.stack import NS, Cluster, CnpgInstance, running_stack, start_cnpg, wait_for
 from tests.pgserver import pg_bin, remove
 
@@ -237,10 +238,11 @@ def write_report(rows: list[dict[str, Any]], space_row: dict[str, Any], runs: in
     fig.savefig(DOCS / "clone-time.png")
 
     lines = [
-        "# Benchmarks",
+        "## The driver's stack, kubelet and CNPG played (`make bench-stack`)",
         "",
-        "Produced by `make bench` (tests/bench/bench_stack.py); every number below comes from",
-        "one run on one machine, on one XFS (`reflink=1`) filesystem on a sparse loop file.",
+        "tests/bench/bench_stack.py: the control plane, csi-provisioner and the driver as host",
+        "processes, a PostgreSQL configured like a CNPG instance; one XFS (`reflink=1`)",
+        "filesystem on a sparse loop file.",
         "",
         f"- machine: {os.cpu_count()} cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
@@ -290,10 +292,10 @@ def write_report(rows: list[dict[str, Any]], space_row: dict[str, Any], runs: in
         ]
     lines += [
         "",
-        "Reproduce: `make bench` as root (BENCH_SCALES, BENCH_RUNS to change sizes and runs).",
-        "",
+        "Reproduce: `make bench-stack` as root (BENCH_SCALES, BENCH_RUNS to change sizes and",
+        "runs).",
     ]
-    (DOCS / "benchmarks.md").write_text("\n".join(lines))
+    write_section("stack", lines)
     print(f"wrote {DOCS / 'benchmarks.md'} and {DOCS / 'clone-time.png'}")
 
 

@@ -3,9 +3,10 @@ pgbench inside the instance pods (as the postgres user, through `kubectl exec`).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -41,18 +42,21 @@ def install_function_configmap(k8s: OneNodeCluster, ns: str = NS) -> None:
     """What docs/cloning-cnpg.md tells users to run before creating the source cluster."""
     if k8s.kubectl("get", "configmap", "pg-reflinker-snapshot", "-n", ns, check=False).returncode:
         k8s.kubectl(
-            "create", "configmap", "pg-reflinker-snapshot", "-n", ns,
+            "create",
+            "configmap",
+            "pg-reflinker-snapshot",
+            "-n",
+            ns,
             f"--from-file=reflink_snapshot.sql={FUNCTION_SQL}",
         )
 
 
 def cluster_status(k8s: OneNodeCluster, name: str, ns: str = NS) -> dict[str, Any]:
-    result = k8s.kubectl("get", "cluster.postgresql.cnpg.io", name, "-n", ns, "-o", "json",
-                         check=False)
+    result = k8s.kubectl(
+        "get", "cluster.postgresql.cnpg.io", name, "-n", ns, "-o", "json", check=False
+    )
     if result.returncode != 0:
         return {}
-    import json
-
     status: dict[str, Any] = json.loads(result.stdout).get("status", {})
     return status
 
@@ -86,8 +90,9 @@ def diagnose(k8s: OneNodeCluster, name: str, ns: str = NS) -> str:
         "--- instance ---",
         k8s.pod_logs(ns, f"cnpg.io/cluster={name}")[-3000:],
         "--- pg-reflinker controller ---",
-        k8s.pod_logs("pg-reflinker", "app.kubernetes.io/name=pg-reflinker-controller",
-                     "controller")[-3000:],
+        k8s.pod_logs(
+            "pg-reflinker", "app.kubernetes.io/name=pg-reflinker-controller", "controller"
+        )[-3000:],
         "--- pg-reflinker node ---",
         k8s.pod_logs("pg-reflinker", "app.kubernetes.io/name=pg-reflinker-node", "node")[-2000:],
     ]
@@ -102,8 +107,22 @@ def primary_pod(k8s: OneNodeCluster, name: str, ns: str = NS) -> str:
 
 def psql(k8s: OneNodeCluster, pod: str, sql: str, db: str = "app", ns: str = NS) -> str:
     result = k8s.kubectl(
-        "exec", "-n", ns, pod, "-c", "postgres", "--",
-        "psql", "-X", "-v", "ON_ERROR_STOP=1", "-d", db, "-tAc", sql, check=False,
+        "exec",
+        "-n",
+        ns,
+        pod,
+        "-c",
+        "postgres",
+        "--",
+        "psql",
+        "-X",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        db,
+        "-tAc",
+        sql,
+        check=False,
     )
     if result.returncode != 0:
         raise AssertionError(f"psql in {ns}/{pod} failed: {result.stderr}")
@@ -112,8 +131,18 @@ def psql(k8s: OneNodeCluster, pod: str, sql: str, db: str = "app", ns: str = NS)
 
 def pgbench(k8s: OneNodeCluster, pod: str, *args: str, ns: str = NS) -> str:
     result = k8s.kubectl(
-        "exec", "-n", ns, pod, "-c", "postgres", "--", "pgbench", *args, "app",
-        check=False, timeout=900,
+        "exec",
+        "-n",
+        ns,
+        pod,
+        "-c",
+        "postgres",
+        "--",
+        "pgbench",
+        *args,
+        "app",
+        check=False,
+        timeout=900,
     )
     if result.returncode != 0:
         raise AssertionError(f"pgbench {' '.join(args)} in {ns}/{pod} failed: {result.stderr}")
@@ -126,8 +155,22 @@ def pgbench_background(
     """A bounded pgbench run (it stops by itself after `seconds`)."""
     return subprocess.Popen(
         [
-            str(k8s.bin / "kubectl"), f"--kubeconfig={k8s.kubeconfig}", "exec", "-n", ns, pod,
-            "-c", "postgres", "--", "pgbench", "-c", "2", "-T", str(seconds), "-n", "app",
+            str(k8s.bin / "kubectl"),
+            f"--kubeconfig={k8s.kubeconfig}",
+            "exec",
+            "-n",
+            ns,
+            pod,
+            "-c",
+            "postgres",
+            "--",
+            "pgbench",
+            "-c",
+            "2",
+            "-T",
+            str(seconds),
+            "-n",
+            "app",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -153,19 +196,58 @@ def pgbench_sums(k8s: OneNodeCluster, pod: str, ns: str = NS) -> set[str]:
 def amcheck(k8s: OneNodeCluster, pod: str, ns: str = NS) -> None:
     """pg_amcheck --heapallindexed over every table and index of database app."""
     result = k8s.kubectl(
-        "exec", "-n", ns, pod, "-c", "postgres", "--",
-        "pg_amcheck", "--heapallindexed", "--install-missing", "-d", "app",
-        check=False, timeout=600,
+        "exec",
+        "-n",
+        ns,
+        pod,
+        "-c",
+        "postgres",
+        "--",
+        "pg_amcheck",
+        "--heapallindexed",
+        "--install-missing",
+        "-d",
+        "app",
+        check=False,
+        timeout=600,
     )
     assert result.returncode == 0, f"pg_amcheck in {ns}/{pod}: {result.stdout}{result.stderr}"
 
 
 def delete_cluster(k8s: OneNodeCluster, name: str, ns: str = NS) -> None:
-    k8s.kubectl("delete", "cluster.postgresql.cnpg.io", name, "-n", ns, "--wait=true",
-                "--timeout=120s", timeout=150)
+    k8s.kubectl(
+        "delete",
+        "cluster.postgresql.cnpg.io",
+        name,
+        "-n",
+        ns,
+        "--wait=true",
+        "--timeout=120s",
+        timeout=150,
+    )
 
 
-def host_path(relative: str) -> Path:
-    from tests.e2e.onenode import PREFIX
+def hot_clone_seconds(k8s: OneNodeCluster, guid: str) -> float | None:
+    """How long the hot clone of volume `guid` took, from the controller's log line."""
+    logs = k8s.kubectl(
+        "logs",
+        "-n",
+        "pg-reflinker",
+        "pg-reflinker-controller-0",
+        "-c",
+        "controller",
+        "--tail=2000",
+        check=False,
+    ).stdout
+    for line in reversed(logs.splitlines()):
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if entry.get("msg") == "hot clone taken" and entry.get("guid") == guid:
+                return float(entry["s"])
+    return None
 
-    return PREFIX / relative
+
+def volume_handle(k8s: OneNodeCluster, claim: str, ns: str = NS) -> str:
+    pvc = k8s.get("pvc", claim, "-n", ns)
+    pv = k8s.get("pv", pvc["spec"]["volumeName"])
+    return str(pv["spec"]["csi"]["volumeHandle"])

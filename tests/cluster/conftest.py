@@ -36,7 +36,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 def _tools() -> tuple[Path, Path]:
     k8s, cnpg = os.environ.get("K8S_TOOLS", ""), os.environ.get("CNPG_TOOLS", "")
-    if not (k8s and (Path(k8s) / "kubelet").exists() and cnpg and (Path(cnpg) / "manager").exists()):
+    if not (
+        k8s and (Path(k8s) / "kubelet").exists() and cnpg and (Path(cnpg) / "manager").exists()
+    ):
         pytest.skip(
             "K8S_TOOLS and CNPG_TOOLS are not set: run through `make test` or `make cluster-test`, "
             "which build the cluster from tests/tools/k8s and tests/tools/cnpg"

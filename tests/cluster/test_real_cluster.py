@@ -31,7 +31,9 @@ def source(k8s: OneNodeCluster) -> str:
     start = time.monotonic()
     k8s.apply(cnpg.example("source-cluster.yaml"))
     healthy = cnpg.wait_healthy(k8s, SOURCE)
-    print(f"\nsource Cluster healthy {time.monotonic() - start:.1f} s after apply ({healthy:.1f} s)")
+    print(
+        f"\nsource Cluster healthy {time.monotonic() - start:.1f} s after apply ({healthy:.1f} s)"
+    )
     pod = cnpg.primary_pod(k8s, SOURCE)
     cnpg.pgbench(k8s, pod, "-i", "-s", str(PGBENCH_SCALE), "-q")
     return pod
@@ -46,16 +48,23 @@ def test_source_cluster_runs_on_a_pg_reflinker_volume_with_the_function(
     assert pv["spec"]["csi"]["driver"] == "pg-reflinker.csi"
     node_terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
     assert node_terms[0]["matchExpressions"][0]["values"] == [NODE]
-    # The data lives on the node's HOSTPATH_PREFIX, under the volume's GUID.
+    # The data lives on the node's HOSTPATH_PREFIX, under the volume's GUID, with a record.
     guid = pv["spec"]["csi"]["volumeHandle"]
+    record = _record_for(k8s, guid)
+    assert record["status"]["phase"] == "Ready"
+    assert record["spec"]["claim"] == f"{NS}/{source}"
     assert (PREFIX / guid / "pgdata" / "PG_VERSION").read_text().strip() == "15"
     # postInitSQLRefs installed the function where streaming_replica can call it.
-    assert cnpg.psql(
-        k8s,
-        source,
-        "SELECT has_function_privilege('streaming_replica', 'reflink_snapshot(text)', 'EXECUTE')",
-        db="postgres",
-    ) == "t"
+    assert (
+        cnpg.psql(
+            k8s,
+            source,
+            "SELECT has_function_privilege("
+            "'streaming_replica', 'reflink_snapshot(text)', 'EXECUTE')",
+            db="postgres",
+        )
+        == "t"
+    )
     assert int(cnpg.psql(k8s, source, "SELECT count(*) FROM pgbench_accounts")) == (
         PGBENCH_SCALE * 100000
     )
@@ -84,9 +93,7 @@ def _volume_dirs() -> set[str]:
 
 def _group_bits(directory: Path) -> list[str]:
     """Files under a data directory that kubelet's recursive fsGroup walk would have changed."""
-    return [
-        str(p) for p in directory.rglob("*") if p.is_file() and p.stat().st_mode & 0o070
-    ][:5]
+    return [str(p) for p in directory.rglob("*") if p.is_file() and p.stat().st_mode & 0o070][:5]
 
 
 def test_new_cluster_from_a_running_cluster_under_pgbench_load(
@@ -126,8 +133,19 @@ def test_new_cluster_from_a_running_cluster_under_pgbench_load(
     # CNPG made the claim from the source claim; csi-provisioner passed it on as a clone.
     claim = k8s.get("pvc", pod, "-n", NS)
     assert claim["spec"]["dataSource"] == {
-        "apiGroup": "", "kind": "PersistentVolumeClaim", "name": source
+        "apiGroup": "",
+        "kind": "PersistentVolumeClaim",
+        "name": source,
     }
+    # The PV says where the clone came from, in its attributes and annotations.
+    attrs = pv["spec"]["csi"]["volumeAttributes"]
+    assert attrs["pg-reflinker.csi/source-pvc"] == f"{NS}/{source}"
+    assert attrs["pg-reflinker.csi/source-pod"] == f"{NS}/{source}"
+    assert attrs["pg-reflinker.csi/claim"] == f"{NS}/{pod}"
+    annotations = k8s.get("pv", pv["metadata"]["name"])["metadata"]["annotations"]
+    assert annotations["pg-reflinker.csi/guid"] == guid
+    assert annotations["pg-reflinker.csi/source-pvc"] == f"{NS}/{source}"
+    assert cnpg.hot_clone_seconds(k8s, guid) is not None, "no 'hot clone taken' log line"
     # No hot-clone work directory is left inside the source volume.
     assert not list((PREFIX / source_guid).glob(".pg-reflinker/*"))
 
@@ -232,14 +250,20 @@ def test_the_seed_example_claim_is_bound_and_mounted_by_a_real_pod(
     for key in ("accessModes", "resources", "storageClassName", "volumeMode"):
         assert made["spec"][key] == expected["spec"][key], key
     ref = made["spec"]["dataSourceRef"]
-    assert (ref.get("apiGroup", ""), ref["kind"], ref["name"]) == ("", "PersistentVolumeClaim",
-                                                                   "pgdata-empty")
+    assert (ref.get("apiGroup", ""), ref["kind"], ref["name"]) == (
+        "",
+        "PersistentVolumeClaim",
+        "pgdata-empty",
+    )
     assert made["status"]["phase"] == "Bound"
     assert made["status"]["capacity"]["storage"] == "6400Gi"
     # Mounted by the real instance pod, which serves the source's data.
     pod = k8s.get("pod", "pg-xyz-1", "-n", NS)
-    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
-              if "persistentVolumeClaim" in v]
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
     assert "pg-xyz-1" in claims
     assert pod["status"]["phase"] == "Running"
     assert int(cnpg.psql(k8s, "pg-xyz-1", "SELECT count(*) FROM pgbench_accounts")) == (
@@ -248,8 +272,9 @@ def test_the_seed_example_claim_is_bound_and_mounted_by_a_real_pod(
 
 
 def _phase(k8s: OneNodeCluster, claim: str, ns: str = NS) -> str:
-    result = k8s.kubectl("get", "pvc", claim, "-n", ns, "-o", "jsonpath={.status.phase}",
-                         check=False)
+    result = k8s.kubectl(
+        "get", "pvc", claim, "-n", ns, "-o", "jsonpath={.status.phase}", check=False
+    )
     return result.stdout.strip()
 
 
@@ -314,8 +339,9 @@ def _shell_pod(name: str, claim: str, script: str) -> dict[str, Any]:
 
 
 def _pod_phase(k8s: OneNodeCluster, name: str) -> str:
-    result = k8s.kubectl("get", "pod", name, "-n", NS, "-o", "jsonpath={.status.phase}",
-                         check=False)
+    result = k8s.kubectl(
+        "get", "pod", name, "-n", NS, "-o", "jsonpath={.status.phase}", check=False
+    )
     return result.stdout.strip()
 
 
@@ -329,17 +355,19 @@ def test_node_plugin_restart_keeps_mounts_and_registers_again(k8s: OneNodeCluste
     k8s.wait_rollout("daemonset/pg-reflinker-node", "pg-reflinker")
     k8s.wait(
         "the new node plugin registered with kubelet",
-        lambda: "kubelet registered pg-reflinker.csi"
-        in k8s.pod_logs("pg-reflinker", "app.kubernetes.io/name=pg-reflinker-node",
-                        "node-driver-registrar"),
+        lambda: (
+            "kubelet registered pg-reflinker.csi"
+            in k8s.pod_logs(
+                "pg-reflinker", "app.kubernetes.io/name=pg-reflinker-node", "node-driver-registrar"
+            )
+        ),
         60,
     )
     assert cnpg.psql(k8s, clone_pod, "SELECT count(*) FROM only_in_clone") == "2"
     # kubelet reaches the new plugin: a new volume is published into a new pod.
     k8s.apply(_claim("after-restart"))
     k8s.apply(_shell_pod("after-restart", "after-restart", "echo written > /data/f && sleep 600"))
-    k8s.wait("pod after-restart Running", lambda: _pod_phase(k8s, "after-restart") == "Running",
-             90)
+    k8s.wait("pod after-restart Running", lambda: _pod_phase(k8s, "after-restart") == "Running", 90)
     guid = _pv_of(k8s, "after-restart")["spec"]["csi"]["volumeHandle"]
     k8s.wait("the pod's write on the volume", lambda: (PREFIX / guid / "f").exists(), 30)
     assert (PREFIX / guid / "f").read_text() == "written\n"
@@ -357,8 +385,15 @@ def test_controller_restart_during_a_clone_ends_bound_without_orphans(
         return any(r["spec"].get("claim", "").endswith("restart-clone") for r in _records(k8s))
 
     k8s.wait("the clone's record (CreateVolume has started)", reserved, 60)
-    k8s.kubectl("delete", "pod", "pg-reflinker-controller-0", "-n", "pg-reflinker",
-                "--grace-period=1", "--wait=false")
+    k8s.kubectl(
+        "delete",
+        "pod",
+        "pg-reflinker-controller-0",
+        "-n",
+        "pg-reflinker",
+        "--grace-period=1",
+        "--wait=false",
+    )
     start = time.monotonic()
     k8s.wait("claim restart-clone Bound", lambda: _phase(k8s, "restart-clone") == "Bound", 180)
     print(f"\nclaim Bound {time.monotonic() - start:.1f} s after the controller pod was deleted")
@@ -372,8 +407,13 @@ def test_controller_restart_during_a_clone_ends_bound_without_orphans(
     assert sorted(r["spec"]["guid"] for r in _records(k8s)) == sorted(handles)
     source_guid = _pv_of(k8s, source)["spec"]["csi"]["volumeHandle"]
     assert not list((PREFIX / source_guid).glob(".pg-reflinker/*"))
-    assert cnpg.psql(
-        k8s, source, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pg_reflinker%'"
-    ) == "0"
+    assert (
+        cnpg.psql(
+            k8s,
+            source,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pg_reflinker%'",
+        )
+        == "0"
+    )
     k8s.kubectl("delete", "pvc", "restart-clone", "-n", NS, "--wait=true", "--timeout=60s")
     k8s.wait("volume restart-clone removed", lambda: guid not in _volume_dirs(), 60)

@@ -7,8 +7,9 @@
 - single-binary images from the Go builds: csi-provisioner, the CNPG operator, the pod sandbox
   (`pause`) and the test stand-ins for node-driver-registrar and livenessprobe.
 
-Builds happen once per input: each image is saved as a docker-archive under the tools cache, named by
-a hash of what it is built from, and imported into the test cluster's containerd at start-up.
+Builds happen once per input: each image is saved as a docker-archive under the tools cache,
+named by a hash of what it is built from, and imported into the test cluster's containerd at
+start-up.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def debian_mirror() -> str:
     for path in sorted((sources / "sources.list.d").glob("*.sources")):
         for stanza in path.read_text().split("\n\n"):
             fields = dict(
-                line.split(":", 1) for line in stanza.splitlines() if re.match(r"^[A-Za-z-]+:", line)
+                line.split(":", 1)
+                for line in stanza.splitlines()
+                if re.match(r"^[A-Za-z-]+:", line)
             )
             suites = fields.get("Suites", "").split()
             if "bookworm" in suites and fields.get("Types", "").split()[:1] == ["deb"]:
@@ -134,7 +137,7 @@ class Builder:
         self.announce(f"build image {what}")
         start = time.monotonic()
         build()
-        self.announce(f"built image {what} in {time.monotonic() - start:.1f} s")
+        print(f"     built image {what} in {time.monotonic() - start:.1f} s", flush=True)
 
     def single_binary(self, name: str, binary: Path, path: str, links: dict[str, str]) -> Path:
         """An image holding one static binary at `path` (and symlinks to it), run as `path`."""
@@ -204,15 +207,23 @@ class Builder:
                 check=True,
             )
             self.buildah("umount", ctr)
-            self.buildah("config", "--cmd", "bash", "--env", "PATH=/usr/local/sbin:"
-                         "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", ctr)
+            self.buildah(
+                "config",
+                "--cmd",
+                "bash",
+                "--env",
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                ctr,
+            )
             self.buildah("commit", "--rm", ctr, DEBIAN_BASE)
             subprocess.run(["rm", "-rf", str(rootfs)], check=True)
             marker.touch()
 
         self._timed(f"{DEBIAN_BASE} (debootstrap)", build)
 
-    def containerfile(self, name: str, context: Path, containerfile: Path, inputs: list[Path]) -> Path:
+    def containerfile(
+        self, name: str, context: Path, containerfile: Path, inputs: list[Path]
+    ) -> Path:
         """`buildah bud` of a Dockerfile on the local debian:bookworm-slim, never pulling."""
         archive = self.archive(name, _digest(_tree(containerfile, *inputs)))
         if archive.exists():
@@ -225,9 +236,7 @@ class Builder:
             # lent to the build, where ca-certificates picks them up as it does on the host.
             local_cas = Path("/usr/local/share/ca-certificates")
             trust = (
-                ["--volume", f"{local_cas}:{local_cas}:ro"]
-                if any(local_cas.glob("*.crt"))
-                else []
+                ["--volume", f"{local_cas}:{local_cas}:ro"] if any(local_cas.glob("*.crt")) else []
             )
             self.buildah(
                 "bud",
@@ -277,6 +286,7 @@ def build_all(
             ROOT,
             ROOT / "Dockerfile",
             [
+                ROOT / ".dockerignore",
                 ROOT / "pyproject.toml",
                 ROOT / "requirements.lock",
                 ROOT / "README.md",

@@ -259,8 +259,14 @@ class OneNodeCluster:
 
     def wait_rollout(self, kind_name: str, namespace: str, timeout: float = 180) -> None:
         result = self.kubectl(
-            "rollout", "status", kind_name, "-n", namespace, f"--timeout={int(timeout)}s",
-            check=False, timeout=timeout + 30,
+            "rollout",
+            "status",
+            kind_name,
+            "-n",
+            namespace,
+            f"--timeout={int(timeout)}s",
+            check=False,
+            timeout=timeout + 30,
         )
         if result.returncode != 0:
             pods = self.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout
@@ -306,7 +312,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
-    conf_dir = "{c.work / 'cni'}"
+    conf_dir = "{c.work / "cni"}"
 """
     )
     (c.work / "cni").mkdir()
@@ -463,8 +469,16 @@ def _start_node(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
 def _import_images(c: OneNodeCluster, archives: dict[str, Path]) -> None:
     for name, archive in archives.items():
         result = _run(
-            "ctr", "--address", str(RUN_DIR / "containerd.sock"), "-n", "k8s.io",
-            "images", "import", "--no-unpack", str(archive), check=False,
+            "ctr",
+            "--address",
+            str(RUN_DIR / "containerd.sock"),
+            "-n",
+            "k8s.io",
+            "images",
+            "import",
+            "--no-unpack",
+            str(archive),
+            check=False,
         )
         if result.returncode != 0:
             raise RuntimeError(f"importing {name} from {archive}: {result.stderr}")
@@ -512,8 +526,10 @@ def _kill_shims() -> None:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if cmdline and cmdline[0].endswith(b"containerd-shim-runc-v2") and any(
-            str(RUN_DIR).encode() in a for a in cmdline
+        if (
+            cmdline
+            and cmdline[0].endswith(b"containerd-shim-runc-v2")
+            and any(str(RUN_DIR).encode() in a for a in cmdline)
         ):
             with contextlib.suppress(OSError):
                 os.killpg(int(proc.name), signal.SIGKILL)
@@ -560,7 +576,9 @@ def _start_kubernetes(c: OneNodeCluster, announce: Callable[[str], None]) -> Non
     proxy_config = _kube_proxy_config(c)
     c.host.then(
         "remove kube-proxy's iptables rules",
-        lambda: _run(str(c.bin / "kube-proxy"), "--cleanup", f"--config={proxy_config}", check=False),
+        lambda: _run(
+            str(c.bin / "kube-proxy"), "--cleanup", f"--config={proxy_config}", check=False
+        ),
     )
     c.spawn("kube-proxy", [str(c.bin / "kube-proxy"), f"--config={proxy_config}", "--v=1"])
     kubelet_config = _kubelet_config(c)
@@ -687,12 +705,28 @@ def _teardown_workloads(c: OneNodeCluster) -> None:
     ]
     for ns in namespaces:
         c.kubectl(
-            "delete", "pods", "-n", ns, "--all", "--grace-period=1", "--wait=true",
-            "--timeout=60s", check=False, timeout=90,
+            "delete",
+            "pods",
+            "-n",
+            ns,
+            "--all",
+            "--grace-period=1",
+            "--wait=true",
+            "--timeout=60s",
+            check=False,
+            timeout=90,
         )
     c.kubectl(
-        "delete", "pods", "-n", "pg-reflinker", "--all", "--grace-period=1", "--wait=true",
-        "--timeout=30s", check=False, timeout=60,
+        "delete",
+        "pods",
+        "-n",
+        "pg-reflinker",
+        "--all",
+        "--grace-period=1",
+        "--wait=true",
+        "--timeout=30s",
+        check=False,
+        timeout=60,
     )
 
 

@@ -1,8 +1,9 @@
 """`make demo`: pg-reflinker doing its job on one machine, step by step, with timings.
 
-A PostgreSQL configured like a CloudNativePG instance runs on a pg-reflinker volume of a real
-Kubernetes control plane; a PersistentVolumeClaim whose dataSource is that instance's PGDATA claim
-becomes a consistent, bootable clone in about a second. Only kubelet and CNPG are played.
+A real one-node Kubernetes cluster (kubelet, containerd, the control plane), pg-reflinker from
+deploy/ with the image built from the Dockerfile, and the real CloudNativePG operator: a CNPG
+Cluster on a pg-reflinker volume with about 1 GB of pgbench data, then a second Cluster made
+from the running first one (deploy/examples/clone-cluster.yaml), row counts side by side.
 
 Settings: DEMO_SCALE (pgbench scale, default 70: about 1 GB), DEMO_KEEP=1 (keep everything
 running at the end and print how to connect; Ctrl-C tears it down)."""
@@ -14,24 +15,22 @@ import signal
 import sys
 import time
 import traceback
-import uuid
 from pathlib import Path
 
-from tests.e2e.stack import NS, running_stack, start_cnpg
-from tests.pgserver import boot_clone
+from tests.cluster import cnpg
+from tests.e2e.onenode import running_cluster
 
 HINTS = {
-    "make an XFS reflink filesystem": "run as root; `losetup -f` must find a free loop device "
-    "and mkfs.xfs must exist (make demo installs xfsprogs)",
-    "start etcd": "the binaries in K8S_TOOLS (make k8s-tools); free loopback ports",
-    "apply deploy/": "deploy/*.yaml must be valid for the API server (see the error above)",
-    "start reflinker-csi": "the driver logs in the kept work directory (run with DEMO_KEEP=1)",
-    "start PostgreSQL": "PostgreSQL server packages (make demo installs postgresql); the "
-    "postgres user must be able to reach the work directory",
-    "load pgbench data": "free space for the loop file; pgbench from postgresql-contrib",
-    "create the clone claim": "csi-provisioner and controller logs; events of claim "
-    "apps/pg-xyz-dev",
-    "publish the clone": "the node plugin log; mount privileges",
+    "build image": "buildah and debootstrap (make demo installs them); the Debian mirror in "
+    "/etc/apt must be reachable",
+    "start containerd": "containerd and runc (make demo installs them); /run/pg-reflinker-test",
+    "start etcd": "the binaries in K8S_TOOLS (make k8s-tools); free ports",
+    "start kubelet": "kubelet.log in the kept work directory (DEMO_KEEP=1)",
+    "apply deploy/": "kubectl -n pg-reflinker get pods; the node plugin's and controller's logs",
+    "install the CloudNativePG": "kubectl -n cnpg-system get pods; the operator's log",
+    "create the source": "kubectl -n apps get cluster,pods,pvc; events of namespace apps",
+    "load pgbench": "free space on the XFS loop filesystem",
+    "create the clone": "kubectl -n apps describe pvc pg-prod-dev-1; the controller's log",
 }
 
 
@@ -62,87 +61,76 @@ class Story:
 
 
 def main() -> int:
-    tools = Path(os.environ.get("K8S_TOOLS", ""))
+    k8s_tools = Path(os.environ.get("K8S_TOOLS", ""))
+    cnpg_tools = Path(os.environ.get("CNPG_TOOLS", ""))
     scale = int(os.environ.get("DEMO_SCALE", "70"))
     keep = os.environ.get("DEMO_KEEP") == "1"
-    disk = f"{max(8, scale * 15 * 6 // 1024 + 8)}G"
+    disk = f"{max(16, scale * 15 * 4 // 1024 + 16)}G"
+    size = f"{max(4, scale * 15 * 2 // 1024 + 4)}Gi"
     story = Story()
     summary: list[str] = []
     try:
-        with running_stack(tools, disk=disk, announce=story.step) as cluster:
-            source = start_cnpg(
-                cluster, scale=scale, announce=story.step, pgbench_output=sys.stdout
-            )
-            size = source.server.psql("SELECT pg_size_pretty(pg_database_size('app'))")
-            source.server.psql("CHECKPOINT")
-            print(f"     source database: {size}")
+        with running_cluster(k8s_tools, cnpg_tools, disk=disk, announce=story.step) as k8s:
+            story.step("create the source: CNPG Cluster apps/pg-prod on StorageClass pg-reflinker")
+            cnpg.ensure_namespace(k8s)
+            cnpg.install_function_configmap(k8s)
+            source_doc = cnpg.example("source-cluster.yaml")
+            source_doc["spec"]["storage"]["size"] = size
+            k8s.apply(source_doc)
+            cnpg.wait_healthy(k8s, "pg-prod", timeout=300)
+            source = cnpg.primary_pod(k8s, "pg-prod")
 
-            story.step(f"create the clone claim {NS}/pg-xyz-dev (dataSource: {source.pvc})")
+            story.step(f"load pgbench data into pg-prod, scale {scale} (about {scale * 15} MB)")
+            cnpg.pgbench(k8s, source, "-i", "-s", str(scale), "-q")
+            db_size = cnpg.psql(k8s, source, "SELECT pg_size_pretty(pg_database_size('app'))")
+            print(f"     source database: {db_size}")
+
+            story.step("create the clone: CNPG Cluster apps/pg-prod-dev from claim pg-prod-1")
+            clone_doc = cnpg.example("clone-cluster.yaml")
+            clone_doc["spec"]["storage"]["size"] = size
             started = time.monotonic()
-            cluster.pvc("pg-xyz-dev", source=source.pvc, size="2Gi")
-            pv = cluster.wait_bound("pg-xyz-dev", timeout=120)
-            bound = time.monotonic() - started
-            print(f"     Bound after {bound:.2f} s")
-            hot = [
-                line
-                for line in cluster.log_tail("controller", 400).splitlines()
-                if "hot clone taken" in line
-            ]
-            hot_seconds = hot[-1].rsplit("s=", 1)[-1].strip() if hot else "?"
+            k8s.apply(clone_doc)
+            cnpg.wait_healthy(k8s, "pg-prod-dev", timeout=300)
+            ready = time.monotonic() - started
+            clone = cnpg.primary_pod(k8s, "pg-prod-dev")
+            hot = cnpg.hot_clone_seconds(k8s, cnpg.volume_handle(k8s, clone))
+            print(f"     Cluster pg-prod-dev healthy {ready:.1f} s after apply")
 
-            story.step("show the PersistentVolume")
-            attrs = pv.spec.csi.volume_attributes
-            terms = pv.spec.node_affinity.required.node_selector_terms
-            print(f"     PV            {pv.metadata.name}")
-            print(f"     GUID          {pv.spec.csi.volume_handle}")
-            print(f"     node          {terms[0].match_expressions[0].values[0]}")
-            print(f"     source claim  {attrs.get('pg-reflinker.csi/source-pvc')}")
-            print(f"     source pod    {attrs.get('pg-reflinker.csi/source-pod')}")
-            print(f"     claim         {attrs.get('pg-reflinker.csi/claim')}")
-            print(f"     host path     {attrs.get('pg-reflinker.csi/host-path')}")
-
-            story.step("publish the clone (as kubelet would) and boot PostgreSQL on it")
-            target = cluster.publish(pv, str(uuid.uuid4()))
-            clone = boot_clone(target, cluster.plane.work / "sock")
+            story.step("show what Kubernetes has")
+            print(
+                k8s.kubectl(
+                    "get", "cluster,pvc,pv,reflinkvolumes", "-n", "apps", "-o", "wide"
+                ).stdout
+            )
 
             story.step("count rows in the source and in the clone")
             tables = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers")
             rows = {
                 t: (
-                    source.server.psql(f"SELECT count(*) FROM {t}", db="app"),
-                    clone.psql(f"SELECT count(*) FROM {t}", db="app"),
+                    cnpg.psql(k8s, source, f"SELECT count(*) FROM {t}"),
+                    cnpg.psql(k8s, clone, f"SELECT count(*) FROM {t}"),
                 )
                 for t in tables
             }
             for table, (a, b) in rows.items():
                 print(f"     {table:<18} source {a:>10}   clone {b:>10}")
             equal = all(a == b for a, b in rows.values())
+            hot_text = f"{hot:.2f} s" if hot is not None else "(not in the log)"
             summary = [f"{t}: source {a} rows, clone {b} rows" for t, (a, b) in rows.items()] + [
-                f"row counts {'equal' if equal else 'DIFFER'}; hot clone of {size} took "
-                f"{hot_seconds} s, claim to Bound {bound:.2f} s"
+                f"row counts {'equal' if equal else 'DIFFER'}; hot clone of {db_size} took "
+                f"{hot_text}; new Cluster healthy {ready:.1f} s after apply"
             ]
             if keep:
                 story.finish()
-                print("\nEverything is still running. Connect with:")
+                print("\nEverything is still running. Try:")
+                print(f"  {k8s.bin / 'kubectl'} --kubeconfig={k8s.kubeconfig} get pods -A")
                 print(
-                    f"  source: runuser -u postgres -- psql -h {source.server.socket_dir} "
-                    f"-p {source.server.port} app"
-                )
-                print(
-                    f"  clone:  runuser -u postgres -- psql -h {clone.socket_dir} "
-                    f"-p {clone.port} app"
-                )
-                print(
-                    f"  API:    KUBECONFIG={cluster.plane.admin_kubeconfig} "
-                    "(insecure-skip-tls-verify)"
+                    f"  {k8s.bin / 'kubectl'} --kubeconfig={k8s.kubeconfig} exec -it -n apps "
+                    f"{clone} -c postgres -- psql app"
                 )
                 print("Press Ctrl-C to tear everything down.")
                 signal.sigwait({signal.SIGINT, signal.SIGTERM})
-            story.step("tear everything down")
-            clone.stop()
-            cluster.unpublish(pv, target)
-            source.server.stop("immediate")
-            cluster.unpublish(source.pv, source.target)
+            story.step("tear everything down and restore the host")
         story.finish()
     except Exception as err:
         print(f"\ndemo failed at step {story.number} ({story.name}): {err}", file=sys.stderr)
