@@ -756,7 +756,9 @@ def running_cluster(
         archives = c.step(
             "build images (cached by input)",
             announce,
-            lambda: images.build_all(k8s_tools, cnpg_tools, announce),
+            lambda: images.build_all(
+                k8s_tools, cnpg_tools, lambda what: print(f"     {what}", flush=True)
+            ),
         )
         _start_node(c, announce)
         c.step("import images into containerd", announce, lambda: _import_images(c, archives))
