@@ -304,8 +304,7 @@ class ClaimLoop:
                 return candidate, found
         raise SourceNotFound(
             f"source claim {ref['name']!r} not found in namespaces {', '.join(searched)}; "
-            "create it there or add its namespace to NAMESPACE_PATH",
-            tuple(searched),
+            "create it there or add its namespace to NAMESPACE_PATH"
         )
 
     def _locate(self, ns: str, claim: str, pv: Any) -> SourceLocation:

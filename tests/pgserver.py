@@ -289,9 +289,9 @@ class PostgresServer:
                 "-q",
                 "-v",
                 "ON_ERROR_STOP=1",
-                "-f",
-                str(FUNCTION_SQL),
             ],
+            # Through stdin: the postgres user may not be able to enter the checkout.
+            input=FUNCTION_SQL.read_text(),
             capture_output=True,
         )
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import mount_unavailable
-from tests.e2e.onenode import OneNodeCluster, running_cluster
+from tests.e2e.onenode import OneNodeCluster, host_snapshot, running_cluster
 
 _setup: list[tuple[str, float]] = []
 _scenarios: list[tuple[str, float, str]] = []
@@ -51,6 +51,7 @@ def k8s() -> Iterator[OneNodeCluster]:
     if reason := mount_unavailable():
         pytest.skip(reason)
     k8s_tools, cnpg_tools = _tools()
+    before = host_snapshot()
     started = time.monotonic()
     with running_cluster(k8s_tools, cnpg_tools, announce=print) as cluster:
         _setup.extend(cluster.timings)
@@ -58,3 +59,6 @@ def k8s() -> Iterator[OneNodeCluster]:
         yield cluster
         cluster.timings.clear()
     _setup.extend(cluster.timings)
+    after = host_snapshot()
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not changed, f"the cluster's teardown left the host changed: {changed}"

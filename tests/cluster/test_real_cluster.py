@@ -101,7 +101,12 @@ def test_new_cluster_from_a_running_cluster_under_pgbench_load(
 ) -> None:
     load = cnpg.pgbench_background(k8s, source, seconds=25)
     try:
-        time.sleep(3)  # the clone is taken while transactions are committing
+        # The clone is taken while transactions are committing.
+        k8s.wait(
+            "pgbench transactions on the source",
+            lambda: int(cnpg.psql(k8s, source, "SELECT count(*) FROM pgbench_history")) > 0,
+            60,
+        )
         start = time.monotonic()
         k8s.apply(cnpg.example("clone-cluster.yaml"))
         cnpg.wait_healthy(k8s, CLONE)

@@ -94,10 +94,7 @@ class HostState:
         self.sysctls: dict[str, str] = {}
 
     def record_sysctls(self) -> None:
-        for key in SYSCTLS:
-            path = Path("/proc/sys") / key
-            with contextlib.suppress(OSError):
-                self.sysctls[key] = path.read_text().strip()
+        self.sysctls = _read_sysctls()
 
     def restore_sysctls(self) -> None:
         for key, value in self.sysctls.items():
@@ -182,10 +179,6 @@ class OneNodeCluster:
     @property
     def core(self) -> client.CoreV1Api:
         return client.CoreV1Api(self.api)
-
-    @property
-    def custom(self) -> client.CustomObjectsApi:
-        return client.CustomObjectsApi(self.api)
 
     @property
     def kubeconfig(self) -> Path:
@@ -277,6 +270,58 @@ class OneNodeCluster:
                 f"{kind_name} in {namespace} did not become ready: {result.stderr}\n{pods}\n"
                 f"{events[-4000:]}\n--- kubelet ---\n{self.log_tail('kubelet', 30)}"
             )
+
+
+def host_snapshot() -> dict[str, Any]:
+    """What the cluster may touch on the host, to compare before and after a run."""
+    mounts = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    netns = Path("/run/netns")
+    return {
+        "addresses": _run("ip", "-o", "addr", "show", check=False).stdout.count("\n"),
+        "links": sorted(
+            line.split(":")[1].strip()
+            for line in _run("ip", "-o", "link", "show", check=False).stdout.splitlines()
+        ),
+        "mounts": sorted(mounts),
+        "netns": sorted(os.listdir(netns)) if netns.exists() else [],
+        "iptables": {f"{tool} {table}": sorted(c) for (tool, table), c in _chains().items()},
+        "sysctls": {k: v for k, v in _read_sysctls().items()},
+        "kubepods": sorted(str(c) for c in Path("/sys/fs/cgroup").glob("*/kubepods") if c.exists()),
+        "paths": sorted(
+            str(p)
+            for p in (
+                KUBELET_ROOT,
+                PREFIX,
+                RUN_DIR,
+                Path("/run/containerd"),
+                Path("/var/lib/cni"),
+                Path("/var/log/pods"),
+                Path("/var/log/containers"),
+            )
+            if p.exists()
+        ),
+        "processes": sorted(_cluster_processes()),
+    }
+
+
+def _read_sysctls() -> dict[str, str]:
+    values = {}
+    for key in SYSCTLS:
+        with contextlib.suppress(OSError):
+            values[key] = (Path("/proc/sys") / key).read_text().strip()
+    return values
+
+
+def _cluster_processes() -> list[str]:
+    names = (b"containerd", b"kubelet", b"kube-proxy", b"kube-apiserver", b"etcd", b"/pause")
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                first = (proc / "cmdline").read_bytes().split(b"\0")[0]
+                if first.endswith(names):
+                    found.append(first.decode(errors="replace"))
+    return found
 
 
 # -- set-up -------------------------------------------------------------------------------------

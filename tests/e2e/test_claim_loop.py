@@ -205,7 +205,12 @@ def test_missing_source_is_reported_then_binds_when_it_appears(
         lambda: [
             e
             for e in cluster.events_for("PersistentVolumeClaim", "late")
-            if "ProvisioningFailed" in e and "not found in namespaces apps, templates" in e
+            if re.fullmatch(
+                r".* ProvisioningFailed: source claim 'pg-late-1' not found in namespaces apps, "
+                r"templates; create it there or add its namespace to NAMESPACE_PATH "
+                r"\(retrying in \d+ s\)",
+                e,
+            )
         ],
         30,
     )
