@@ -127,6 +127,19 @@ $(CNPG_TOOLS)/.built: tests/tools/cnpg/go.mod tests/tools/cnpg/go.sum
 	cd tests/tools/cnpg && cp "$$(go list -m -f '{{.Dir}}' github.com/cloudnative-pg/cloudnative-pg)/releases/cnpg-$(CNPG_VERSION).yaml" $(CNPG_TOOLS)/
 	@touch $@
 
+# The Kubernetes storage e2e suites (make conformance): e2e.test, ginkgo and agnhost.
+CONFORMANCE_TOOLS_KEY := $(shell sha256sum tests/tools/conformance/go.sum 2>/dev/null | cut -c1-12)
+CONFORMANCE_TOOLS := $(TOOLS_CACHE)/conformance-$(CONFORMANCE_TOOLS_KEY)
+
+$(CONFORMANCE_TOOLS)/.built: tests/tools/conformance/go.mod tests/tools/conformance/go.sum
+	@echo "building e2e.test, ginkgo and agnhost into $(CONFORMANCE_TOOLS) (once, ~10 minutes)"
+	mkdir -p $(CONFORMANCE_TOOLS)
+	cd tests/tools/conformance && CGO_ENABLED=0 go test -c -trimpath -ldflags "$(K8S_LDFLAGS)" \
+		-o $(CONFORMANCE_TOOLS)/e2e.test k8s.io/kubernetes/test/e2e
+	cd tests/tools/conformance && CGO_ENABLED=0 go build -trimpath -o $(CONFORMANCE_TOOLS)/ \
+		k8s.io/kubernetes/test/images/agnhost github.com/onsi/ginkgo/v2/ginkgo
+	@touch $@
+
 TOOLS_ENV := K8S_TOOLS=$(K8S_TOOLS) CNPG_TOOLS=$(CNPG_TOOLS) TOOLS_CACHE=$(TOOLS_CACHE)
 
 .PHONY: k8s-tools
@@ -147,6 +160,10 @@ cluster-test: deps k8s-tools
 .PHONY: bench
 bench: deps k8s-tools
 	$(TOOLS_ENV) $(PY) -m tests.bench.bench_cluster
+
+.PHONY: conformance
+conformance: deps k8s-tools $(CONFORMANCE_TOOLS)/.built
+	$(TOOLS_ENV) CONFORMANCE_TOOLS=$(CONFORMANCE_TOOLS) $(PY) -m tests.conformance.run
 
 .PHONY: bench-stack
 bench-stack: deps k8s-tools

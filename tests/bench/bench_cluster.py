@@ -220,12 +220,13 @@ def bench() -> int:
                 for key, value in measured.items():
                     samples.setdefault(key, []).append(value)
                 log(
-                    f"   run {run + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in measured.items())
+                    f"   run {run + 1}: " + ", ".join(f"{k} {v:.3f} s" for k, v in measured.items())
                 )
             row: dict[str, Any] = {"scale": scale, "bytes": size}
             row.update({k: statistics.median(v) for k, v in samples.items()})
             rows.append(row)
-    write_report(rows, runs, time.monotonic() - started)
+            # Written after each size, so a run cut short keeps what it measured.
+            write_report(rows, runs, time.monotonic() - started)
     return 0
 
 

@@ -12,7 +12,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import mount_unavailable
-from tests.e2e.onenode import OneNodeCluster, host_snapshot, running_cluster
+from tests.e2e.onenode import (
+    OneNodeCluster,
+    clean_after_a_killed_run,
+    host_snapshot,
+    running_cluster,
+)
 
 _setup: list[tuple[str, float]] = []
 _scenarios: list[tuple[str, float, str]] = []
@@ -51,6 +56,7 @@ def k8s() -> Iterator[OneNodeCluster]:
     if reason := mount_unavailable():
         pytest.skip(reason)
     k8s_tools, cnpg_tools = _tools()
+    clean_after_a_killed_run()
     before = host_snapshot()
     started = time.monotonic()
     with running_cluster(k8s_tools, cnpg_tools, announce=print) as cluster:

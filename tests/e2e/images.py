@@ -139,9 +139,12 @@ class Builder:
         build()
         print(f"     built image {what} in {time.monotonic() - start:.1f} s", flush=True)
 
-    def single_binary(self, name: str, binary: Path, path: str, links: dict[str, str]) -> Path:
-        """An image holding one static binary at `path` (and symlinks to it), run as `path`."""
-        archive = self.archive(name, _digest([binary.read_bytes(), path, repr(sorted(links))]))
+    def single_binary(
+        self, name: str, binary: Path, path: str, links: dict[str, str], cmd: str = ""
+    ) -> Path:
+        """An image holding one static binary at `path` (and symlinks to it), run as `path`
+        (or, with `cmd`, running `cmd` with no entrypoint)."""
+        archive = self.archive(name, _digest([binary.read_bytes(), path, repr(sorted(links)), cmd]))
         if archive.exists():
             return archive
 
@@ -152,9 +155,13 @@ class Builder:
                 if links:
                     mnt = Path(self.buildah("mount", ctr).stdout.strip())
                     for link, dest in links.items():
+                        (mnt / link.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
                         (mnt / link.lstrip("/")).symlink_to(dest)
                     self.buildah("umount", ctr)
-                self.buildah("config", "--entrypoint", f'["{path}"]', "--cmd", "", ctr)
+                if cmd:
+                    self.buildah("config", "--entrypoint", "[]", "--cmd", cmd, ctr)
+                else:
+                    self.buildah("config", "--entrypoint", f'["{path}"]', "--cmd", "", ctr)
                 self.buildah("commit", "--rm", ctr, name)
             except BaseException:
                 self.buildah("rm", ctr)
@@ -255,6 +262,16 @@ class Builder:
 
         self._timed(name, build)
         return archive
+
+
+def busybox(b: Builder, name: str) -> Path:
+    """busybox from Debian's busybox-static: the binary and a link for each applet."""
+    binary = Path("/bin/busybox")
+    applets = subprocess.run(
+        [str(binary), "--list-full"], check=True, text=True, capture_output=True
+    ).stdout.split()
+    links = {"/" + a: "/bin/busybox" for a in applets if a != "bin/busybox"}
+    return b.single_binary(name, binary, "/bin/busybox", links, cmd="sh")
 
 
 def build_all(

@@ -461,8 +461,26 @@ def _kube_proxy_config(c: OneNodeCluster) -> Path:
     return config
 
 
+def clean_after_a_killed_run() -> None:
+    """RUN_DIR exists only while a cluster runs: a run that was killed before its teardown
+    (a CI time-out, a kill -9) left it, and with it processes, mounts and the node IP."""
+    if not RUN_DIR.exists():
+        return
+    print(f"     cleaning up after a run that did not finish ({RUN_DIR} exists)", flush=True)
+    for pattern in ("containerd --config", "kubelet --config", "kube-proxy --config"):
+        _run("pkill", "-9", "-f", f"{pattern}.*pg-reflinker-cluster", check=False)
+    _kill_pods()
+    _remove_kubepods_cgroups()
+    for path in (KUBELET_ROOT, PREFIX, RUN_DIR):
+        _unmount_tree(path)
+        shutil.rmtree(path, ignore_errors=True)
+    _run("ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo", check=False)
+    _remove_link(BRIDGE)
+
+
 def _start_node(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
     host = c.host
+    clean_after_a_killed_run()
     # The node IP: kubelet refuses a loopback address, so one of our own goes on lo.
     _run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")
     host.then("remove the node IP", lambda: _run("ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo"))
