@@ -55,8 +55,13 @@ def e2e_images(b: images.Builder, conformance_tools: Path, k8s_tools: Path) -> d
             f"{REGISTRY}/pause:3.10.2", k8s_tools / "pause", "/pause", {}
         ),
     }
-    # The exec test runs a shell command in the "nginx" image: busybox's shell serves it.
+    # Images the suites only run shell commands in: the exec test's "nginx" gets busybox's
+    # shell; "glibc-dns-testing" (a glibc shell for the multi-volume tests) gets Debian's.
     archives[f"{REGISTRY}/nginx:1.15-4"] = images.busybox(b, f"{REGISTRY}/nginx:1.15-4")
+    b.debian_base()
+    glibc = f"{REGISTRY}/glibc-dns-testing:2.0.0"
+    archives[glibc] = b.alias(images.DEBIAN_BASE, glibc)
+    archives[f"{REGISTRY}/agnhost:2.55"] = b.alias(agnhost, f"{REGISTRY}/agnhost:2.55")
     return archives
 
 
@@ -75,10 +80,8 @@ def repo_list(path: Path) -> Path:
             "gcEtcdRegistry",
             "privateRegistry",
             "sigStorageRegistry",
-            "invalidRegistry",
             "dockerLibraryRegistry",
             "cloudProviderGcpRegistry",
-            "gcAuthenticatedRegistry",
             "buildImageRegistry",
         )
     }
@@ -109,7 +112,9 @@ def run_suites(k8s: OneNodeCluster, tools: Path, report: Path, procs: int) -> in
     return subprocess.run(args, env=env, cwd=k8s.work, check=False).returncode
 
 
-SUITE = re.compile(r"\[Testpattern: ([^\]]+)\]\s+(\S+)")
+# "... [Testpattern: Dynamic PV (default fs)] [Slow] subPath should ...": the suite is the first
+# word after the pattern and any bracketed labels.
+SUITE = re.compile(r"\[Testpattern: ([^\]]+)\]\s+(?:\[[^\]]*\]\s+)*([^\s\[]+)")
 
 
 def summarize(report: Path) -> dict[str, Any]:

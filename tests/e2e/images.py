@@ -171,6 +171,17 @@ class Builder:
         self._timed(name, build)
         return archive
 
+    def alias(self, source: str, name: str) -> Path:
+        """The image `source` (in buildah's storage) under another name, as an archive."""
+        image_id = self.buildah(
+            "inspect", "--type", "image", "--format", "{{.FromImageID}}", source
+        ).stdout.strip()
+        archive = self.archive(name, _digest([image_id, name]))
+        if not archive.exists():
+            self.buildah("tag", source, name)
+            self._save(name, archive)
+        return archive
+
     def debian_base(self) -> None:
         """debian:bookworm-slim in buildah's storage, from the configured Debian mirror."""
         marker = self.store / "debian-bookworm-slim.done"
