@@ -84,7 +84,7 @@ class Publisher:
         mount_group: str = "",
     ) -> None:
         """Bind-mount the volume at target_path; succeed if it is already mounted there.
-        mount_group (the pod's fsGroup, from kubelet) is applied to the volume's top directory."""
+        mount_group (the pod's fsGroup, from kubelet) is applied as apply_group describes."""
         _require(volume_id=volume_id, target_path=target_path)
         flags = mount_flags(options, readonly)
         gid = parse_mount_group(mount_group)
@@ -180,16 +180,35 @@ def parse_mount_group(value: str) -> int | None:
 
 
 def apply_group(directory: Path, gid: int) -> None:
-    """What kubelet's fsGroup handling gives a pod, applied to the volume's top directory only:
-    owned by the group, group-writable, setgid so new files get the group. Files below keep
-    their owners and modes; a clone already carries its source's (CNPG: uid and gid 26), and
-    PostgreSQL refuses a data directory that is group-writable."""
+    """The pod's fsGroup, as kubelet applies it with fsGroupChangePolicy OnRootMismatch: when the
+    volume's top directory already has the group (a clone mounted by the same kind of pod as its
+    source, e.g. CNPG's 26), nothing below it is touched; otherwise every file and directory gets
+    the group and group read/write (directories also setgid), as kubelet's walk would do.
+    Symbolic links are not followed."""
     st = directory.stat()
-    mode = stat.S_IMODE(st.st_mode) | stat.S_IRWXG | stat.S_ISGID
     if st.st_gid != gid:
+        for root, dirs, files in os.walk(directory):
+            for name in dirs + files:
+                _group_entry(os.path.join(root, name), gid)
         os.chown(directory, -1, gid)
-    if stat.S_IMODE(st.st_mode) != mode:
+    mode = stat.S_IMODE(st.st_mode) | stat.S_IRWXG | stat.S_ISGID
+    if stat.S_IMODE(directory.stat().st_mode) != mode:
         os.chmod(directory, mode)
+
+
+def _group_entry(path: str, gid: int) -> None:
+    st = os.lstat(path)
+    if st.st_gid != gid:
+        os.lchown(path, -1, gid)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISDIR(st.st_mode):
+        wanted = mode | stat.S_IRWXG | stat.S_ISGID
+    else:
+        wanted = mode | stat.S_IRGRP | stat.S_IWGRP | (stat.S_IXGRP if mode & stat.S_IXUSR else 0)
+    if wanted != mode:
+        os.chmod(path, wanted)
 
 
 def _require(**fields: str) -> None:

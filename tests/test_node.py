@@ -56,29 +56,60 @@ def test_publish_binds_the_volume_and_unpublish_removes_the_target(driver: Drive
     assert mount_at(target) is None
 
 
-def test_fs_group_is_applied_to_the_top_directory_only(driver: Driver) -> None:
-    """kubelet passes the pod's fsGroup (VOLUME_MOUNT_GROUP) instead of walking the tree: the
-    volume's top directory becomes group-writable for it, a data directory inside keeps the
-    owner and the 0700 mode PostgreSQL insists on."""
-    vol = driver.controller.CreateVolume(create_request("pvc-group")).volume
-    pgdata = driver.prefix / vol.volume_id / "pgdata"
+def _volume_with_pgdata(driver: Driver, name: str, group: int) -> tuple[str, Path]:
+    vol = driver.controller.CreateVolume(create_request(name)).volume
+    top = driver.prefix / vol.volume_id
+    pgdata = top / "pgdata"
     pgdata.mkdir(mode=0o700)
     (pgdata / "PG_VERSION").write_text("15")
     os.chmod(pgdata / "PG_VERSION", 0o600)
+    for path in (top, pgdata, pgdata / "PG_VERSION"):
+        os.chown(path, 26, group)
+    return vol.volume_id, pgdata
+
+
+def test_fs_group_already_on_the_volume_leaves_its_files_alone(driver: Driver) -> None:
+    """kubelet passes the pod's fsGroup (VOLUME_MOUNT_GROUP) instead of walking the tree. A clone
+    mounted by the same kind of pod as its source (CNPG: 26) already has the group: its data
+    directory keeps the 0700/0600 modes PostgreSQL insists on; only the top directory becomes
+    group-writable and setgid."""
+    volume_id, pgdata = _volume_with_pgdata(driver, "pvc-group", group=26)
     target = driver.target_root / "pods" / "uid-group" / "mount"
     target.parent.mkdir(parents=True)
-    publish(driver, vol.volume_id, target, group="26")
+    publish(driver, volume_id, target, group="26")
     try:
         top = os.stat(target)
         assert top.st_gid == 26
         assert top.st_mode & 0o2070 == 0o2070
-        assert os.stat(pgdata).st_mode & 0o777 == 0o700
+        assert os.stat(pgdata).st_mode & 0o7777 == 0o700
         assert os.stat(pgdata / "PG_VERSION").st_mode & 0o777 == 0o600
-        assert os.stat(pgdata).st_gid == 0
     finally:
-        unpublish(driver, vol.volume_id, target)
+        unpublish(driver, volume_id, target)
     caps = driver.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest()).capabilities
     assert csi_pb2.NodeServiceCapability.RPC.VOLUME_MOUNT_GROUP in [c.rpc.type for c in caps]
+
+
+def test_another_fs_group_is_applied_to_every_file_like_kubelet(driver: Driver) -> None:
+    """A pod with another fsGroup gets what kubelet's own walk would give it: every entry in
+    the group, group read/write, directories setgid; a symbolic link is not followed."""
+    volume_id, pgdata = _volume_with_pgdata(driver, "pvc-regroup", group=26)
+    outside = driver.prefix.parent / "outside-the-volume"
+    outside.write_text("x")
+    os.chmod(outside, 0o600)
+    (pgdata / "link").symlink_to(outside)
+    target = driver.target_root / "pods" / "uid-regroup" / "mount"
+    target.parent.mkdir(parents=True)
+    publish(driver, volume_id, target, group="2000")
+    try:
+        assert os.stat(target).st_gid == 2000
+        assert os.stat(pgdata).st_gid == 2000
+        assert os.stat(pgdata).st_mode & 0o7777 == 0o2770
+        assert os.stat(pgdata / "PG_VERSION").st_gid == 2000
+        assert os.stat(pgdata / "PG_VERSION").st_mode & 0o777 == 0o660
+        assert os.stat(outside).st_gid == 0 and os.stat(outside).st_mode & 0o777 == 0o600
+    finally:
+        unpublish(driver, volume_id, target)
+        outside.unlink()
 
 
 def test_a_mount_group_that_is_not_a_group_id_is_refused(driver: Driver) -> None:
