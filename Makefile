@@ -23,6 +23,7 @@ help:
 	@echo "make test      set up (Debian packages, venv, Go tools, images) and run every test"
 	@echo "make cluster-test  only the scenarios on the real one-node cluster"
 	@echo "make e2e       only the end-to-end tests on the control plane with kubelet played"
+	@echo "make conformance  the Kubernetes storage e2e suites against the driver; docs/conformance.md"
 	@echo "make bench     new CNPG Cluster from a running one vs pg_basebackup, 1/4/16 GiB; docs/"
 	@echo "make bench-stack  the driver's stack: clone time vs cp --reflink and pg_basebackup"
 	@echo "make sanity    run csi-sanity against reflinker-csi standalone on a fresh XFS"
@@ -63,8 +64,9 @@ deps: $(STAMPS)/system $(STAMPS)/venv $(CSI_SANITY)
 # -- checks -------------------------------------------------------------------------------
 
 .PHONY: test
-test: deps k8s-tools
+test: deps k8s-tools conformance-tools
 	CSI_SANITY=$(CSI_SANITY) $(TOOLS_ENV) $(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(TOOLS_ENV) CONFORMANCE_TOOLS=$(CONFORMANCE_TOOLS) $(PY) -m tests.conformance.run
 
 .PHONY: sanity
 sanity: deps
@@ -161,8 +163,11 @@ cluster-test: deps k8s-tools
 bench: deps k8s-tools
 	$(TOOLS_ENV) $(PY) -m tests.bench.bench_cluster
 
+.PHONY: conformance-tools
+conformance-tools: $(CONFORMANCE_TOOLS)/.built
+
 .PHONY: conformance
-conformance: deps k8s-tools $(CONFORMANCE_TOOLS)/.built
+conformance: deps k8s-tools conformance-tools
 	$(TOOLS_ENV) CONFORMANCE_TOOLS=$(CONFORMANCE_TOOLS) $(PY) -m tests.conformance.run
 
 .PHONY: bench-stack

@@ -149,7 +149,8 @@ def write_doc(summary: dict[str, Any], seconds: float, procs: int) -> None:
     lines = [
         "# Kubernetes storage conformance",
         "",
-        "`make conformance` runs the external storage e2e suites of Kubernetes v1.36.1",
+        "`make conformance` (also the last step of `make test`) runs the external storage e2e",
+        "suites of Kubernetes v1.36.1",
         "(`e2e.test`, `test/e2e/storage/external`) against pg-reflinker on the real one-node test",
         "cluster, with the capabilities declared in `tests/conformance/testdriver.yaml`.",
         f"Last run: {time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} minutes with {procs} ginkgo",
@@ -189,8 +190,13 @@ def main() -> int:
     write_doc(summary, time.monotonic() - started, procs)
     for name, counts in sorted(summary["rows"].items()):
         print(f"{name:<28} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    states: Counter[str] = Counter()
+    for counts in summary["rows"].values():
+        states.update(counts)
+    failed = sum(v for k, v in states.items() if k not in ("passed", "skipped"))
     print(f"wrote docs/conformance.md; ginkgo exit code {code}")
-    return code
+    print(f"conformance: {states['passed']} passed, {failed} failed, {states['skipped']} skipped")
+    return code or (1 if failed else 0)
 
 
 if __name__ == "__main__":
