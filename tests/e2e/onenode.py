@@ -467,6 +467,11 @@ def clean_after_a_killed_run() -> None:
     if not RUN_DIR.exists():
         return
     print(f"     cleaning up after a run that did not finish ({RUN_DIR} exists)", flush=True)
+    recorded = RUN_DIR / "sysctls.json"
+    with contextlib.suppress(OSError, ValueError):
+        for key, value in json.loads(recorded.read_text()).items():
+            with contextlib.suppress(OSError):
+                (Path("/proc/sys") / key).write_text(value)
     for pattern in ("containerd --config", "kubelet --config", "kube-proxy --config"):
         _run("pkill", "-9", "-f", f"{pattern}.*pg-reflinker-cluster", check=False)
     _kill_pods()
@@ -480,7 +485,6 @@ def clean_after_a_killed_run() -> None:
 
 def _start_node(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
     host = c.host
-    clean_after_a_killed_run()
     # The node IP: kubelet refuses a loopback address, so one of our own goes on lo.
     _run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")
     host.then("remove the node IP", lambda: _run("ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo"))
@@ -507,6 +511,8 @@ def _start_node(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
     ):
         host.track(shared)
     host.directory(RUN_DIR)
+    # For the clean-up after a killed run, which has no other record of the host's settings.
+    (RUN_DIR / "sysctls.json").write_text(json.dumps(host.sysctls))
     shim_dir = Path("/run/containerd")
     host.directory(shim_dir)  # containerd 1.6 keeps shim sockets under /run/containerd/s
     netns_dir = Path("/run/netns")
@@ -801,6 +807,7 @@ def running_cluster(
     announce: Callable[[str], None] = lambda step: None,
 ) -> Iterator[OneNodeCluster]:
     """The whole cluster; stopped and the host restored on exit, even after a failed set-up."""
+    clean_after_a_killed_run()
     work = Path(tempfile.mkdtemp(prefix="pg-reflinker-cluster."))
     os.chmod(work, 0o755)
     host = HostState()
