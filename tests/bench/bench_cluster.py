@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.bench.report import DOCS, write_section
+from tests.bench.report import DOCS, plot, write_section
 from tests.cluster import cnpg
 from tests.e2e.onenode import PREFIX, OneNodeCluster, running_cluster
 
@@ -38,16 +38,22 @@ def log(text: str) -> None:
     print(text, flush=True)
 
 
+def time_new_cluster(k8s: OneNodeCluster, doc: dict[str, Any], timeout: float) -> float:
+    """Seconds from applying a Cluster to its healthy state; the Cluster is removed after."""
+    name = doc["metadata"]["name"]
+    start = time.monotonic()
+    k8s.apply(doc)
+    cnpg.wait_healthy(k8s, name, timeout=timeout)
+    elapsed = time.monotonic() - start
+    remove_cluster(k8s, name)
+    return elapsed
+
+
 def cluster_from_claim(k8s: OneNodeCluster, size: str) -> float:
     doc = cnpg.example("clone-cluster.yaml")
     doc["metadata"]["name"] = "bench-reflink"
     doc["spec"]["storage"]["size"] = size
-    start = time.monotonic()
-    k8s.apply(doc)
-    cnpg.wait_healthy(k8s, "bench-reflink", timeout=900)
-    elapsed = time.monotonic() - start
-    remove_cluster(k8s, "bench-reflink")
-    return elapsed
+    return time_new_cluster(k8s, doc, 900)
 
 
 def cluster_from_basebackup(k8s: OneNodeCluster, size: str) -> float:
@@ -79,12 +85,7 @@ def cluster_from_basebackup(k8s: OneNodeCluster, size: str) -> float:
             ],
         },
     }
-    start = time.monotonic()
-    k8s.apply(doc)
-    cnpg.wait_healthy(k8s, "bench-basebackup", timeout=1800)
-    elapsed = time.monotonic() - start
-    remove_cluster(k8s, "bench-basebackup")
-    return elapsed
+    return time_new_cluster(k8s, doc, 1800)
 
 
 def remove_cluster(k8s: OneNodeCluster, name: str) -> None:
@@ -231,31 +232,21 @@ def bench() -> int:
 
 
 def write_report(rows: list[dict[str, Any]], runs: int, seconds: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = [r["bytes"] / 2**30 for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for key, label in (
-        ("basebackup_cluster", "new Cluster, CNPG bootstrap.pg_basebackup: apply to healthy"),
-        ("reflink_cluster", "new Cluster from the claim (pg-reflinker): apply to healthy"),
-        ("running", "clone claim to a pod on it Running"),
-        ("bound", "clone claim to Bound"),
-        ("hot", "hot clone (reflink_snapshot)"),
-        ("cp", "bare cp -a --reflink=always (floor)"),
-    ):
-        ax.plot(sizes, [r[key] for r in rows], marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("database size (GiB, pgbench)")
-    ax.set_ylabel(f"seconds (median of {runs})")
-    ax.set_title("pg-reflinker on a real cluster with CloudNativePG")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(DOCS / "cluster-time.png")
+    plot(
+        rows,
+        [
+            ("basebackup_cluster", "new Cluster, CNPG bootstrap.pg_basebackup: apply to healthy"),
+            ("reflink_cluster", "new Cluster from the claim (pg-reflinker): apply to healthy"),
+            ("running", "clone claim to a pod on it Running"),
+            ("bound", "clone claim to Bound"),
+            ("hot", "hot clone (reflink_snapshot)"),
+            ("cp", "bare cp -a --reflink=always (floor)"),
+        ],
+        runs,
+        "pg-reflinker on a real cluster with CloudNativePG",
+        "cluster-time.png",
+        7,
+    )
 
     lines = [
         "## On a real cluster with CloudNativePG (`make bench`)",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from reflinker_csi.source import SourceServer, hot_clone
-from tests.bench.report import write_section
+from tests.bench.report import plot, write_section
 from tests.e2e.stack import NS, Cluster, CnpgInstance, running_stack, start_cnpg, wait_for
 from tests.pgserver import pg_bin, remove
 
@@ -212,30 +212,19 @@ def check(rows: list[dict[str, Any]]) -> int:
 
 
 def write_report(rows: list[dict[str, Any]], space_row: dict[str, Any], runs: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    DOCS.mkdir(exist_ok=True)
-    sizes = [r["bytes"] / 2**30 for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for key, label in (
-        ("basebackup", "pg_basebackup -X stream -c fast"),
-        ("bound", "PVC to Bound (whole stack, hot clone)"),
-        ("hot", "hot clone: reflink_snapshot()"),
-        ("cp", "bare cp -a --reflink=always (floor)"),
-    ):
-        ax.plot(sizes, [r[key] for r in rows], marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("database size (GiB, pgbench)")
-    ax.set_ylabel(f"seconds (median of {runs})")
-    ax.set_title("pg-reflinker: clone time against database size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(DOCS / "clone-time.png")
+    plot(
+        rows,
+        [
+            ("basebackup", "pg_basebackup -X stream -c fast"),
+            ("bound", "PVC to Bound (whole stack, hot clone)"),
+            ("hot", "hot clone: reflink_snapshot()"),
+            ("cp", "bare cp -a --reflink=always (floor)"),
+        ],
+        runs,
+        "pg-reflinker: clone time against database size",
+        "clone-time.png",
+        8,
+    )
 
     lines = [
         "## The driver's stack, kubelet and CNPG played (`make bench-stack`)",

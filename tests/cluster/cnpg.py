@@ -105,48 +105,29 @@ def primary_pod(k8s: OneNodeCluster, name: str, ns: str = NS) -> str:
     return str(pod)
 
 
-def psql(k8s: OneNodeCluster, pod: str, sql: str, db: str = "app", ns: str = NS) -> str:
+def exec_postgres(
+    k8s: OneNodeCluster, pod: str, *command: str, ns: str = NS, timeout: float = 300
+) -> str:
+    """Run `command` in the instance's postgres container (as the postgres user): its standard
+    output, or an AssertionError naming the command, the pod and what it printed."""
     result = k8s.kubectl(
-        "exec",
-        "-n",
-        ns,
-        pod,
-        "-c",
-        "postgres",
-        "--",
-        "psql",
-        "-X",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-d",
-        db,
-        "-tAc",
-        sql,
-        check=False,
+        "exec", "-n", ns, pod, "-c", "postgres", "--", *command, check=False, timeout=timeout
     )
     if result.returncode != 0:
-        raise AssertionError(f"psql in {ns}/{pod} failed: {result.stderr}")
-    return result.stdout.strip()
+        raise AssertionError(
+            f"{command[0]} in {ns}/{pod} failed: {result.stdout[-2000:]}{result.stderr}"
+        )
+    return result.stdout
+
+
+def psql(k8s: OneNodeCluster, pod: str, sql: str, db: str = "app", ns: str = NS) -> str:
+    return exec_postgres(
+        k8s, pod, "psql", "-X", "-v", "ON_ERROR_STOP=1", "-d", db, "-tAc", sql, ns=ns
+    ).strip()
 
 
 def pgbench(k8s: OneNodeCluster, pod: str, *args: str, ns: str = NS) -> str:
-    result = k8s.kubectl(
-        "exec",
-        "-n",
-        ns,
-        pod,
-        "-c",
-        "postgres",
-        "--",
-        "pgbench",
-        *args,
-        "app",
-        check=False,
-        timeout=900,
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"pgbench {' '.join(args)} in {ns}/{pod} failed: {result.stderr}")
-    return result.stdout + result.stderr
+    return exec_postgres(k8s, pod, "pgbench", *args, "app", ns=ns, timeout=900)
 
 
 def pgbench_background(
@@ -195,23 +176,17 @@ def pgbench_sums(k8s: OneNodeCluster, pod: str, ns: str = NS) -> set[str]:
 
 def amcheck(k8s: OneNodeCluster, pod: str, ns: str = NS) -> None:
     """pg_amcheck --heapallindexed over every table and index of database app."""
-    result = k8s.kubectl(
-        "exec",
-        "-n",
-        ns,
+    exec_postgres(
+        k8s,
         pod,
-        "-c",
-        "postgres",
-        "--",
         "pg_amcheck",
         "--heapallindexed",
         "--install-missing",
         "-d",
         "app",
-        check=False,
+        ns=ns,
         timeout=600,
     )
-    assert result.returncode == 0, f"pg_amcheck in {ns}/{pod}: {result.stdout}{result.stderr}"
 
 
 def delete_cluster(k8s: OneNodeCluster, name: str, ns: str = NS) -> None:

@@ -23,7 +23,7 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.e2e import images
-from tests.e2e.onenode import OneNodeCluster, running_cluster
+from tests.e2e.onenode import OneNodeCluster, import_images, running_cluster
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "testdriver.yaml"
@@ -67,12 +67,6 @@ def e2e_images(b: images.Builder, conformance_tools: Path, k8s_tools: Path) -> d
     archives[glibc] = b.alias(images.DEBIAN_BASE, glibc)
     archives[f"{REGISTRY}/agnhost:2.55"] = b.alias(agnhost, f"{REGISTRY}/agnhost:2.55")
     return archives
-
-
-def import_images(k8s: OneNodeCluster, archives: dict[str, Path]) -> None:
-    from tests.e2e.onenode import _import_images
-
-    _import_images(k8s, archives)
 
 
 def repo_list(path: Path) -> Path:

@@ -535,7 +535,7 @@ def _start_node(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
     )
 
 
-def _import_images(c: OneNodeCluster, archives: dict[str, Path]) -> None:
+def import_images(c: OneNodeCluster, archives: dict[str, Path]) -> None:
     for name, archive in archives.items():
         result = _run(
             "ctr",
@@ -831,7 +831,7 @@ def running_cluster(
             ),
         )
         _start_node(c, announce)
-        c.step("import images into containerd", announce, lambda: _import_images(c, archives))
+        c.step("import images into containerd", announce, lambda: import_images(c, archives))
         _start_kubernetes(c, announce)
         _deploy_driver(c, announce)
         _install_cnpg(c, cnpg_tools, announce)
