@@ -17,24 +17,30 @@ import grpc
 
 from csi import csi_pb2_grpc
 
-from . import __version__, config, kube, logs
-from .claim_loop import ClaimLoop, Lease
-from .controller import ControllerServicer
-from .errors import ReflinkerError
-from .identity import IdentityServicer, prefix_usable
-from .kube import KubeRegistry
-from .kube_controller import KubeMaterializer, PvAnnotator
-from .kube_locator import KubeSourceLocator
-from .layout import Layout, new_guid
-from .local import LocalDisk, LocalMaterializer
-from .locator import LocalSourceLocator
-from .node import NodeServicer
-from .node_agent import NodeAgent
-from .publish import Publisher
-from .registry import FileRegistry
-from .server import EndpointInUse, start_server
-from .source import SourceServer, hot_clone
-from .volumes import VolumeService
+from . import __version__, config, logs
+from .core.errors import ReflinkerError
+from .core.keys import LABEL_NODE
+from .core.layout import Layout, new_guid
+from .core.locator import SourceServer
+from .core.volumes import VolumeService
+from .disk.local import LocalDisk
+from .disk.publish import Publisher
+from .kube import api as kube_api
+from .kube.annotator import PvAnnotator
+from .kube.claims import ClaimLoop
+from .kube.locator import KubeSourceLocator
+from .kube.materializer import KubeMaterializer, NodeReports
+from .kube.node_agent import CapacityReporter, NodeAgent
+from .kube.registry import KubeRegistry
+from .kube.runtime import Controller, Informer, LeaderElector, Runner
+from .pg.source import hot_clone
+from .rpc.controller import ControllerServicer
+from .rpc.identity import IdentityServicer, prefix_usable
+from .rpc.node import NodeServicer
+from .rpc.server import EndpointInUse, start_server
+from .standalone.locator import LocalSourceLocator
+from .standalone.materializer import LocalMaterializer
+from .standalone.registry import FileRegistry
 
 log = logging.getLogger("reflinker_csi")
 
@@ -48,17 +54,10 @@ def _serve(
     cfg: config.Config,
     mode: str,
     register: list[Callable[[grpc.Server], None]],
-    background: Sequence[Callable[[threading.Event], None]] = (),
+    runner: Runner | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT; background loops get a stop event."""
+    """Serve until SIGTERM/SIGINT, then stop the gRPC server and join every loop."""
     server = start_server(cfg.endpoint, cfg.grpc_workers, register)
-    stop = threading.Event()
-    threads = [
-        threading.Thread(target=loop, args=(stop,), daemon=True, name=loop.__qualname__)
-        for loop in background
-    ]
-    for thread in threads:
-        thread.start()
     log.info(
         "serving",
         extra={
@@ -71,30 +70,33 @@ def _serve(
             }
         },
     )
-    stopped = threading.Event()
+    stopping = runner.stopping if runner is not None else threading.Event()
+    reason: list[str] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info(
-            "stopping",
-            extra={
-                "fields": {
-                    "signal": signal.Signals(signum).name,
-                    "grace_s": cfg.shutdown_grace_seconds,
-                }
-            },
-        )
-        stop.set()
-        server.stop(cfg.shutdown_grace_seconds).wait()
-        stopped.set()
+        reason.append(signal.Signals(signum).name)
+        stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stopped.wait(1.0):
+    while not stopping.wait(1.0):
         pass
+    log.info(
+        "stopping",
+        extra={
+            "fields": {
+                "signal": reason[0] if reason else "a loop failed",
+                "grace_s": cfg.shutdown_grace_seconds,
+            }
+        },
+    )
+    server.stop(cfg.shutdown_grace_seconds).wait()
+    if runner is not None:
+        runner.stop(cfg.shutdown_grace_seconds)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(cfg.endpoint)
     log.info("stopped")
-    return 0
+    return 0 if reason else 1
 
 
 def run_standalone(cfg: config.Config) -> int:
@@ -123,35 +125,62 @@ def run_standalone(cfg: config.Config) -> int:
 
 
 def run_controller(cfg: config.Config) -> int:
-    """Kubernetes: Identity + Controller beside csi-provisioner; records are ReflinkVolumes."""
-    api = kube.connect()
+    """Kubernetes: Identity + Controller beside csi-provisioner; records are ReflinkVolumes;
+    the PV annotator and (on the Lease holder) the claim loop on the reconcile runtime."""
+    kube = kube_api.connect()
     layout = Layout(cfg.hostpath_prefix)
-    registry = KubeRegistry(api)
+    records = Informer(kube, kube_api.REFLINKVOLUMES)
+    pvs = Informer(kube, kube_api.VOLUMES)
+    claims = Informer(kube, kube_api.CLAIMS)
+    csinodes = Informer(kube, kube_api.CSINODES)
+    nodes = Informer(kube, kube_api.NODES)
+    registry = KubeRegistry(kube, records)
     materializer = KubeMaterializer(
-        api,
         registry,
+        NodeReports(csinodes, nodes, cfg.driver_name),
         layout,
-        cfg.driver_name,
         cfg.pg_connect_timeout_seconds,
         cfg.pg_statement_timeout_seconds,
     )
-    locator = KubeSourceLocator(api, layout, cfg.driver_name)
+    locator = KubeSourceLocator(kube, pvs, layout, cfg.driver_name)
     volumes = VolumeService(layout, registry, locator, cfg.node_id, materializer)
-    identity = IdentityServicer(cfg.driver_name, lambda: True, controller=True)
+    identity = IdentityServicer(cfg.driver_name, lambda: records.synced.is_set(), controller=True)
     controller = ControllerServicer(volumes, snapshots=False)
-    annotator = PvAnnotator(api, cfg.driver_name)
-    claims = ClaimLoop(
-        api,
-        registry,
+
+    runner = Runner(kube)
+    lease = LeaderElector(
+        kube, cfg.pod_namespace, "pg-reflinker-claim-loop", on_lost=runner.stopping.set
+    )
+    annotator = PvAnnotator(kube, pvs, cfg.driver_name)
+    annotate = Controller("pv-annotator", annotator.reconcile, workers=1)
+    annotate.watch(pvs)
+    loop = ClaimLoop(
+        kube,
+        volumes,
+        claims,
+        pvs,
+        records,
         locator,
-        materializer,
         layout,
         cfg.driver_name,
         cfg.storage_class,
         cfg.namespace_path,
-        Lease(api, cfg.pod_namespace, "pg-reflinker-claim-loop"),
         cfg.target_root,
     )
+    claim_loop = Controller(
+        "claim-loop", loop.reconcile, workers=cfg.reconcile_workers, leader=lease
+    )
+    claim_loop.watch(claims, loop.keys_for_claim)
+    claim_loop.reads(pvs, records)
+    orphans = Controller("orphans", loop.reconcile_record, workers=1, leader=lease)
+    orphans.watch(records)
+    orphans.watch(claims, loop.records_of_claim)
+    orphans.reads(pvs)
+    for informer in (records, pvs, claims, csinodes, nodes):
+        runner.start(informer.name, informer.run)
+    runner.start("lease", lease.run)
+    for each in (annotate, claim_loop, orphans):
+        runner.start(each.name, each.run)
     return _serve(
         cfg,
         "controller",
@@ -159,16 +188,27 @@ def run_controller(cfg: config.Config) -> int:
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
             lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s),
         ],
-        [annotator.run, claims.run],
+        runner,
     )
 
 
 def run_node(cfg: config.Config) -> int:
-    """Kubernetes: Identity + Node on each node, and the node agent for its ReflinkVolumes."""
-    api = kube.connect()
+    """Kubernetes: Identity + Node on each node; the node agent for its ReflinkVolumes; the
+    free-space report on its Node."""
+    kube = kube_api.connect()
     layout = Layout(cfg.hostpath_prefix)
     layout.state_dir.mkdir(mode=0o700, exist_ok=True)
-    agent = NodeAgent(KubeRegistry(api), LocalDisk(layout, (cfg.target_root,)), cfg.node_id)
+    disk = LocalDisk(layout, (cfg.target_root,))
+    disk.sweep()
+    records = Informer(kube, kube_api.REFLINKVOLUMES, selector=f"{LABEL_NODE}={cfg.node_id}")
+    agent = NodeAgent(KubeRegistry(kube, records), disk, cfg.node_id)
+    agent_loop = Controller("node-agent", agent.reconcile, workers=cfg.reconcile_workers)
+    agent_loop.watch(records)
+    reporter = CapacityReporter(kube, disk, cfg.node_id, agent.changed)
+    runner = Runner(kube)
+    runner.start(records.name, records.run)
+    runner.start("node-agent", agent_loop.run)
+    runner.start("capacity", reporter.run)
     identity = IdentityServicer(
         cfg.driver_name, prefix_usable(str(layout.prefix)), controller=False
     )
@@ -180,7 +220,7 @@ def run_node(cfg: config.Config) -> int:
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
             lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
         ],
-        [agent.run],
+        runner,
     )
 
 
@@ -250,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ReflinkerError as err:
             return _fail(str(err), 1)
     try:
-        cfg = config.load()
+        cfg = config.load(mode=args.command)
     except config.ConfigError as err:
         return _fail(f"configuration error: {err}", 2)
     logs.setup(cfg.log_level, cfg.log_format)

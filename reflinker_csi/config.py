@@ -51,6 +51,7 @@ class Config:
     log_level: str
     log_format: str
     grpc_workers: int
+    reconcile_workers: int
     shutdown_grace_seconds: float
     pg_connect_timeout_seconds: float
     pg_statement_timeout_seconds: float
@@ -92,6 +93,14 @@ def _existing_dir(raw: str) -> Path:
     return Path(os.path.realpath(path))
 
 
+def _absolute_path(raw: str) -> Path:
+    """A path named on another host (the controller names node paths it never opens)."""
+    path = Path(os.path.normpath(raw))
+    if not Path(raw).is_absolute() or "\x00" in raw:
+        raise ValueError
+    return path
+
+
 def _matching(regex: re.Pattern[str]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         if not regex.match(raw):
@@ -131,18 +140,31 @@ def _namespaces(raw: str) -> tuple[str, ...]:
     return names
 
 
-def load(env: Mapping[str, str] | None = None) -> Config:
-    """Read and validate every setting; raise ConfigError naming the first bad one."""
+MODES = ("standalone", "controller", "node")
+
+
+def load(env: Mapping[str, str] | None = None, mode: str = "standalone") -> Config:
+    """Read and validate every setting for mode; raise ConfigError naming the first bad one.
+
+    The node plugin and standalone mode work on HOSTPATH_PREFIX and TARGET_ROOT, so both must
+    exist there; the controller only names paths on the nodes, so they need only be absolute."""
     env = os.environ if env is None else env
-    prefix = _parse(
-        env, "HOSTPATH_PREFIX", None, "an absolute path of an existing directory", _existing_dir
+    local = mode != "controller"
+    path, what = (
+        (_existing_dir, "an absolute path of an existing directory")
+        if local
+        else (
+            _absolute_path,
+            "an absolute path (the directory on the nodes)",
+        )
     )
+    prefix = _parse(env, "HOSTPATH_PREFIX", None, what, path)
     target_root = _parse(
         env,
         "TARGET_ROOT",
         "/var/lib/kubelet",
-        "an absolute path of an existing directory (where kubelet publishes)",
-        _existing_dir,
+        what + " (where kubelet publishes)",
+        path,
     )
     if target_root == prefix or prefix in target_root.parents or target_root in prefix.parents:
         raise ConfigError(
@@ -202,6 +224,9 @@ def load(env: Mapping[str, str] | None = None) -> Config:
             env, "LOG_FORMAT", "text", "one of " + ", ".join(LOG_FORMATS), _one_of(LOG_FORMATS)
         ),
         grpc_workers=_parse(env, "GRPC_WORKERS", "8", "an integer from 1 to 256", _positive_int),
+        reconcile_workers=_parse(
+            env, "RECONCILE_WORKERS", "4", "an integer from 1 to 256", _positive_int
+        ),
         shutdown_grace_seconds=_parse(
             env,
             "SHUTDOWN_GRACE_SECONDS",

@@ -5,39 +5,49 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from reflinker_csi import TOPOLOGY_KEY, errors
-from reflinker_csi.layout import check_absolute_path, is_guid, new_guid, require_guid
-from reflinker_csi.mounts import parse_mountinfo
-from reflinker_csi.placement import check_clone_node, choose_node
-from reflinker_csi.server import status_of
-from reflinker_csi.volumes import CreateSpec
+from reflinker_csi import TOPOLOGY_KEY
+from reflinker_csi.core import errors
+from reflinker_csi.core.layout import check_absolute_path, is_guid, new_guid, require_guid
+from reflinker_csi.disk.mounts import parse_mountinfo
+from reflinker_csi.core.placement import check_clone_node, choose_node
+from reflinker_csi.rpc.server import status_of
+from reflinker_csi.core.volumes import CreateSpec
 
 
 def seg(node: str) -> dict[str, str]:
     return {TOPOLOGY_KEY: node}
 
 
-def test_no_requirement_places_on_the_local_node() -> None:
-    assert choose_node([], [], {"a"}, "a") == "a"
+def test_no_requirement_places_on_the_node_with_most_room() -> None:
+    assert choose_node([], [], ["b", "a"]) == "b"
+
+
+def test_no_requirement_and_no_node_with_room_is_resource_exhausted() -> None:
+    with pytest.raises(errors.ResourceExhausted) as err:
+        choose_node([], [], [])
+    assert str(err.value) == (
+        "no node can hold the volume: no pg-reflinker node plugin has reported enough free "
+        "space; check that the node DaemonSet runs and that HOSTPATH_PREFIX has room"
+    )
 
 
 def test_preferred_wins_over_requisite_order() -> None:
-    assert choose_node([seg("b")], [seg("a"), seg("b")], {"a", "b"}, "a") == "b"
+    assert choose_node([seg("b")], [seg("a"), seg("b")], ["a", "b"]) == "b"
 
 
 def test_requisite_used_when_no_preferred_node_can_be_placed() -> None:
-    assert choose_node([seg("x")], [seg("x"), seg("a")], {"a"}, "a") == "a"
+    assert choose_node([seg("x")], [seg("x"), seg("a")], ["a"]) == "a"
 
 
 def test_requirement_excluding_every_node_names_the_nodes() -> None:
     with pytest.raises(errors.ResourceExhausted) as err:
-        choose_node([], [seg("node-z")], {"node-a"}, "node-a")
+        choose_node([], [seg("node-z")], ["node-a"])
     assert "node-z" in str(err.value) and "node-a" in str(err.value)
 
 
 def test_unknown_topology_key_is_invalid() -> None:
     with pytest.raises(errors.InvalidArgument, match="zone"):
-        choose_node([], [{"zone": "eu"}], {"a"}, "a")
+        choose_node([], [{"zone": "eu"}], ["a"])
 
 
 def test_clone_stays_on_source_node_or_fails_naming_both() -> None:

@@ -18,8 +18,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from reflinker_csi import errors
-from reflinker_csi.source import SourceServer, hot_clone
+from reflinker_csi.core import errors
+from reflinker_csi.core.locator import SourceServer
+from reflinker_csi.pg.source import hot_clone
 from tests.conftest import ROOT, Filesystem, requires_mount
 from tests.pgserver import (
     Certificates,
@@ -348,7 +349,7 @@ def test_a_program_failure_after_the_whole_statement_timeout_is_a_deadline() -> 
     timeout is the function's own failure."""
     from psycopg import errors as pg_errors
 
-    from reflinker_csi.source import _query_error
+    from reflinker_csi.pg.source import _query_error
 
     server = SourceServer(pod_ip="10.0.0.1", cluster="pg-xyz", namespace="apps")
     failed = pg_errors.ExternalRoutineException('program "cp ..." failed')

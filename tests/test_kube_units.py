@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from reflinker_csi import errors
-from reflinker_csi.kube import from_object, record_name, to_object
-from reflinker_csi.kube_controller import host_path_of
-from reflinker_csi.layout import Layout
-from reflinker_csi.locator import SourceLocation
-from reflinker_csi.registry import READY, SNAPSHOT, VolumeRecord
+from reflinker_csi.core import errors
+from reflinker_csi.core.layout import Layout
+from reflinker_csi.core.locator import SourceLocation
+from reflinker_csi.core.records import CloneMode, Kind, Phase, VolumeRecord
+from reflinker_csi.kube.materializer import host_path_of
+from reflinker_csi.kube.model import Claim, Pod, quantity_bytes, record_name, record_of, to_body
 
 SRC = "11111111-2222-4333-8444-555555555555"
 NEW = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee"
@@ -19,13 +19,13 @@ NEW = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee"
 
 def test_record_names_are_stable_and_valid() -> None:
     assert (
-        record_name("volume", "pvc-0b6f4c1e-1111-4222-8333-444455556666")
+        record_name(Kind.VOLUME, "pvc-0b6f4c1e-1111-4222-8333-444455556666")
         == "pvc-0b6f4c1e-1111-4222-8333-444455556666"
     )
-    odd = record_name("volume", "Sanity Volume/ÄÖ")
-    assert odd == record_name("volume", "Sanity Volume/ÄÖ") and odd.startswith("vol-")
-    assert record_name(SNAPSHOT, "snap") != record_name("volume", "snap")
-    assert len(record_name("volume", "x" * 128)) <= 63
+    odd = record_name(Kind.VOLUME, "Sanity Volume/ÄÖ")
+    assert odd == record_name(Kind.VOLUME, "Sanity Volume/ÄÖ") and odd.startswith("vol-")
+    assert record_name(Kind.SNAPSHOT, "snap") != record_name(Kind.VOLUME, "snap")
+    assert len(record_name(Kind.VOLUME, "x" * 128)) <= 63
 
 
 def test_record_round_trips_through_the_custom_resource() -> None:
@@ -37,22 +37,70 @@ def test_record_round_trips_through_the_custom_resource() -> None:
         limit_bytes=0,
         parameters={"csi.storage.k8s.io/pvc/name": "c"},
         source_volume_id=SRC,
-        clone_mode="hot",
+        clone_mode=CloneMode.HOT,
         context={"pg-reflinker.csi/claim": "apps/c"},
     )
-    obj = to_object(record)
-    assert obj["metadata"]["finalizers"] == ["pg-reflinker.csi/node-agent"]
-    assert obj["metadata"]["labels"]["pg-reflinker.csi/node"] == "node-a"
-    obj["status"] = {"phase": "Ready"}
-    back = from_object(obj)
-    assert back.state == READY
+    obj = to_body(record)
+    meta = obj["metadata"]
+    assert isinstance(meta, dict)
+    assert meta["finalizers"] == ["pg-reflinker.csi/node-agent"]
+    assert meta["labels"] == {"pg-reflinker.csi/node": "node-a", "pg-reflinker.csi/guid": NEW}
+    obj["status"] = {"phase": "Failed", "code": "RESOURCE_EXHAUSTED", "message": "no space"}
+    back = record_of(obj)
+    assert back.phase == Phase.FAILED and back.code == "RESOURCE_EXHAUSTED"
     assert (back.guid, back.name, back.source_volume_id, back.clone_mode, back.context) == (
         record.guid,
         record.name,
         record.source_volume_id,
-        "hot",
+        CloneMode.HOT,
         record.context,
     )
+    meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert record_of(obj).phase == Phase.DELETING
+
+
+def test_hostile_objects_read_as_empty_fields_not_crashes() -> None:
+    """Wrong types anywhere in an object read as empty: a loop never dies on one object."""
+    pod = Pod.of(
+        {
+            "metadata": [],
+            "spec": {"volumes": "x", "containers": [{"ports": [{"containerPort": "a"}]}]},
+        }
+    )
+    assert (pod.meta.name, pod.claims, pod.containers[0].ports) == ("", (), (("", 0),))
+    claim = Claim.of(
+        {
+            "spec": {
+                "dataSourceRef": {"kind": "PersistentVolumeClaim", "apiGroup": "x.io", "name": "a"}
+            }
+        }
+    )
+    assert claim.source is None  # a claim of another API group is not ours to clone
+    record = record_of({"spec": {"guid": 7, "kind": "weird", "cloneMode": None}, "status": "x"})
+    assert (record.guid, record.kind, record.clone_mode, record.phase) == (
+        "",
+        Kind.VOLUME,
+        CloneMode.NONE,
+        Phase.PENDING,
+    )
+
+
+@pytest.mark.parametrize(
+    ("quantity", "expected"),
+    [
+        ("1Gi", 1 << 30),
+        ("6400Gi", 6400 << 30),
+        ("500M", 500_000_000),
+        ("1.5Ki", 1536),
+        ("12", 12),
+        ("", 0),
+        ("1e3", 0),
+        ("-1Gi", 0),
+        ("Gi", 0),
+    ],
+)
+def test_claim_sizes_are_read_as_bytes(quantity: str, expected: int) -> None:
+    assert quantity_bytes(quantity) == expected
 
 
 @pytest.fixture
@@ -94,8 +142,8 @@ def test_kubernetes_mode_refuses_snapshot_sources_clearly() -> None:
     import grpc
 
     from csi import csi_pb2
-    from reflinker_csi.controller import ControllerServicer
-    from reflinker_csi.server import status_of
+    from reflinker_csi.rpc.controller import ControllerServicer
+    from reflinker_csi.rpc.server import status_of
     from tests.conftest import MOUNT_RW
 
     servicer = ControllerServicer(volumes=None, snapshots=False)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from csi import csi_pb2
-from reflinker_csi.mounts import mount_at
+from reflinker_csi.disk.mounts import mount_at
 from tests.conftest import MOUNT_RW, Driver, code_of, create_request
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,8 @@ import grpc
 import pytest
 
 from csi import csi_pb2
-from reflinker_csi.registry import FileRegistry, VolumeRecord
+from reflinker_csi.core.records import VolumeRecord
+from reflinker_csi.standalone.registry import FileRegistry
 from tests.conftest import REFLINKER, ROOT, Driver, Filesystem, create_request
 
 pytestmark = pytest.mark.integration

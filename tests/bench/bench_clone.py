@@ -16,7 +16,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from reflinker_csi.source import SourceServer, hot_clone
+from reflinker_csi.core.locator import SourceServer
+from reflinker_csi.pg.source import hot_clone
 from tests.conftest import Filesystem
 from tests.pgserver import (
     Certificates,

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reflinker_csi.source import SourceServer, hot_clone
+from reflinker_csi.core.locator import SourceServer
+from reflinker_csi.pg.source import hot_clone
 from tests.bench.report import plot, write_section
 from tests.e2e.stack import NS, Cluster, CnpgInstance, running_stack, start_cnpg, wait_for
 from tests.pgserver import pg_bin, remove

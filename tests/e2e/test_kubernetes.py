@@ -9,7 +9,7 @@ import time
 import pytest
 from kubernetes import client
 
-from reflinker_csi.kube import GROUP, PLURAL, VERSION
+from reflinker_csi.kube.api import REFLINKVOLUMES
 from tests.e2e.stack import NS, Cluster, CnpgInstance, wait_for
 
 pytestmark = pytest.mark.integration
@@ -18,7 +18,10 @@ UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-
 
 def record_of(cluster: Cluster, guid: str) -> list[dict]:  # type: ignore[type-arg]
     items = cluster.custom.list_cluster_custom_object(
-        GROUP, VERSION, PLURAL, label_selector=f"pg-reflinker.csi/guid={guid}"
+        REFLINKVOLUMES.group,
+        REFLINKVOLUMES.version,
+        REFLINKVOLUMES.plural,
+        label_selector=f"pg-reflinker.csi/guid={guid}",
     )["items"]
     return list(items)
 
@@ -53,7 +56,7 @@ def test_records_show_in_kubectl_columns(cluster: Cluster) -> None:
         "reflinkvolumes.pg-reflinker.csi"
     )
     columns = [c.name for c in crd.spec.versions[0].additional_printer_columns]
-    assert columns == ["GUID", "Node", "Source", "Claim", "Phase", "Age"]
+    assert columns == ["GUID", "Node", "Source", "Claim", "Phase", "Mode", "Message", "Age"]
 
 
 def test_node_agent_restart_converges(cluster: Cluster) -> None:

@@ -1,66 +1,18 @@
-"""Durable volume records. Standalone mode keeps them as JSON files under the prefix.
-
-The record is written before any directory, so whatever a crash leaves behind is either nothing
-or a record the next call completes or cleans.
-"""
+"""Standalone records: one JSON file per volume under <prefix>/.pg-reflinker/volumes, written
+atomically (tmp + fsync + rename) and indexed in memory."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
 import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
-from .errors import FailedPrecondition
-from .layout import is_guid
-
-VOLUME = "volume"
-SNAPSHOT = "snapshot"
-
-CREATING = "creating"
-READY = "ready"
-DELETING = "deleting"
-
-
-@dataclass(frozen=True)
-class VolumeRecord:
-    guid: str
-    name: str
-    node: str
-    required_bytes: int
-    limit_bytes: int
-    parameters: dict[str, str] = field(default_factory=dict)
-    source_volume_id: str = ""
-    source_snapshot_id: str = ""
-    kind: str = VOLUME
-    # "hot": the source's PostgreSQL server makes the copy; "cold": the node copies the files.
-    clone_mode: str = ""
-    # Kubernetes mode: where the hot clone's <label> directory is on the node, before the move.
-    hot_clone_dir: str = ""
-    state: str = CREATING
-    context: dict[str, str] = field(default_factory=dict)
-    created_at: float = field(default_factory=time.time)
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self.required_bytes or self.limit_bytes
-
-    def with_state(self, state: str) -> VolumeRecord:
-        return dataclasses.replace(self, state=state)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> VolumeRecord:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+from ..core.errors import FailedPrecondition
+from ..core.layout import is_guid
+from ..core.records import Kind, VolumeRecord
 
 
 def _name_key(record: VolumeRecord) -> str:
@@ -68,23 +20,8 @@ def _name_key(record: VolumeRecord) -> str:
     return f"{record.kind}/{record.name}"
 
 
-class Registry(Protocol):
-    def reserve(self, record: VolumeRecord) -> tuple[VolumeRecord, bool]:
-        """Store record unless its name is taken; return (the stored record, created?)."""
-
-    def get(self, guid: str) -> VolumeRecord | None: ...
-
-    def get_by_name(self, name: str, kind: str = VOLUME) -> VolumeRecord | None: ...
-
-    def list(self) -> list[VolumeRecord]: ...
-
-    def update(self, record: VolumeRecord) -> None: ...
-
-    def remove(self, guid: str) -> None: ...
-
-
 class FileRegistry:
-    """One JSON file per volume in <prefix>/.pg-reflinker/volumes, indexed in memory.
+    """The standalone Registry.
 
     An exclusive lock on <prefix>/.pg-reflinker/lock makes this process the only writer.
     """
@@ -147,7 +84,7 @@ class FileRegistry:
         with self._mutex:
             return self._by_guid.get(guid)
 
-    def get_by_name(self, name: str, kind: str = VOLUME) -> VolumeRecord | None:
+    def get_by_name(self, name: str, kind: Kind = Kind.VOLUME) -> VolumeRecord | None:
         with self._mutex:
             guid = self._by_name.get(f"{kind}/{name}")
             return None if guid is None else self._by_guid[guid]

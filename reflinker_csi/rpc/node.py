@@ -6,10 +6,10 @@ from typing import Any
 
 from csi import csi_pb2, csi_pb2_grpc
 
+from ..core.errors import InvalidArgument
+from ..disk.publish import Publisher
 from .capabilities import is_read_only_mode, unsupported_reason
 from .controller import topology
-from .errors import InvalidArgument
-from .publish import Publisher
 
 _RPC = csi_pb2.NodeServiceCapability.RPC
 # VOLUME_MOUNT_GROUP: kubelet hands the pod's fsGroup to NodePublishVolume instead of walking

@@ -10,12 +10,11 @@ import os
 import shutil
 from pathlib import Path
 
+from ..core.errors import FailedPrecondition, VolumeInUse
+from ..core.layout import DELETING_SUFFIX, PARTIAL_SUFFIX, Layout, is_guid
+from ..core.records import Kind, VolumeRecord
 from . import reflink
-from .errors import FailedPrecondition, VolumeInUse
-from .layout import DELETING_SUFFIX, PARTIAL_SUFFIX, Layout, is_guid
-from .locator import SourceLocation
 from .mounts import mounts_of
-from .registry import DELETING, READY, SNAPSHOT, Registry, VolumeRecord
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,13 @@ class LocalDisk:
         self.source_roots = tuple(Path(os.path.realpath(r)) for r in source_roots)
 
     def data_dir(self, record: VolumeRecord) -> Path:
-        if record.kind == SNAPSHOT:
+        if record.kind == Kind.SNAPSHOT:
             return self.layout.snapshot_dir(record.guid)
         return self.layout.volume_dir(record.guid)
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.layout.prefix)
+        return st.f_bavail * st.f_frsize
 
     def publishers(self, record: VolumeRecord) -> list[str]:
         """Mount points that expose the record's directory (pods using it)."""
@@ -69,7 +72,7 @@ class LocalDisk:
                 f"the directory {src} of source {source.kind} {source.guid} is missing on "
                 f"node {source.node}; the source is lost, delete it"
             )
-        if source.kind != SNAPSHOT and self.publishers(source):
+        if source.kind != Kind.SNAPSHOT and self.publishers(source):
             raise VolumeInUse(
                 f"source volume {source.guid} is in use on node {source.node} "
                 f"(mounted at {', '.join(self.publishers(source))}); a running database is "
@@ -142,45 +145,3 @@ class LocalDisk:
                     if entry.name.endswith(suffix) and is_guid(entry.name[: -len(suffix)]):
                         log.info("removing leftover %s", entry)
                         remove_tree(entry)
-
-
-class LocalMaterializer:
-    """Standalone: the controller does the disk work itself, on this host."""
-
-    def __init__(self, disk: LocalDisk, registry: Registry, node_id: str) -> None:
-        self.disk = disk
-        self.registry = registry
-        self.node_id = node_id
-
-    def placeable_nodes(self) -> set[str]:
-        return {self.node_id}
-
-    def materialize(
-        self,
-        record: VolumeRecord,
-        source: VolumeRecord | None,
-        location: SourceLocation | None,
-        timeout: float,
-    ) -> VolumeRecord:
-        if source is None:
-            self.disk.make_empty(record)
-        else:
-            self.disk.reflink_copy(source, record)
-        ready = record.with_state(READY)
-        self.registry.update(ready)
-        return ready
-
-    def publishers(self, record: VolumeRecord) -> list[str]:
-        return self.disk.publishers(record)
-
-    def dematerialize(self, record: VolumeRecord) -> None:
-        if record.state != DELETING:
-            self.registry.update(record.with_state(DELETING))
-        self.disk.remove(record)
-        self.registry.remove(record.guid)
-
-    def recover(self) -> None:
-        self.disk.sweep()
-        for record in self.registry.list():
-            if record.state == DELETING:
-                self.dematerialize(record)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
@@ -15,23 +14,9 @@ from typing import Any
 
 import grpc
 
-from . import errors
+from ..core import errors
 
 log = logging.getLogger("reflinker_csi.rpc")
-
-# One place maps domain errors to gRPC status codes; the first matching family wins.
-_STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
-    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (errors.Aborted, grpc.StatusCode.ABORTED),
-    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
-    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
-]
 
 # Request fields that identify what an RPC is about; only these are logged (never secrets).
 _SUBJECT_FIELDS = ("volume_id", "name", "target_path", "volume_path")
@@ -39,13 +24,12 @@ _SUBJECT_FIELDS = ("volume_id", "name", "target_path", "volume_path")
 
 def status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     """The status code and message a failed RPC returns."""
-    for family, code in _STATUS:
-        if isinstance(exc, family):
-            return code, str(exc)
     if isinstance(exc, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED, f"{method} is not offered by pg-reflinker"
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"no space left: {exc}"
+    known = errors.classify(exc)
+    if known is not None and known.code != "INTERNAL":
+        # Each domain error family names its CSI code (core/errors.py): the one mapping.
+        return grpc.StatusCode[known.code], str(known)
     return grpc.StatusCode.INTERNAL, (
         f"internal error in {method} ({type(exc).__name__}: {exc}); "
         "this is a bug in pg-reflinker, the driver log has the traceback"

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from csi import csi_pb2
 
-from .errors import InvalidArgument
+from ..core.errors import InvalidArgument
 
 _Mode = csi_pb2.VolumeCapability.AccessMode
 SINGLE_NODE_MODES = {

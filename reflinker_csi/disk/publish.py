@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from .layout import Layout, check_absolute_path, require_guid
+from ..core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..core.layout import Layout, check_absolute_path, require_guid
 from .mounts import (
     BIND_MOUNT_FLAGS,
     MS_RDONLY,

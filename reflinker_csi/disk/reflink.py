@@ -9,7 +9,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import ReflinkUnsupported, ResourceExhausted
+from ..core.errors import ReflinkUnsupported, ResourceExhausted
 from .mounts import mount_containing
 
 FICLONE = 0x40049409

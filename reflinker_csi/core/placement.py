@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
-from . import TOPOLOGY_KEY
+from .. import TOPOLOGY_KEY
 from .errors import InvalidArgument, ResourceExhausted
 
 Segments = dict[str, str]
@@ -25,23 +25,26 @@ def _nodes(topologies: Sequence[Segments]) -> list[str]:
 
 
 def choose_node(
-    preferred: Sequence[Segments],
-    requisite: Sequence[Segments],
-    placeable: Collection[str],
-    default_node: str,
+    preferred: Sequence[Segments], requisite: Sequence[Segments], placeable: Sequence[str]
 ) -> str:
-    """Preferred nodes first, then requisite ones; with no requirement, the default node."""
+    """Preferred nodes first, then requisite ones; with no requirement, the first placeable node
+    (placeable: nodes that run the node plugin and have room, most free space first)."""
     pref, req = _nodes(preferred), _nodes(requisite)
     if not pref and not req:
-        return default_node
+        if not placeable:
+            raise ResourceExhausted(
+                "no node can hold the volume: no pg-reflinker node plugin has reported enough "
+                "free space; check that the node DaemonSet runs and that HOSTPATH_PREFIX has room"
+            )
+        return placeable[0]
     allowed = set(req) if req else None
     for node in [*pref, *req]:
         if (allowed is None or node in allowed) and node in placeable:
             return node
     raise ResourceExhausted(
         f"no requested node can hold the volume: requested {sorted(set(pref + req))}, "
-        f"but the pg-reflinker node plugin runs only on {sorted(placeable)}; "
-        "check the StorageClass allowedTopologies and the node plugin's NODE_ID"
+        f"but only {sorted(placeable)} run the pg-reflinker node plugin with enough free space; "
+        "check the StorageClass allowedTopologies, the node plugin's NODE_ID and free space"
     )
 
 

@@ -16,14 +16,15 @@ from pathlib import Path
 import psycopg
 from psycopg import errors as pg_errors
 
-from .errors import (
+from ..core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     OperationInProgress,
     SourceUnavailable,
 )
-from .layout import is_guid
+from ..core.layout import is_guid
+from ..core.locator import SourceServer
 
 REPLICATION_USER = "streaming_replica"
 FUNCTION = "reflink_snapshot(text)"
@@ -51,30 +52,6 @@ _UNREACHABLE = (
     "could not translate host name",
     "host is down",
 )
-
-
-@dataclass(frozen=True)
-class SourceServer:
-    """How to reach the PostgreSQL instance that uses a source volume (CNPG conventions)."""
-
-    pod_ip: str
-    cluster: str
-    namespace: str
-    ca_cert: bytes = b""
-    client_cert: bytes = b""
-    client_key: bytes = b""
-    port: int = 5432
-    pod: str = ""
-
-    @property
-    def host_name(self) -> str:
-        # CNPG server certificates name the -rw service, never the pod IP.
-        return f"{self.cluster}-rw.{self.namespace}.svc"
-
-    @property
-    def where(self) -> str:
-        pod = f"pod {self.pod}, " if self.pod else ""
-        return f"CNPG cluster {self.cluster} in namespace {self.namespace} ({pod}{self.pod_ip})"
 
 
 @dataclass(frozen=True)

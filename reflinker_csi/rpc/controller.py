@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from csi import csi_pb2, csi_pb2_grpc
 
-from . import TOPOLOGY_KEY
+from .. import TOPOLOGY_KEY
+from ..core.errors import InvalidArgument
+from ..core.records import VolumeRecord
+from ..core.volumes import CreateSpec, VolumeService
 from .capabilities import require_supported, unsupported_reason
-from .errors import InvalidArgument
-from .registry import VolumeRecord
-from .volumes import CreateSpec, VolumeService
 
 _RPC = csi_pb2.ControllerServiceCapability.RPC
 CAPABILITIES = (
@@ -138,13 +137,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         )
 
     def GetCapacity(self, request: Any, context: Any) -> csi_pb2.GetCapacityResponse:
-        node = request.accessible_topology.segments.get(TOPOLOGY_KEY)
-        if node is not None and node != self._volumes.node_id:
-            return csi_pb2.GetCapacityResponse(available_capacity=0)
         if any(unsupported_reason(cap) for cap in request.volume_capabilities):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
-        st = os.statvfs(self._volumes.layout.prefix)
-        return csi_pb2.GetCapacityResponse(available_capacity=st.f_bavail * st.f_frsize)
+        node = request.accessible_topology.segments.get(TOPOLOGY_KEY)
+        return csi_pb2.GetCapacityResponse(available_capacity=self._volumes.free_bytes(node))
 
     def ControllerGetCapabilities(
         self, request: Any, context: Any

@@ -19,28 +19,28 @@ from .errors import (
     VolumeInUse,
     VolumeNotFound,
 )
+from .keys import (
+    CTX_CLAIM,
+    CTX_CLONE_MODE,
+    CTX_GUID,
+    CTX_HOST_PATH,
+    CTX_NODE,
+    CTX_PV,
+    CTX_SOURCE_SNAPSHOT,
+    CTX_SOURCE_VOLUME,
+    METADATA_PREFIX,
+    PV_NAME,
+    PVC_NAME,
+    PVC_NAMESPACE,
+)
 from .layout import Layout, is_guid, new_guid
 from .locator import SourceLocation, SourceLocator
 from .placement import Segments, check_clone_node, choose_node
-from .registry import CREATING, DELETING, READY, SNAPSHOT, VOLUME, Registry, VolumeRecord
+from .records import CloneMode, Kind, Phase, Registry, VolumeRecord
 
 log = logging.getLogger(__name__)
 
-# Parameters external-provisioner adds (--extra-create-metadata); they are recorded, not options.
-METADATA_PREFIX = "csi.storage.k8s.io/"
-PVC_NAME = "csi.storage.k8s.io/pvc/name"
-PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
-PV_NAME = "csi.storage.k8s.io/pv/name"
 MAX_NAME_LENGTH = 128
-
-# Keys of volume_context, shown on the PV as spec.csi.volumeAttributes.
-CTX_GUID = "pg-reflinker.csi/guid"
-CTX_NODE = "pg-reflinker.csi/node"
-CTX_HOST_PATH = "pg-reflinker.csi/host-path"
-CTX_SOURCE_VOLUME = "pg-reflinker.csi/source-volume"
-CTX_SOURCE_SNAPSHOT = "pg-reflinker.csi/source-snapshot"
-CTX_CLAIM = "pg-reflinker.csi/claim"
-CTX_PV = "pg-reflinker.csi/pv"
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,11 @@ class CreateSpec:
     source_snapshot_id: str = ""
     preferred: Sequence[Segments] = ()
     requisite: Sequence[Segments] = ()
+    # A source the caller located itself (the claim loop: a claim in another namespace or of
+    # another driver, which has no record here). Its node is the clone's node.
+    located_source: SourceLocation | None = None
+    # More traceability for the volume_context (the claim loop's claim).
+    context: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         if not self.name:
@@ -91,26 +96,33 @@ def _mismatch(record: VolumeRecord, spec: CreateSpec) -> str:
     return ""
 
 
-def _clone_mode(spec: CreateSpec, location: SourceLocation | None) -> str:
-    if not (spec.source_volume_id or spec.source_snapshot_id):
-        return ""
-    return "hot" if location is not None and location.server is not None else "cold"
+def _clone_mode(location: SourceLocation | None) -> CloneMode:
+    return CloneMode.HOT if location is not None and location.server is not None else CloneMode.COLD
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What a new volume is made from: a record of this driver (cold copy of a volume nothing
+    uses, or of a snapshot), a location with the server using the source (hot clone), or both."""
+
+    record: VolumeRecord | None = None
+    location: SourceLocation | None = None
 
 
 class Materializer(Protocol):
     """Makes a reserved record's data exist, and removes it: on this host (standalone) or
     through the node agent of the record's node (Kubernetes)."""
 
-    def placeable_nodes(self) -> set[str]: ...
+    def placeable_nodes(self, required_bytes: int) -> list[str]:
+        """Nodes a new empty volume of that size can go to, most free space first."""
 
     def materialize(
-        self,
-        record: VolumeRecord,
-        source: VolumeRecord | None,
-        location: SourceLocation | None,
-        timeout: float,
+        self, record: VolumeRecord, origin: Origin | None, timeout: float
     ) -> VolumeRecord:
-        """Return the record once Ready."""
+        """Make the volume (empty when origin is None); return the record once Ready."""
+
+    def free_bytes(self, node: str | None) -> int:
+        """Free space for new volumes on node (None: the most any one node has)."""
 
     def publishers(self, record: VolumeRecord) -> list[str]: ...
 
@@ -164,29 +176,32 @@ class VolumeService:
                         f"volume {spec.name!r} already exists as {existing.guid} and {problem}; "
                         "use another name or repeat the original request"
                     )
-                if existing.state == DELETING:
+                if existing.phase == Phase.DELETING:
                     raise OperationInProgress(
                         f"volume {spec.name!r} ({existing.guid}) is being deleted; retry later"
                     )
-                return self._complete(existing, timeout)
-            source_id = spec.source_volume_id or spec.source_snapshot_id
-            context = self._context_of(spec)
-            location: SourceLocation | None = None
-            if source_id:
-                kind = VOLUME if spec.source_volume_id else SNAPSHOT
-                source, location = self._clone_source(source_id, kind)
-                node = check_clone_node(
-                    location.node if location else source.node, spec.preferred, spec.requisite
-                )
-                if location is not None:
-                    context.update(location.context)
-            else:
+                if existing.phase == Phase.READY:
+                    return existing
+                return self._complete(existing, self._origin(existing, spec), timeout)
+            origin = self._origin(None, spec)
+            context = {**self._context_of(spec), **spec.context}
+            if origin is None:
                 node = choose_node(
                     spec.preferred,
                     spec.requisite,
-                    self.materializer.placeable_nodes(),
-                    self.node_id,
+                    self.materializer.placeable_nodes(spec.required_bytes),
                 )
+                mode = CloneMode.NONE
+            else:
+                where = origin.location.node if origin.location else ""
+                node = check_clone_node(
+                    where or (origin.record.node if origin.record else ""),
+                    spec.preferred,
+                    spec.requisite,
+                )
+                mode = _clone_mode(origin.location)
+                context.update(origin.location.context if origin.location else {})
+                context[CTX_CLONE_MODE] = mode
             record = VolumeRecord(
                 guid=new_guid(),
                 name=spec.name,
@@ -196,12 +211,21 @@ class VolumeService:
                 parameters=dict(spec.parameters),
                 source_volume_id=spec.source_volume_id,
                 source_snapshot_id=spec.source_snapshot_id,
-                clone_mode=_clone_mode(spec, location),
-                state=CREATING,
+                clone_mode=mode,
                 context=context,
             )
             record, _ = self.registry.reserve(record)
-            return self._complete(record, timeout)
+            return self._complete(record, origin, timeout)
+
+    def _origin(self, existing: VolumeRecord | None, spec: CreateSpec) -> Origin | None:
+        """Find the source once per attempt: its record, and where it lives now."""
+        if spec.located_source is not None:
+            return Origin(None, spec.located_source)
+        source_id = spec.source_volume_id or spec.source_snapshot_id
+        if not source_id:
+            return None
+        kind = Kind.VOLUME if spec.source_volume_id else Kind.SNAPSHOT
+        return self._clone_source(source_id, kind)
 
     @staticmethod
     def _context_of(spec: CreateSpec) -> dict[str, str]:
@@ -212,9 +236,7 @@ class VolumeService:
             ctx[CTX_PV] = spec.parameters[PV_NAME]
         return ctx
 
-    def _clone_source(
-        self, source_id: str, kind: str
-    ) -> tuple[VolumeRecord, SourceLocation | None]:
+    def _clone_source(self, source_id: str, kind: Kind) -> Origin:
         """The ready volume or snapshot to copy from, and where a source volume lives."""
         if not is_guid(source_id):
             raise NotFound(
@@ -224,10 +246,12 @@ class VolumeService:
         source = self.registry.get(source_id)
         if source is None or source.kind != kind:
             raise NotFound(f"source {kind} {source_id} does not exist")
-        if source.state != READY:
-            raise OperationInProgress(f"source {kind} {source_id} is {source.state}; retry later")
-        if kind != VOLUME:
-            return source, None
+        if source.phase != Phase.READY:
+            raise OperationInProgress(
+                f"source {kind} {source_id} is {source.phase.lower()}; retry later"
+            )
+        if kind != Kind.VOLUME:
+            return Origin(source, None)
         location = self.locator.locate(source)
         if location.in_use_at and location.server is None:
             raise VolumeInUse(
@@ -237,20 +261,20 @@ class VolumeService:
                 "for CNPG instances; to copy it otherwise, stop the server and unpublish the "
                 "volume first"
             )
-        return source, location
+        return Origin(source, location)
 
-    def _complete(self, record: VolumeRecord, timeout: float) -> VolumeRecord:
-        if record.state == READY:
-            return record
+    def _complete(
+        self, record: VolumeRecord, origin: Origin | None, timeout: float
+    ) -> VolumeRecord:
         with self._exclusive("guid:" + record.guid, f"creation of {record.kind} {record.guid}"):
-            source_id = record.source_volume_id or record.source_snapshot_id
-            if not source_id:
-                return self.materializer.materialize(record, None, None, timeout)
-            kind = VOLUME if record.source_volume_id else SNAPSHOT
-            source, location = self._clone_source(source_id, kind)
+            if origin is None or origin.record is None:
+                return self.materializer.materialize(record, origin, timeout)
+            source = origin.record
             # Holding the source keeps it from being deleted while it is copied.
-            with self._exclusive("guid:" + source.guid, f"an operation on {kind} {source.guid}"):
-                return self.materializer.materialize(record, source, location, timeout)
+            with self._exclusive(
+                "guid:" + source.guid, f"an operation on {source.kind} {source.guid}"
+            ):
+                return self.materializer.materialize(record, origin, timeout)
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -263,7 +287,7 @@ class VolumeService:
         if not source_volume_id:
             raise InvalidArgument("source_volume_id is required")
         with self._exclusive("snapshot:" + name, f"creation of snapshot {name!r}"):
-            existing = self.registry.get_by_name(name, SNAPSHOT)
+            existing = self.registry.get_by_name(name, Kind.SNAPSHOT)
             if existing is not None:
                 if existing.source_volume_id != source_volume_id:
                     raise AlreadyExists(
@@ -271,8 +295,14 @@ class VolumeService:
                         f"{existing.source_volume_id}, not of {source_volume_id[:80]}; "
                         "use another name"
                     )
-                return self._complete(existing, 60)
-            source, _ = self._clone_source(source_volume_id, VOLUME)
+                if existing.phase == Phase.READY:
+                    return existing
+                return self._complete(
+                    existing, self._clone_source(existing.source_volume_id, Kind.VOLUME), 60
+                )
+            origin = self._clone_source(source_volume_id, Kind.VOLUME)
+            assert origin.record is not None
+            source = origin.record
             record = VolumeRecord(
                 guid=new_guid(),
                 name=name,
@@ -280,11 +310,10 @@ class VolumeService:
                 required_bytes=source.capacity_bytes,
                 limit_bytes=0,
                 source_volume_id=source.guid,
-                kind=SNAPSHOT,
-                state=CREATING,
+                kind=Kind.SNAPSHOT,
             )
             record, _ = self.registry.reserve(record)
-            return self._complete(record, 60)
+            return self._complete(record, Origin(source, None), 60)
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         if not snapshot_id:
@@ -293,7 +322,7 @@ class VolumeService:
             return
         with self._exclusive("guid:" + snapshot_id, f"an operation on snapshot {snapshot_id}"):
             record = self.registry.get(snapshot_id)
-            if record is None or record.kind != SNAPSHOT:
+            if record is None or record.kind != Kind.SNAPSHOT:
                 return
             self.materializer.dematerialize(record)
 
@@ -301,7 +330,7 @@ class VolumeService:
         self, max_entries: int, starting_token: str, snapshot_id: str, source_volume_id: str
     ) -> tuple[list[VolumeRecord], str]:
         return self._page(
-            SNAPSHOT,
+            Kind.SNAPSHOT,
             max_entries,
             starting_token,
             lambda r: (
@@ -320,7 +349,7 @@ class VolumeService:
             return  # no pg-reflinker volume can have this id, so it is already gone
         with self._exclusive("guid:" + volume_id, f"an operation on volume {volume_id}"):
             record = self.registry.get(volume_id)
-            if record is None or record.kind != VOLUME:
+            if record is None or record.kind != Kind.VOLUME:
                 return
             users = self.materializer.publishers(record)
             if users:
@@ -336,17 +365,17 @@ class VolumeService:
         if not volume_id:
             raise InvalidArgument("volume_id is required")
         record = self.registry.get(volume_id) if is_guid(volume_id) else None
-        if record is None or record.state != READY or record.kind != VOLUME:
+        if record is None or record.phase != Phase.READY or record.kind != Kind.VOLUME:
             raise VolumeNotFound(volume_id[:80])
         return record
 
     def list_volumes(self, max_entries: int, starting_token: str) -> tuple[list[VolumeRecord], str]:
         """A page of ready volumes in id order; the token is the last id of the previous page."""
-        return self._page(VOLUME, max_entries, starting_token, lambda r: True)
+        return self._page(Kind.VOLUME, max_entries, starting_token, lambda r: True)
 
     def _page(
         self,
-        kind: str,
+        kind: Kind,
         max_entries: int,
         starting_token: str,
         match: Callable[[VolumeRecord], bool],
@@ -361,12 +390,15 @@ class VolumeService:
         records = [
             r
             for r in self.registry.list()
-            if r.kind == kind and r.state == READY and r.guid > starting_token and match(r)
+            if r.kind == kind and r.phase == Phase.READY and r.guid > starting_token and match(r)
         ]
         if max_entries and len(records) > max_entries:
             page = records[:max_entries]
             return page, page[-1].guid
         return records, ""
+
+    def free_bytes(self, node: str | None) -> int:
+        return self.materializer.free_bytes(node)
 
     def context(self, record: VolumeRecord) -> dict[str, str]:
         ctx = {

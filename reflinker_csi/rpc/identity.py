@@ -10,7 +10,7 @@ from google.protobuf import wrappers_pb2
 
 from csi import csi_pb2, csi_pb2_grpc
 
-from . import __version__
+from .. import __version__
 
 _Service = csi_pb2.PluginCapability.Service
 

@@ -6,10 +6,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .layout import Layout
-from .mounts import mounts_of
-from .registry import VolumeRecord
-from .source import SourceServer
+from .records import VolumeRecord
+
+
+@dataclass(frozen=True)
+class SourceServer:
+    """How to reach the PostgreSQL instance that uses a source volume (CNPG conventions)."""
+
+    pod_ip: str
+    cluster: str
+    namespace: str
+    ca_cert: bytes = field(default=b"", repr=False)  # never in a log line
+    client_cert: bytes = field(default=b"", repr=False)  # never in a log line
+    client_key: bytes = field(default=b"", repr=False)  # never in a log line
+    port: int = 5432
+    pod: str = ""
+
+    @property
+    def host_name(self) -> str:
+        # CNPG server certificates name the -rw service, never the pod IP.
+        return f"{self.cluster}-rw.{self.namespace}.svc"
+
+    @property
+    def where(self) -> str:
+        pod = f"pod {self.pod}, " if self.pod else ""
+        return f"CNPG cluster {self.cluster} in namespace {self.namespace} ({pod}{self.pod_ip})"
 
 
 @dataclass(frozen=True)
@@ -29,15 +50,3 @@ class SourceLocation:
 
 class SourceLocator(Protocol):
     def locate(self, source: VolumeRecord) -> SourceLocation: ...
-
-
-class LocalSourceLocator:
-    """Standalone: every volume is on this host; it is in use while anything mounts it."""
-
-    def __init__(self, layout: Layout) -> None:
-        self._layout = layout
-
-    def locate(self, source: VolumeRecord) -> SourceLocation:
-        path = self._layout.volume_dir(source.guid)
-        users = tuple(m.mount_point for m in mounts_of(path)) if path.exists() else ()
-        return SourceLocation(node=source.node, host_path=path, in_use_at=users)

@@ -1,0 +1,47 @@
+"""Every name pg-reflinker writes on or reads from other objects: volume-context keys (shown on
+the PV as spec.csi.volumeAttributes), labels, annotations, and the keys other components use."""
+
+from __future__ import annotations
+
+from .. import DRIVER_NAME, TOPOLOGY_KEY
+
+__all__ = ["DRIVER_NAME", "TOPOLOGY_KEY"]
+
+_P = "pg-reflinker.csi/"
+
+# -- volume_context --------------------------------------------------------------------------
+CTX_GUID = _P + "guid"
+CTX_NODE = _P + "node"
+CTX_HOST_PATH = _P + "host-path"
+CTX_SOURCE_VOLUME = _P + "source-volume"
+CTX_SOURCE_SNAPSHOT = _P + "source-snapshot"
+CTX_SOURCE_PVC = _P + "source-pvc"  # namespace/name of the source claim
+CTX_SOURCE_POD = _P + "source-pod"  # namespace/name of the CNPG instance that was cloned hot
+CTX_CLONE_MODE = _P + "clone-mode"  # hot or cold
+CTX_CLAIM = _P + "claim"  # namespace/name of the new claim
+CTX_PV = _P + "pv"
+
+# -- parameters external-provisioner adds (--extra-create-metadata): recorded, not options ----
+METADATA_PREFIX = "csi.storage.k8s.io/"
+PVC_NAME = METADATA_PREFIX + "pvc/name"
+PVC_NAMESPACE = METADATA_PREFIX + "pvc/namespace"
+PV_NAME = METADATA_PREFIX + "pv/name"
+
+# -- ReflinkVolume labels and finalizer -------------------------------------------------------
+LABEL_GUID = _P + "guid"
+LABEL_NODE = _P + "node"
+FINALIZER = _P + "node-agent"
+
+# -- annotations on PersistentVolumes (traceability) ------------------------------------------
+ANNOTATION_GUID = _P + "guid"
+ANNOTATION_SOURCE_PVC = _P + "source-pvc"
+ANNOTATION_CLAIM = _P + "claim"
+PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
+
+# -- annotations on Nodes: the node plugin's report of its free space --------------------------
+ANNOTATION_FREE_BYTES = "capacity." + _P + "free-bytes"
+ANNOTATION_REPORTED_AT = "capacity." + _P + "reported-at"
+
+# -- other components ------------------------------------------------------------------------
+CNPG_CLUSTER_LABEL = "cnpg.io/cluster"
+CLAIM_LOOP_COMPONENT = _P + "claim-loop"

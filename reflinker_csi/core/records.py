@@ -1,0 +1,102 @@
+"""The volume record: one per volume or snapshot, written before any directory, so whatever a
+crash leaves behind is either nothing or a record the next call completes or cleans.
+
+Standalone mode keeps records as JSON files (standalone/registry.py); Kubernetes mode as
+ReflinkVolume resources (kube/registry.py). Both store this one type."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class Kind(StrEnum):
+    VOLUME = "volume"
+    SNAPSHOT = "snapshot"
+
+
+class Phase(StrEnum):
+    """Pending -> Ready, or Pending -> Failed -> (retry) Pending; Deleting once removal began."""
+
+    PENDING = "Pending"
+    READY = "Ready"
+    FAILED = "Failed"
+    DELETING = "Deleting"
+
+
+# Records written by earlier versions named their states in lowercase.
+_OLD_PHASES = {"creating": Phase.PENDING, "ready": Phase.READY, "deleting": Phase.DELETING}
+
+
+class CloneMode(StrEnum):
+    NONE = ""  # an empty volume
+    HOT = "hot"  # the source's PostgreSQL server makes a consistent copy
+    COLD = "cold"  # the node reflinks the files of a source nothing is using
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    guid: str
+    name: str
+    node: str
+    required_bytes: int
+    limit_bytes: int
+    parameters: dict[str, str] = field(default_factory=dict)
+    source_volume_id: str = ""
+    source_snapshot_id: str = ""
+    kind: Kind = Kind.VOLUME
+    clone_mode: CloneMode = CloneMode.NONE
+    # Kubernetes mode: where the hot clone's <label> directory is on the node, before the move.
+    hot_clone_dir: str = ""
+    phase: Phase = Phase.PENDING
+    # When Failed: the CSI status code by name and the message for the caller.
+    code: str = ""
+    message: str = ""
+    context: dict[str, str] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.required_bytes or self.limit_bytes
+
+    @property
+    def source_id(self) -> str:
+        return self.source_volume_id or self.source_snapshot_id
+
+    @property
+    def source_kind(self) -> Kind:
+        return Kind.VOLUME if self.source_volume_id else Kind.SNAPSHOT
+
+    def with_phase(self, phase: Phase, code: str = "", message: str = "") -> VolumeRecord:
+        return dataclasses.replace(self, phase=phase, code=code, message=message)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VolumeRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        phase = data.get("phase", data.get("state", Phase.PENDING))
+        values["phase"] = _OLD_PHASES.get(phase) or Phase(phase)
+        values["kind"] = Kind(values.get("kind", Kind.VOLUME))
+        values["clone_mode"] = CloneMode(values.get("clone_mode", CloneMode.NONE))
+        return cls(**values)
+
+
+class Registry(Protocol):
+    def reserve(self, record: VolumeRecord) -> tuple[VolumeRecord, bool]:
+        """Store record unless its name is taken; return (the stored record, created?)."""
+
+    def get(self, guid: str) -> VolumeRecord | None: ...
+
+    def get_by_name(self, name: str, kind: Kind = Kind.VOLUME) -> VolumeRecord | None: ...
+
+    def list(self) -> list[VolumeRecord]: ...
+
+    def update(self, record: VolumeRecord) -> None: ...
+
+    def remove(self, guid: str) -> None: ...

@@ -1,0 +1,382 @@
+"""The claim loop: provisions claims that external-provisioner cannot.
+
+external-provisioner only clones a Bound pg-reflinker volume in the claim's own namespace. This
+loop takes the other claims of our StorageClass whose dataSourceRef names a PVC: it finds the
+source (dataSourceRef.namespace, else the claim's namespace, then NAMESPACE_PATH in order),
+creates the volume through VolumeService exactly as CreateVolume does (the request name is
+claim-<claim UID>, so every retry finds the same GUID), and creates the PV (name = GUID) bound to
+the claim. external-provisioner still deletes that PV (it carries the provisioned-by annotation).
+
+It runs on the runtime's work queue (one claim per worker, several claims at once) and only on
+the replica that holds the Lease."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..core.errors import (
+    FailedPrecondition,
+    NotFound,
+    OperationInProgress,
+    ReflinkerError,
+    VolumeInUse,
+)
+from ..core.keys import (
+    ANNOTATION_CLAIM,
+    ANNOTATION_GUID,
+    ANNOTATION_SOURCE_PVC,
+    CLAIM_LOOP_COMPONENT,
+    CTX_CLAIM,
+    CTX_GUID,
+    CTX_HOST_PATH,
+    CTX_NODE,
+    CTX_PV,
+    CTX_SOURCE_PVC,
+    CTX_SOURCE_VOLUME,
+    PROVISIONED_BY,
+    TOPOLOGY_KEY,
+)
+from ..core.layout import Layout
+from ..core.locator import SourceLocation
+from ..core.records import Phase, VolumeRecord
+from ..core.volumes import CreateSpec, VolumeService
+from .api import EVENTS, JSON, STORAGECLASSES, VOLUMES, ApiError, Kube, domain_error
+from .locator import KubeSourceLocator
+from .model import Claim, PersistentVolume, key_of, quantity_bytes, record_of, text
+from .runtime import DONE, Informer, Requeue, Result
+
+log = logging.getLogger(__name__)
+# How long one reconcile waits for the node agent before it lets the worker go and comes back.
+WAIT_SECONDS = 20.0
+MAX_BACKOFF = 60.0
+REQUEST_PREFIX = "claim-"
+
+
+class SourceNotFound(NotFound):
+    pass
+
+
+def request_name(claim: Claim) -> str:
+    return REQUEST_PREFIX + claim.meta.uid
+
+
+class ClaimLoop:
+    def __init__(
+        self,
+        kube: Kube,
+        volumes: VolumeService,
+        claims: Informer,
+        persistent_volumes: Informer,
+        records: Informer,
+        locator: KubeSourceLocator,
+        layout: Layout,
+        driver_name: str,
+        storage_class: str,
+        namespace_path: tuple[str, ...],
+        target_root: Path,
+    ) -> None:
+        self.kube = kube
+        self.volumes = volumes
+        self.claims = claims
+        self.pvs = persistent_volumes
+        self.records = records
+        self.locator = locator
+        self.layout = layout
+        self.driver_name = driver_name
+        self.storage_class = storage_class
+        self.namespace_path = namespace_path
+        self.target_root = target_root
+        self._lock = threading.Lock()
+        self._waiting: dict[str, set[str]] = {}  # source claim name -> waiting claim keys
+        self._failures: dict[str, int] = {}  # claim key -> failed attempts in a row
+        self._announced: set[str] = set()
+
+    # -- what to reconcile ------------------------------------------------------------------
+
+    def keys_for_claim(self, key: str) -> list[str]:
+        """A changed claim, and the claims waiting for a source of that name."""
+        name = key.rpartition("/")[2]
+        with self._lock:
+            return [key, *sorted(self._waiting.get(name, ()))]
+
+    def _claim(self, key: str) -> Claim | None:
+        value = self.claims.get(key)
+        return None if value is None else Claim.of(value)
+
+    def _pv(self, name: str) -> PersistentVolume | None:
+        value = self.pvs.get(name)
+        return None if value is None else PersistentVolume.of(value)
+
+    def _is_ours(self, claim: Claim) -> bool:
+        if (
+            claim.source is None
+            or claim.storage_class != self.storage_class
+            or claim.volume_name
+            or claim.phase != "Pending"
+            or claim.meta.deleting
+        ):
+            return False
+        # Leave to external-provisioner: a Bound pg-reflinker volume in the claim's namespace.
+        if claim.source.namespace in ("", claim.meta.namespace):
+            own = self._claim(key_of(claim.meta.namespace, claim.source.name))
+            if own is not None and own.volume_name:
+                pv = self._pv(own.volume_name)
+                if pv is not None and pv.driver == self.driver_name:
+                    return False
+        return True
+
+    # -- reconcile --------------------------------------------------------------------------
+
+    def reconcile(self, key: str) -> Result:
+        claim = self._claim(key)
+        if claim is None or not self._is_ours(claim):
+            self._forget(key)
+            return DONE
+        started = time.monotonic()
+        try:
+            record = self.provision(claim)
+        except OperationInProgress:
+            return Requeue(2.0)  # the node agent is still at work, or another worker is
+        except Exception as err:
+            failures = self._failures.get(key, 0) + 1
+            self._failures[key] = failures
+            backoff = min(2.0**failures, MAX_BACKOFF)
+            if isinstance(err, ReflinkerError):
+                message = str(err)
+            else:
+                log.exception("claim %s", key)
+                message = f"internal error ({type(err).__name__}); the controller log has details"
+            self.event(
+                claim, "Warning", "ProvisioningFailed", f"{message} (retrying in {backoff:.0f} s)"
+            )
+            return Requeue(backoff)
+        self._forget(key)
+        self.event(
+            claim,
+            "Normal",
+            "ProvisioningSucceeded",
+            f"cloned into volume {record.guid} on node {record.node} in "
+            f"{time.monotonic() - started:.2f} s",
+        )
+        return DONE
+
+    def _forget(self, key: str) -> None:
+        self._failures.pop(key, None)
+        self._announced.discard(key)
+        with self._lock:
+            for waiting in self._waiting.values():
+                waiting.discard(key)
+
+    def provision(self, claim: Claim) -> VolumeRecord:
+        """Clone the claim's source through VolumeService and bind a new PV to the claim."""
+        assert claim.source is not None
+        source_ns, source = self._find_source(claim)
+        pv = self._pv(source.volume_name) if source.volume_name else None
+        if pv is None:
+            raise FailedPrecondition(
+                f"source claim {source_ns}/{source.meta.name} is not Bound to a volume yet"
+            )
+        ours = pv.driver == self.driver_name
+        location = None if ours else self._locate_foreign(source_ns, source.meta.name, pv)
+        if claim.meta.key not in self._announced:
+            self._announced.add(claim.meta.key)
+            where = (location.in_use_at[0] + " on node " + location.node) if location else ""
+            self.event(
+                claim,
+                "Normal",
+                "Provisioning",
+                f"cloning source claim {source_ns}/{source.meta.name}"
+                + (f", used by {where}" if where else ""),
+            )
+        spec = CreateSpec(
+            name=request_name(claim),
+            required_bytes=quantity_bytes(claim.request),
+            source_volume_id=pv.handle if ours else "",
+            located_source=location,
+            context={
+                CTX_CLAIM: claim.meta.key,
+                CTX_SOURCE_PVC: f"{source_ns}/{source.meta.name}",
+            },
+        )
+        record = self.volumes.create(spec, WAIT_SECONDS)
+        self._create_pv(claim, record)
+        return record
+
+    def _find_source(self, claim: Claim) -> tuple[str, Claim]:
+        assert claim.source is not None
+        ns, name = claim.meta.namespace, claim.source.name
+        if claim.source.namespace:
+            searched = [claim.source.namespace]
+        else:
+            searched = [ns, *[n for n in self.namespace_path if n != ns]]
+        for candidate in searched:
+            found = self._claim(key_of(candidate, name))
+            if found is not None:
+                with self._lock:
+                    self._waiting.get(name, set()).discard(claim.meta.key)
+                return candidate, found
+        with self._lock:
+            self._waiting.setdefault(name, set()).add(claim.meta.key)
+        raise SourceNotFound(
+            f"source claim {name!r} not found in namespaces {', '.join(searched)}; "
+            "create it there or add its namespace to NAMESPACE_PATH"
+        )
+
+    def _locate_foreign(self, ns: str, claim: str, pv: PersistentVolume) -> SourceLocation:
+        """A source on another driver is cloned only hot, through the CNPG instance using it."""
+        host = Path(pv.host_path) if pv.host_path else None
+        location = self.locator.locate_claim(ns, claim, host or Path(), "")
+        if location.server is None:
+            if location.in_use_at:
+                raise VolumeInUse(
+                    f"source claim {ns}/{claim} is used by {location.in_use_at[0]}; "
+                    "only CNPG instances are cloned"
+                )
+            raise FailedPrecondition(
+                f"no running CNPG instance uses source claim {ns}/{claim}; a volume of "
+                "another driver is cloned through its PostgreSQL server, start it"
+            )
+        if host is None:  # a CSI volume of another driver: where kubelet mounted it for the pod
+            mounted = (
+                self.target_root
+                / "pods"
+                / location.pod_uid
+                / "volumes"
+                / "kubernetes.io~csi"
+                / pv.meta.name
+                / "mount"
+            )
+            location = dataclasses.replace(location, host_path=mounted)
+        if not location.node:
+            raise FailedPrecondition(f"cannot tell which node holds source claim {ns}/{claim}")
+        return location
+
+    def _create_pv(self, claim: Claim, record: VolumeRecord) -> None:
+        try:
+            sc = self.kube.get(STORAGECLASSES, self.storage_class)
+        except ApiError as err:
+            raise domain_error(err, f"read StorageClass {self.storage_class}") from None
+        attributes = {
+            CTX_GUID: record.guid,
+            CTX_NODE: record.node,
+            CTX_HOST_PATH: str(self.layout.volume_dir(record.guid)),
+            **record.context,
+            CTX_PV: record.guid,
+        }
+        if record.source_volume_id:
+            attributes[CTX_SOURCE_VOLUME] = record.source_volume_id
+        body: JSON = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {
+                "name": record.guid,
+                "annotations": {
+                    PROVISIONED_BY: self.driver_name,
+                    ANNOTATION_GUID: record.guid,
+                    ANNOTATION_SOURCE_PVC: record.context.get(CTX_SOURCE_PVC, ""),
+                    ANNOTATION_CLAIM: claim.meta.key,
+                },
+            },
+            "spec": {
+                "capacity": {"storage": claim.request or "1"},
+                "accessModes": list(claim.access_modes) or ["ReadWriteOnce"],
+                "volumeMode": claim.volume_mode or "Filesystem",
+                "claimRef": {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "namespace": claim.meta.namespace,
+                    "name": claim.meta.name,
+                    "uid": claim.meta.uid,
+                },
+                "persistentVolumeReclaimPolicy": text(sc, "reclaimPolicy") or "Delete",
+                "storageClassName": self.storage_class,
+                "csi": {
+                    "driver": self.driver_name,
+                    "volumeHandle": record.guid,
+                    "volumeAttributes": attributes,
+                },
+                "nodeAffinity": {
+                    "required": {
+                        "nodeSelectorTerms": [
+                            {
+                                "matchExpressions": [
+                                    {"key": TOPOLOGY_KEY, "operator": "In", "values": [record.node]}
+                                ]
+                            }
+                        ]
+                    }
+                },
+            },
+        }
+        try:
+            self.kube.create(VOLUMES, body)
+        except ApiError as err:
+            if err.status != 409:
+                raise domain_error(err, f"create PersistentVolume {record.guid}") from None
+
+    # -- orphans ----------------------------------------------------------------------------
+
+    def reconcile_record(self, key: str) -> Result:
+        """Delete the record of a claim that went away before its PV was made (a claim deleted,
+        or the controller restarted, mid-provisioning): no orphaned directories."""
+        value = self.records.get(key)
+        if value is None:
+            return DONE
+        record = record_of(value)
+        if not record.name.startswith(REQUEST_PREFIX) or record.phase == Phase.DELETING:
+            return DONE
+        if self.pvs.get(record.guid) is not None:
+            return DONE  # bound: external-provisioner deletes it with the claim
+        claim = self._claim(record.context.get(CTX_CLAIM, ""))
+        if claim is not None and request_name(claim) == record.name:
+            return DONE  # still being provisioned or retried
+        log.info(
+            "removing volume %s: its claim %s is gone", record.guid, record.context.get(CTX_CLAIM)
+        )
+        self.volumes.delete(record.guid)
+        return DONE
+
+    def records_of_claim(self, key: str) -> list[str]:
+        """The records made for claim key (to check when the claim changes or goes)."""
+        return [
+            text(v.get("metadata"), "name")
+            for v in self.records.items()
+            if record_of(v).context.get(CTX_CLAIM) == key
+        ]
+
+    # -- events -----------------------------------------------------------------------------
+
+    def event(self, claim: Claim, kind: str, reason: str, message: str) -> None:
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body: JSON = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{claim.meta.name}.", "namespace": claim.meta.namespace},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "namespace": claim.meta.namespace,
+                "name": claim.meta.name,
+                "uid": claim.meta.uid,
+            },
+            "reason": reason,
+            "message": message[:1000],
+            "type": kind,
+            "source": {"component": CLAIM_LOOP_COMPONENT},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.kube.create(EVENTS, body, claim.meta.namespace)
+        except ApiError as err:
+            log.warning("cannot record event on %s: %s", claim.meta.key, err)
+        log.info(
+            "claim event",
+            extra={"fields": {"claim": claim.meta.key, "reason": reason, "msg": message}},
+        )

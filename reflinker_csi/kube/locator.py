@@ -1,0 +1,136 @@
+"""The Kubernetes SourceLocator: source GUID -> PV -> bound claim -> the CNPG pod using it ->
+the secrets to reach its server. PVs come from the informer's cache; pods and secrets are read
+when a clone needs them (once per attempt)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+
+from ..core.errors import FailedPrecondition, SourceUnavailable
+from ..core.keys import CNPG_CLUSTER_LABEL, CTX_SOURCE_POD, CTX_SOURCE_PVC
+from ..core.layout import Layout
+from ..core.locator import SourceLocation, SourceServer
+from ..core.records import VolumeRecord
+from .api import PODS, SECRETS, ApiError, Kube, domain_error
+from .model import PersistentVolume, Pod, obj, text
+from .runtime import Informer
+
+
+class KubeSourceLocator:
+    def __init__(self, kube: Kube, volumes: Informer, layout: Layout, driver_name: str) -> None:
+        self.kube = kube
+        self.volumes = volumes
+        self.layout = layout
+        self.driver_name = driver_name
+
+    def volume_of(self, guid: str) -> PersistentVolume | None:
+        for value in self.volumes.items():
+            pv = PersistentVolume.of(value)
+            if pv.driver == self.driver_name and pv.handle == guid:
+                return pv
+        return None
+
+    def locate(self, source: VolumeRecord) -> SourceLocation:
+        host_path = self.layout.volume_dir(source.guid)
+        pv = self.volume_of(source.guid)
+        if pv is None or pv.claim is None:
+            return SourceLocation(node=source.node, host_path=host_path)
+        return self.locate_claim(pv.claim.namespace, pv.claim.name, host_path, source.node)
+
+    def instance_using(self, ns: str, claim: str) -> tuple[Pod, str] | None:
+        """The live pod that mounts claim, and the name of its volume for it."""
+        try:
+            items, _ = self.kube.list(PODS, ns)
+        except ApiError as err:
+            raise domain_error(err, f"list pods in namespace {ns}") from None
+        for pod in map(Pod.of, items):
+            if pod.finished:
+                continue
+            for volume, claim_name in pod.claims:
+                if claim_name == claim:
+                    return pod, volume
+        return None
+
+    def locate_claim(
+        self, ns: str, claim: str, host_path: Path, default_node: str
+    ) -> SourceLocation:
+        """Where the volume of claim ns/claim is used, and how to reach its server."""
+        context = {CTX_SOURCE_PVC: f"{ns}/{claim}"}
+        user = self.instance_using(ns, claim)
+        if user is None:
+            return SourceLocation(node=default_node, host_path=host_path, context=context)
+        pod, volume_name = user
+        where = f"pod {ns}/{pod.meta.name}"
+        context[CTX_SOURCE_POD] = f"{ns}/{pod.meta.name}"
+        cluster = pod.meta.labels.get(CNPG_CLUSTER_LABEL)
+        if not cluster:
+            return SourceLocation(
+                node=default_node,
+                host_path=host_path,
+                in_use_at=(f"{where}, which is not a CNPG instance",),
+                context=context,
+            )
+        if pod.phase != "Running" or not pod.ready or not pod.ip:
+            raise SourceUnavailable(
+                f"source {where} (CNPG cluster {cluster}) is not Running and Ready "
+                f"(phase {pod.phase or 'unknown'}); the clone is retried once it is"
+            )
+        mount_path, port = self._mount_and_port(pod, volume_name)
+        server = SourceServer(
+            pod_ip=pod.ip,
+            cluster=cluster,
+            namespace=ns,
+            port=port,
+            pod=pod.meta.name,
+            ca_cert=self._secret_key(ns, f"{cluster}-ca", "ca.crt"),
+            client_cert=self._secret_key(ns, f"{cluster}-replication", "tls.crt"),
+            client_key=self._secret_key(ns, f"{cluster}-replication", "tls.key"),
+        )
+        return SourceLocation(
+            node=pod.node_name or default_node,
+            host_path=host_path,
+            in_use_at=(where,),
+            server=server,
+            mount_path=mount_path,
+            pod_uid=pod.meta.uid,
+            context=context,
+        )
+
+    @staticmethod
+    def _mount_and_port(pod: Pod, volume_name: str) -> tuple[str, int]:
+        # CNPG's own container first.
+        containers = [c for c in pod.containers if c.name == "postgres"] + [
+            c for c in pod.containers if c.name != "postgres"
+        ]
+        mount_path, port = "", 5432
+        for container in containers:
+            for name, path in container.mounts:
+                if name == volume_name and not mount_path:
+                    mount_path = path.rstrip("/") or "/"
+                    port = next((p for n, p in container.ports if n == "postgresql" and p), port)
+        if not mount_path:
+            raise FailedPrecondition(
+                f"pod {pod.meta.namespace}/{pod.meta.name} does not mount volume "
+                f"{volume_name} in any container"
+            )
+        return mount_path, port
+
+    def _secret_key(self, ns: str, name: str, key: str) -> bytes:
+        try:
+            secret = self.kube.get(SECRETS, name, ns)
+        except ApiError as err:
+            raise domain_error(err, f"read secret {ns}/{name}") from None
+        if secret is None:
+            raise FailedPrecondition(
+                f"secret {ns}/{name} is missing; CNPG creates it for the source cluster"
+            )
+        value = text(obj(secret, "data"), key)
+        try:
+            decoded = base64.b64decode(value, validate=True) if value else b""
+        except (binascii.Error, ValueError):
+            decoded = b""
+        if not decoded:
+            raise FailedPrecondition(f"secret {ns}/{name} has no usable key {key}")
+        return decoded

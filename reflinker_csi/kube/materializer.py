@@ -1,0 +1,171 @@
+"""Controller side of Kubernetes mode: the hot clone through the source's server, then the
+node agent makes the volume; CreateVolume waits by watching the record. Placement and capacity
+come from what each node plugin reports on its Node."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import UTC, datetime
+
+from ..core.errors import FailedPrecondition, OperationInProgress, SourceUnavailable, from_code
+from ..core.keys import (
+    ANNOTATION_FREE_BYTES,
+    ANNOTATION_REPORTED_AT,
+    CTX_SOURCE_PVC,
+    TOPOLOGY_KEY,
+)
+from ..core.layout import Layout
+from ..core.locator import SourceLocation
+from ..core.records import CloneMode, Phase, VolumeRecord
+from ..core.volumes import Origin
+from ..pg.source import hot_clone
+from .model import CSINode, Meta, parse_time
+from .registry import KubeRegistry
+from .runtime import Informer
+
+log = logging.getLogger(__name__)
+
+# A node whose plugin has not reported for this long is not offered for new empty volumes.
+REPORT_STALE_SECONDS = 300.0
+
+
+def host_path_of(returned: str, location: SourceLocation, layout: Layout, label: str) -> str:
+    """Map the directory reflink_snapshot() returned (as the server sees it) to the node."""
+    own = layout.volume_dir(label)
+    if os.path.normpath(returned) == str(own):
+        return str(own)
+    mount = location.mount_path.rstrip("/")
+    normal = os.path.normpath(returned)
+    if mount and normal.startswith(mount + "/") and ".." not in returned.split("/"):
+        inside = normal[len(mount) + 1 :]
+        host = location.host_path / inside
+        if host.name == label:
+            return str(host)
+    raise FailedPrecondition(
+        f"reflink_snapshot() returned {returned!r}, which is neither {own} nor a {label} "
+        f"directory inside the source volume (mounted at {location.mount_path or '?'}); "
+        "check pg_reflinker.hostpath_prefix on the source server"
+    )
+
+
+class NodeReports:
+    """Which nodes run the node plugin (CSINode) and how much free space each reported."""
+
+    def __init__(self, csinodes: Informer, nodes: Informer, driver_name: str) -> None:
+        self.csinodes = csinodes
+        self.nodes = nodes
+        self.driver_name = driver_name
+
+    def free(self) -> dict[str, int]:
+        """node -> free bytes, for nodes with a registered plugin and a fresh report."""
+        running = {
+            c.name
+            for c in map(CSINode.of, self.csinodes.items())
+            if TOPOLOGY_KEY in c.topology_keys.get(self.driver_name, ())
+        }
+        now = datetime.now(UTC)
+        report: dict[str, int] = {}
+        for value in self.nodes.items():
+            meta = Meta.of(value)
+            raw = meta.annotations.get(ANNOTATION_FREE_BYTES, "")
+            at = parse_time(meta.annotations.get(ANNOTATION_REPORTED_AT, ""))
+            if meta.name not in running or not raw.isdigit() or at is None:
+                continue
+            if (now - at).total_seconds() > REPORT_STALE_SECONDS:
+                continue
+            report[meta.name] = int(raw)
+        return report
+
+
+class KubeMaterializer:
+    """Reserve -> (hot clone) -> wait for the node agent to report Ready."""
+
+    def __init__(
+        self,
+        registry: KubeRegistry,
+        reports: NodeReports,
+        layout: Layout,
+        connect_timeout: float,
+        statement_timeout: float,
+    ) -> None:
+        self.registry = registry
+        self.reports = reports
+        self.layout = layout
+        self.connect_timeout = connect_timeout
+        self.statement_timeout = statement_timeout
+
+    def placeable_nodes(self, required_bytes: int) -> list[str]:
+        free = self.reports.free()
+        fitting = [n for n, b in free.items() if b >= required_bytes]
+        fitting.sort()
+        fitting.sort(key=free.__getitem__, reverse=True)  # most free first, then by name
+        return fitting
+
+    def free_bytes(self, node: str | None) -> int:
+        free = self.reports.free()
+        if node is None:
+            return max(free.values(), default=0)
+        return free.get(node, 0)
+
+    def materialize(
+        self, record: VolumeRecord, origin: Origin | None, timeout: float
+    ) -> VolumeRecord:
+        deadline = time.monotonic() + max(1.0, timeout - 1.0)
+        current = self.registry.get_by_name(record.name, record.kind) or record
+        location = origin.location if origin else None
+        if current.phase == Phase.READY:
+            return current
+        if location is not None and location.server is not None and not current.hot_clone_dir:
+            budget = min(self.statement_timeout, max(1.0, deadline - time.monotonic()))
+            result = hot_clone(location.server, record.guid, self.connect_timeout, budget)
+            path = host_path_of(result.directory, location, self.layout, record.guid)
+            self.registry.set_hot_clone_dir(record, path)
+            log.info(
+                "hot clone taken",
+                extra={
+                    "fields": {
+                        "guid": record.guid,
+                        "source": location.context.get(CTX_SOURCE_PVC, record.source_volume_id),
+                        "s": round(result.seconds, 3),
+                    }
+                },
+            )
+        elif record.clone_mode == CloneMode.HOT and not current.hot_clone_dir:
+            raise SourceUnavailable(
+                f"volume {record.guid} is a hot clone of "
+                f"{record.context.get(CTX_SOURCE_PVC) or record.source_volume_id or 'a claim'}, "
+                "but no running CNPG instance uses the source now; retried until one does"
+            )
+        if current.phase == Phase.FAILED:
+            self.registry.set_phase(record, Phase.PENDING)  # a new attempt for the node agent
+            # Wait for our own write, so the old Failed is not read as this attempt's answer.
+            self.registry.informer.wait_until(
+                lambda: self._not_failed(record), time.monotonic() + 5.0
+            )
+        settled = self.registry.wait_settled(record, deadline)
+        if settled is None or settled.phase == Phase.DELETING:
+            raise OperationInProgress(f"volume {record.guid} is being deleted; retry later")
+        if settled.phase == Phase.READY:
+            return settled
+        if settled.phase == Phase.FAILED:
+            raise from_code(
+                settled.code,
+                f"node {record.node} could not create volume {record.guid}: {settled.message}",
+            )
+        raise OperationInProgress(
+            f"volume {record.guid} is not ready yet: waiting for the pg-reflinker node plugin on "
+            f"node {record.node}; the request is retried"
+        )
+
+    def _not_failed(self, record: VolumeRecord) -> bool | None:
+        current = self.registry.get_by_name(record.name, record.kind)
+        return True if current is None or current.phase != Phase.FAILED else None
+
+    def publishers(self, record: VolumeRecord) -> list[str]:
+        # Kubernetes keeps a claim in use from being released; the node agent re-checks mounts.
+        return []
+
+    def dematerialize(self, record: VolumeRecord) -> None:
+        self.registry.remove(record.guid)

@@ -1,0 +1,363 @@
+"""Typed views of the Kubernetes objects pg-reflinker reads, and the ReflinkVolume record.
+
+Objects arrive as JSON (api.py) and are parsed here, once, into frozen dataclasses with the
+fields the driver uses; a field that is missing or of the wrong type reads as empty, so a
+hostile or half-written object cannot crash a loop. Writing goes the other way: to_body()."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import TypeVar, cast
+
+from ..core.keys import CTX_CLAIM, CTX_SOURCE_PVC, FINALIZER, LABEL_GUID, LABEL_NODE
+from ..core.records import CloneMode, Kind, Phase, VolumeRecord
+from .api import JSON, REFLINKVOLUMES
+
+E = TypeVar("E", Kind, CloneMode, Phase)
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+# -- typed access to JSON -----------------------------------------------------------------------
+
+
+def obj(value: object, key: str) -> JSON:
+    inner = value.get(key) if isinstance(value, dict) else None
+    return cast(JSON, inner) if isinstance(inner, dict) else {}
+
+
+def objs(value: object, key: str) -> list[JSON]:
+    inner = value.get(key) if isinstance(value, dict) else None
+    return [cast(JSON, i) for i in inner if isinstance(i, dict)] if isinstance(inner, list) else []
+
+
+def text(value: object, key: str) -> str:
+    inner = value.get(key) if isinstance(value, dict) else None
+    return inner if isinstance(inner, str) else ""
+
+
+def number(value: object, key: str) -> int:
+    inner = value.get(key) if isinstance(value, dict) else None
+    if isinstance(inner, bool):
+        return 0
+    if isinstance(inner, int):
+        return inner
+    if isinstance(inner, str) and inner.isdigit():
+        return int(inner)
+    return 0
+
+
+def strings(value: object, key: str) -> dict[str, str]:
+    inner = obj(value, key)
+    return {k: v for k, v in inner.items() if isinstance(v, str)}
+
+
+def texts(value: object, key: str) -> tuple[str, ...]:
+    inner = value.get(key) if isinstance(value, dict) else None
+    return tuple(i for i in inner if isinstance(i, str)) if isinstance(inner, list) else ()
+
+
+_SUFFIXES = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "": 1,
+}  # fmt: skip
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|)$")
+
+
+def quantity_bytes(quantity: str) -> int:
+    """Bytes of a resource quantity such as 1Gi or 500M; 0 when it is not one we read."""
+    found = _QUANTITY.match(quantity.strip())
+    if found is None:
+        return 0
+    return int(Decimal(found.group(1)) * _SUFFIXES[found.group(2)])
+
+
+def key_of(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}" if namespace else name
+
+
+# -- metadata -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Meta:
+    name: str
+    namespace: str = ""
+    uid: str = ""
+    resource_version: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    finalizers: tuple[str, ...] = ()
+    deleting: bool = False
+    created: str = ""
+
+    @property
+    def key(self) -> str:
+        return key_of(self.namespace, self.name)
+
+    @classmethod
+    def of(cls, value: JSON) -> Meta:
+        m = obj(value, "metadata")
+        return cls(
+            name=text(m, "name"),
+            namespace=text(m, "namespace"),
+            uid=text(m, "uid"),
+            resource_version=text(m, "resourceVersion"),
+            labels=strings(m, "labels"),
+            annotations=strings(m, "annotations"),
+            finalizers=texts(m, "finalizers"),
+            deleting=bool(text(m, "deletionTimestamp")),
+            created=text(m, "creationTimestamp"),
+        )
+
+
+# -- core objects -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Container:
+    name: str
+    mounts: tuple[tuple[str, str], ...]  # (volume name, mount path)
+    ports: tuple[tuple[str, int], ...]  # (port name, container port)
+
+
+@dataclass(frozen=True)
+class Pod:
+    meta: Meta
+    node_name: str
+    phase: str
+    ready: bool
+    ip: str
+    claims: tuple[tuple[str, str], ...]  # (volume name, claim name)
+    containers: tuple[Container, ...]
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in ("Succeeded", "Failed") or self.meta.deleting
+
+    @classmethod
+    def of(cls, value: JSON) -> Pod:
+        spec, status = obj(value, "spec"), obj(value, "status")
+        return cls(
+            meta=Meta.of(value),
+            node_name=text(spec, "nodeName"),
+            phase=text(status, "phase"),
+            ready=any(
+                text(c, "type") == "Ready" and text(c, "status") == "True"
+                for c in objs(status, "conditions")
+            ),
+            ip=text(status, "podIP"),
+            claims=tuple(
+                (text(v, "name"), text(obj(v, "persistentVolumeClaim"), "claimName"))
+                for v in objs(spec, "volumes")
+                if text(obj(v, "persistentVolumeClaim"), "claimName")
+            ),
+            containers=tuple(
+                Container(
+                    name=text(c, "name"),
+                    mounts=tuple(
+                        (text(m, "name"), text(m, "mountPath")) for m in objs(c, "volumeMounts")
+                    ),
+                    ports=tuple(
+                        (text(p, "name"), number(p, "containerPort")) for p in objs(c, "ports")
+                    ),
+                )
+                for c in objs(spec, "containers")
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A claim's dataSourceRef (or dataSource) naming another claim."""
+
+    name: str
+    namespace: str  # "" when the claim's own namespace is meant
+
+
+@dataclass(frozen=True)
+class Claim:
+    meta: Meta
+    storage_class: str
+    volume_name: str
+    phase: str
+    source: SourceRef | None
+    request: str
+    access_modes: tuple[str, ...]
+    volume_mode: str
+
+    @classmethod
+    def of(cls, value: JSON) -> Claim:
+        spec = obj(value, "spec")
+        ref = obj(spec, "dataSourceRef") or obj(spec, "dataSource")
+        source = None
+        if text(ref, "kind") == "PersistentVolumeClaim" and not text(ref, "apiGroup"):
+            source = SourceRef(text(ref, "name"), text(ref, "namespace"))
+        return cls(
+            meta=Meta.of(value),
+            storage_class=text(spec, "storageClassName"),
+            volume_name=text(spec, "volumeName"),
+            phase=text(obj(value, "status"), "phase"),
+            source=source,
+            request=text(obj(obj(spec, "resources"), "requests"), "storage"),
+            access_modes=texts(spec, "accessModes"),
+            volume_mode=text(spec, "volumeMode"),
+        )
+
+
+@dataclass(frozen=True)
+class ClaimRef:
+    namespace: str
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class PersistentVolume:
+    meta: Meta
+    driver: str
+    handle: str
+    attributes: Mapping[str, str]
+    claim: ClaimRef | None
+    host_path: str  # hostPath or local path, when the volume is one
+
+    @classmethod
+    def of(cls, value: JSON) -> PersistentVolume:
+        spec = obj(value, "spec")
+        csi, ref = obj(spec, "csi"), obj(spec, "claimRef")
+        return cls(
+            meta=Meta.of(value),
+            driver=text(csi, "driver"),
+            handle=text(csi, "volumeHandle"),
+            attributes=strings(csi, "volumeAttributes"),
+            claim=(
+                ClaimRef(text(ref, "namespace"), text(ref, "name"), text(ref, "uid"))
+                if text(ref, "name")
+                else None
+            ),
+            host_path=text(obj(spec, "hostPath"), "path") or text(obj(spec, "local"), "path"),
+        )
+
+
+@dataclass(frozen=True)
+class CSINode:
+    name: str
+    topology_keys: Mapping[str, tuple[str, ...]]  # driver name -> its topology keys
+
+    @classmethod
+    def of(cls, value: JSON) -> CSINode:
+        return cls(
+            name=Meta.of(value).name,
+            topology_keys={
+                text(d, "name"): texts(d, "topologyKeys")
+                for d in objs(obj(value, "spec"), "drivers")
+            },
+        )
+
+
+@dataclass(frozen=True)
+class Lease:
+    holder: str
+    renewed: datetime | None
+    duration: int
+    resource_version: str
+
+    @classmethod
+    def of(cls, value: JSON) -> Lease:
+        spec = obj(value, "spec")
+        renewed = text(spec, "renewTime")
+        return cls(
+            holder=text(spec, "holderIdentity"),
+            renewed=parse_time(renewed) if renewed else None,
+            duration=number(spec, "leaseDurationSeconds"),
+            resource_version=Meta.of(value).resource_version,
+        )
+
+
+def parse_time(value: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+# -- the ReflinkVolume record -------------------------------------------------------------------
+
+
+def record_name(kind: Kind, request_name: str) -> str:
+    """A stable, valid object name for a CSI request name (the same name on every retry)."""
+    if kind == Kind.VOLUME and _DNS_LABEL.match(request_name):
+        return request_name
+    digest = hashlib.sha256(request_name.encode()).hexdigest()[:40]
+    return f"{'snap' if kind == Kind.SNAPSHOT else 'vol'}-{digest}"
+
+
+def to_body(record: VolumeRecord) -> JSON:
+    """The ReflinkVolume that stores a new record (status is written separately)."""
+    spec: JSON = {
+        "guid": record.guid,
+        "requestName": record.name,
+        "kind": str(record.kind),
+        "nodeName": record.node,
+        "requiredBytes": record.required_bytes,
+        "limitBytes": record.limit_bytes,
+        "parameters": dict(record.parameters),
+        "context": dict(record.context),
+        "sourceVolume": record.source_volume_id,
+        "sourceSnapshot": record.source_snapshot_id,
+        "cloneMode": str(record.clone_mode),
+        "source": record.context.get(CTX_SOURCE_PVC, record.source_volume_id),
+        "claim": record.context.get(CTX_CLAIM, ""),
+    }
+    return {
+        "apiVersion": f"{REFLINKVOLUMES.group}/{REFLINKVOLUMES.version}",
+        "kind": REFLINKVOLUMES.kind,
+        "metadata": {
+            "name": record_name(record.kind, record.name),
+            "labels": {LABEL_GUID: record.guid, LABEL_NODE: record.node},
+            "finalizers": [FINALIZER],
+        },
+        "spec": spec,
+    }
+
+
+def _enum_value(kind: type[E], value: str, default: E) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        return default
+
+
+def record_of(value: JSON) -> VolumeRecord:
+    """The record a ReflinkVolume stores; a deletion in progress reads as Deleting."""
+    spec, status, meta = obj(value, "spec"), obj(value, "status"), Meta.of(value)
+    phase = _enum_value(Phase, text(status, "phase"), Phase.PENDING)
+    if meta.deleting:
+        phase = Phase.DELETING
+    created = parse_time(meta.created) if meta.created else None
+    return VolumeRecord(
+        guid=text(spec, "guid"),
+        name=text(spec, "requestName"),
+        node=text(spec, "nodeName"),
+        required_bytes=number(spec, "requiredBytes"),
+        limit_bytes=number(spec, "limitBytes"),
+        parameters=strings(spec, "parameters"),
+        source_volume_id=text(spec, "sourceVolume"),
+        source_snapshot_id=text(spec, "sourceSnapshot"),
+        kind=_enum_value(Kind, text(spec, "kind"), Kind.VOLUME),
+        clone_mode=_enum_value(CloneMode, text(spec, "cloneMode"), CloneMode.NONE),
+        hot_clone_dir=text(spec, "hotCloneDir"),
+        phase=phase,
+        code=text(status, "code"),
+        message=text(status, "message"),
+        context=strings(spec, "context"),
+        created_at=created.timestamp() if created else 0.0,
+    )
+
+
+def status_body(phase: Phase, code: str = "", message: str = "") -> JSON:
+    return {"status": {"phase": str(phase), "code": code, "message": message[:1000]}}

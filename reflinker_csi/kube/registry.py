@@ -1,0 +1,148 @@
+"""The Kubernetes Registry: one ReflinkVolume per volume or snapshot, read from an informer's
+cache, written through the API.
+
+The controller creates the record (named from the CSI request name, so a retry finds it); the
+node agent on spec.nodeName does the disk work, sets status.phase (with the CSI code of a
+failure), and owns the finalizer."""
+
+from __future__ import annotations
+
+import time
+
+from ..core.errors import classify
+from ..core.keys import FINALIZER
+from ..core.layout import is_guid
+from ..core.records import Kind, Phase, VolumeRecord
+from .api import JSON, REFLINKVOLUMES, ApiError, Kube, domain_error
+from .model import Meta, record_name, record_of, status_body, to_body
+from .runtime import Informer
+
+
+def _guid(record: VolumeRecord) -> str:
+    return record.guid
+
+
+class KubeRegistry:
+    def __init__(self, kube: Kube, informer: Informer) -> None:
+        self.kube = kube
+        self.informer = informer
+
+    # -- reads (cache) -----------------------------------------------------------------------
+
+    def object_of(self, guid: str) -> JSON | None:
+        if not is_guid(guid):
+            return None
+        for value in self.informer.items():
+            if record_of(value).guid == guid:
+                return value
+        return None
+
+    def get(self, guid: str) -> VolumeRecord | None:
+        value = self.object_of(guid)
+        return None if value is None else record_of(value)
+
+    def get_by_name(self, name: str, kind: Kind = Kind.VOLUME) -> VolumeRecord | None:
+        value = self.informer.get(record_name(kind, name))
+        if value is None:
+            return None
+        record = record_of(value)
+        return record if record.name == name and record.kind == kind else None
+
+    def list(self) -> list[VolumeRecord]:
+        return sorted((record_of(v) for v in self.informer.items()), key=_guid)
+
+    def wait_settled(self, record: VolumeRecord, deadline: float) -> VolumeRecord | None:
+        """The record once Ready, Failed or gone/deleting (None); the last state at deadline."""
+        name = record_name(record.kind, record.name)
+        settled = (Phase.READY, Phase.FAILED, Phase.DELETING)
+
+        def probe() -> VolumeRecord | None:
+            value = self.informer.get(name)
+            if value is None:
+                return record.with_phase(Phase.DELETING)
+            current = record_of(value)
+            return current if current.phase in settled else None
+
+        found = self.informer.wait_until(probe, deadline)
+        if found is not None:
+            return found
+        value = self.informer.get(name)
+        return None if value is None else record_of(value)
+
+    # -- writes (API) ------------------------------------------------------------------------
+
+    def reserve(self, record: VolumeRecord) -> tuple[VolumeRecord, bool]:
+        body = to_body(record)
+        name = record_name(record.kind, record.name)
+        try:
+            created = self.kube.create(REFLINKVOLUMES, body)
+            self._settle_cache(created)
+            return record, True
+        except ApiError as err:
+            if err.status != 409:
+                raise domain_error(err, f"create ReflinkVolume {name}") from None
+        try:
+            existing = self.kube.get(REFLINKVOLUMES, name)
+        except ApiError as err:
+            raise domain_error(err, f"read ReflinkVolume {name}") from None
+        if existing is None:  # deleted between the conflict and the read
+            return self.reserve(record)
+        return record_of(existing), False
+
+    def _settle_cache(self, written: JSON) -> None:
+        """Wait (briefly) until the cache has seen a write, so a read right after finds it."""
+        want = Meta.of(written)
+
+        def seen() -> bool | None:
+            value = self.informer.get(want.key)
+            return True if value is not None and Meta.of(value).uid == want.uid else None
+
+        self.informer.wait_until(seen, time.monotonic() + 5.0)
+
+    def update(self, record: VolumeRecord) -> None:
+        if record.phase == Phase.READY:
+            self.set_phase(record, Phase.READY)
+
+    def set_phase(self, record: VolumeRecord, phase: Phase, error: Exception | None = None) -> None:
+        code = message = ""
+        if error is not None:
+            known = classify(error)
+            code, message = (known.code, str(known)) if known else ("INTERNAL", str(error))
+        name = record_name(record.kind, record.name)
+        try:
+            self.kube.merge_patch(
+                REFLINKVOLUMES, name, status_body(phase, code, message), status=True
+            )
+        except ApiError as err:
+            raise domain_error(err, f"update the status of ReflinkVolume {name}") from None
+
+    def set_hot_clone_dir(self, record: VolumeRecord, path: str) -> None:
+        name = record_name(record.kind, record.name)
+        try:
+            self.kube.merge_patch(REFLINKVOLUMES, name, {"spec": {"hotCloneDir": path}})
+        except ApiError as err:
+            raise domain_error(err, f"update ReflinkVolume {name}") from None
+
+    def remove(self, guid: str) -> None:
+        value = self.object_of(guid)
+        if value is None:
+            return
+        name = Meta.of(value).name
+        try:
+            self.kube.delete(REFLINKVOLUMES, name)
+        except ApiError as err:
+            raise domain_error(err, f"delete ReflinkVolume {name}") from None
+
+    def drop_finalizer(self, value: JSON) -> None:
+        meta = Meta.of(value)
+        remaining = [f for f in meta.finalizers if f != FINALIZER]
+        patch: JSON = {
+            "metadata": {"finalizers": remaining, "resourceVersion": meta.resource_version}
+        }
+        try:
+            self.kube.merge_patch(REFLINKVOLUMES, meta.name, patch)
+        except ApiError as err:
+            if err.status not in (404, 409):
+                raise domain_error(
+                    err, f"remove the finalizer of ReflinkVolume {meta.name}"
+                ) from None
