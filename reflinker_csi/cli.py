@@ -19,20 +19,14 @@ from csi import csi_pb2_grpc
 
 from . import __version__, config, logs
 from .core.errors import ReflinkerError
-from .core.keys import LABEL_NODE
 from .core.layout import Layout, new_guid
 from .core.locator import SourceServer
 from .core.volumes import VolumeService
 from .disk.local import LocalDisk
 from .disk.publish import Publisher
 from .kube import api as kube_api
-from .kube.annotator import PvAnnotator
-from .kube.claims import ClaimLoop
-from .kube.locator import KubeSourceLocator
-from .kube.materializer import KubeMaterializer, NodeReports
-from .kube.node_agent import CapacityReporter, NodeAgent
-from .kube.registry import KubeRegistry
-from .kube.runtime import Controller, Informer, LeaderElector, Runner
+from .kube import app
+from .kube.runtime import Runner
 from .pg.source import hot_clone
 from .rpc.controller import ControllerServicer
 from .rpc.identity import IdentityServicer, prefix_usable
@@ -124,63 +118,27 @@ def run_standalone(cfg: config.Config) -> int:
         registry.close()
 
 
+def _settings(cfg: config.Config) -> app.Settings:
+    return app.Settings(
+        driver_name=cfg.driver_name,
+        node_id=cfg.node_id,
+        hostpath_prefix=cfg.hostpath_prefix,
+        target_root=cfg.target_root,
+        storage_class=cfg.storage_class,
+        namespace_path=cfg.namespace_path,
+        pod_namespace=cfg.pod_namespace,
+        workers=cfg.reconcile_workers,
+        pg_connect_timeout=cfg.pg_connect_timeout_seconds,
+        pg_statement_timeout=cfg.pg_statement_timeout_seconds,
+    )
+
+
 def run_controller(cfg: config.Config) -> int:
     """Kubernetes: Identity + Controller beside csi-provisioner; records are ReflinkVolumes;
-    the PV annotator and (on the Lease holder) the claim loop on the reconcile runtime."""
-    kube = kube_api.connect()
-    layout = Layout(cfg.hostpath_prefix)
-    records = Informer(kube, kube_api.REFLINKVOLUMES)
-    pvs = Informer(kube, kube_api.VOLUMES)
-    claims = Informer(kube, kube_api.CLAIMS)
-    csinodes = Informer(kube, kube_api.CSINODES)
-    nodes = Informer(kube, kube_api.NODES)
-    registry = KubeRegistry(kube, records)
-    materializer = KubeMaterializer(
-        registry,
-        NodeReports(csinodes, nodes, cfg.driver_name),
-        layout,
-        cfg.pg_connect_timeout_seconds,
-        cfg.pg_statement_timeout_seconds,
-    )
-    locator = KubeSourceLocator(kube, pvs, layout, cfg.driver_name)
-    volumes = VolumeService(layout, registry, locator, cfg.node_id, materializer)
-    identity = IdentityServicer(cfg.driver_name, lambda: records.synced.is_set(), controller=True)
-    controller = ControllerServicer(volumes, snapshots=False)
-
-    runner = Runner(kube)
-    lease = LeaderElector(
-        kube, cfg.pod_namespace, "pg-reflinker-claim-loop", on_lost=runner.stopping.set
-    )
-    annotator = PvAnnotator(kube, pvs, cfg.driver_name)
-    annotate = Controller("pv-annotator", annotator.reconcile, workers=1)
-    annotate.watch(pvs)
-    loop = ClaimLoop(
-        kube,
-        volumes,
-        claims,
-        pvs,
-        records,
-        locator,
-        layout,
-        cfg.driver_name,
-        cfg.storage_class,
-        cfg.namespace_path,
-        cfg.target_root,
-    )
-    claim_loop = Controller(
-        "claim-loop", loop.reconcile, workers=cfg.reconcile_workers, leader=lease
-    )
-    claim_loop.watch(claims, loop.keys_for_claim)
-    claim_loop.reads(pvs, records)
-    orphans = Controller("orphans", loop.reconcile_record, workers=1, leader=lease)
-    orphans.watch(records)
-    orphans.watch(claims, loop.records_of_claim)
-    orphans.reads(pvs)
-    for informer in (records, pvs, claims, csinodes, nodes):
-        runner.start(informer.name, informer.run)
-    runner.start("lease", lease.run)
-    for each in (annotate, claim_loop, orphans):
-        runner.start(each.name, each.run)
+    the loops of kube/app.py on the reconcile runtime."""
+    started = app.controller(kube_api.connect(), _settings(cfg))
+    identity = IdentityServicer(cfg.driver_name, started.ready, controller=True)
+    controller = ControllerServicer(started.volumes, snapshots=False)
     return _serve(
         cfg,
         "controller",
@@ -188,27 +146,14 @@ def run_controller(cfg: config.Config) -> int:
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
             lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s),
         ],
-        runner,
+        started.runner,
     )
 
 
 def run_node(cfg: config.Config) -> int:
-    """Kubernetes: Identity + Node on each node; the node agent for its ReflinkVolumes; the
-    free-space report on its Node."""
-    kube = kube_api.connect()
+    """Kubernetes: Identity + Node on each node; the node agent and the free-space report."""
     layout = Layout(cfg.hostpath_prefix)
-    layout.state_dir.mkdir(mode=0o700, exist_ok=True)
-    disk = LocalDisk(layout, (cfg.target_root,))
-    disk.sweep()
-    records = Informer(kube, kube_api.REFLINKVOLUMES, selector=f"{LABEL_NODE}={cfg.node_id}")
-    agent = NodeAgent(KubeRegistry(kube, records), disk, cfg.node_id)
-    agent_loop = Controller("node-agent", agent.reconcile, workers=cfg.reconcile_workers)
-    agent_loop.watch(records)
-    reporter = CapacityReporter(kube, disk, cfg.node_id, agent.changed)
-    runner = Runner(kube)
-    runner.start(records.name, records.run)
-    runner.start("node-agent", agent_loop.run)
-    runner.start("capacity", reporter.run)
+    started = app.node(kube_api.connect(), _settings(cfg), LocalDisk(layout, (cfg.target_root,)))
     identity = IdentityServicer(
         cfg.driver_name, prefix_usable(str(layout.prefix)), controller=False
     )
@@ -220,7 +165,7 @@ def run_node(cfg: config.Config) -> int:
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
             lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
         ],
-        runner,
+        started.runner,
     )
 
 

@@ -75,14 +75,36 @@ def domain_error(err: ApiError, what: str) -> ReflinkerError:
     return FailedPrecondition(f"cannot {what}: {err}")
 
 
+class WatchHandle:
+    """Lets another thread end a watch at once (shutdown), and keeps a closed one closed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._response: urllib3.BaseHTTPResponse | None = None
+        self.closed = False
+
+    def attach(self, response: urllib3.BaseHTTPResponse | None) -> bool:
+        with self._lock:
+            self._response = response
+            return not self.closed
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            response, self._response = self._response, None
+        if response is not None:
+            try:
+                response.shutdown()
+            except (AttributeError, OSError):
+                response.close()
+
+
 class Kube:
     """A thread-safe JSON client for the resources above."""
 
     def __init__(self, api_client: client.ApiClient, request_timeout: float = 30.0) -> None:
         self._client = api_client
         self.request_timeout = request_timeout
-        self._watches: set[urllib3.BaseHTTPResponse] = set()
-        self._lock = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -120,7 +142,7 @@ class Kube:
                 message = data[:300].decode(errors="replace")
             raise ApiError(raw.status, raw.reason or "", message)
         if not stream:
-            raw.read()
+            raw.read(cache_content=True)  # .data is the body from here on
         return raw
 
     def request(
@@ -160,10 +182,18 @@ class Kube:
         return objects, str(version or "")
 
     def watch(
-        self, res: Resource, version: str, selector: str = "", timeout_seconds: int = 300
+        self,
+        res: Resource,
+        version: str,
+        selector: str = "",
+        timeout_seconds: int = 300,
+        handle: WatchHandle | None = None,
     ) -> Iterator[tuple[str, JSON]]:
         """Events (type, object) from version on, until the server ends the watch after
-        timeout_seconds or close_watches() is called. A 410 Gone arrives as ApiError(410)."""
+        timeout_seconds or handle.close() is called. A 410 Gone arrives as ApiError(410)."""
+        handle = handle or WatchHandle()
+        if handle.closed:
+            return
         query = {
             "watch": "true",
             "resourceVersion": version,
@@ -173,8 +203,9 @@ class Kube:
         if selector:
             query["labelSelector"] = selector
         response = self._send("GET", res.path(), query, stream=True, timeout=timeout_seconds + 30.0)
-        with self._lock:
-            self._watches.add(response)
+        if not handle.attach(response):
+            response.release_conn()
+            return
         buffer = b""
         try:
             for chunk in response.stream(amt=None, decode_content=True):
@@ -195,25 +226,13 @@ class Kube:
                         )
                     yield kind, cast(JSON, obj)
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as err:
-            with self._lock:
-                closing = response not in self._watches
-            if not closing:
+            if not handle.closed:
                 raise ApiError(0, "WatchBroken", str(err)) from None
         finally:
-            with self._lock:
-                self._watches.discard(response)
-            response.release_conn()
-
-    def close_watches(self) -> None:
-        """End every open watch now (shutdown)."""
-        with self._lock:
-            open_ones = list(self._watches)
-            self._watches.clear()
-        for response in open_ones:
-            try:
-                response.shutdown()
-            except (AttributeError, OSError):
-                response.close()
+            handle.attach(None)
+            # Close the connection: the server ends the watch (a half-read one must not go
+            # back to the pool).
+            response.close()
 
     def create(self, res: Resource, body: JSON, namespace: str = "") -> JSON:
         return self.request("POST", res.path(namespace), body=body)

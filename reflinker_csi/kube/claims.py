@@ -79,8 +79,10 @@ class ClaimLoop:
         storage_class: str,
         namespace_path: tuple[str, ...],
         target_root: Path,
+        wait_seconds: float = WAIT_SECONDS,
     ) -> None:
         self.kube = kube
+        self.wait_seconds = wait_seconds
         self.volumes = volumes
         self.claims = claims
         self.pvs = persistent_volumes
@@ -203,7 +205,7 @@ class ClaimLoop:
                 CTX_SOURCE_PVC: f"{source_ns}/{source.meta.name}",
             },
         )
-        record = self.volumes.create(spec, WAIT_SECONDS)
+        record = self.volumes.create(spec, self.wait_seconds)
         self._create_pv(claim, record)
         return record
 
@@ -322,8 +324,8 @@ class ClaimLoop:
     # -- orphans ----------------------------------------------------------------------------
 
     def reconcile_record(self, key: str) -> Result:
-        """Delete the record of a claim that went away before its PV was made (a claim deleted,
-        or the controller restarted, mid-provisioning): no orphaned directories."""
+        """Delete the record of a claim that went away (or is going) before its PV was made (a
+        claim deleted, or the controller restarted, mid-provisioning): no orphaned directories."""
         value = self.records.get(key)
         if value is None:
             return DONE
@@ -333,12 +335,14 @@ class ClaimLoop:
         if self.pvs.get(record.guid) is not None:
             return DONE  # bound: external-provisioner deletes it with the claim
         claim = self._claim(record.context.get(CTX_CLAIM, ""))
-        if claim is not None and request_name(claim) == record.name:
+        if claim is not None and not claim.meta.deleting and request_name(claim) == record.name:
             return DONE  # still being provisioned or retried
         log.info(
             "removing volume %s: its claim %s is gone", record.guid, record.context.get(CTX_CLAIM)
         )
-        self.volumes.delete(record.guid)
+        # The record goes at once (a clone still waiting for it sees Deleting and stops); the
+        # node agent removes the directory and then the finalizer.
+        self.volumes.registry.remove(record.guid)
         return DONE
 
     def records_of_claim(self, key: str) -> list[str]:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from .api import JSON, LEASES, ApiError, Kube, Resource
+from ..core.errors import ReflinkerError
+from .api import JSON, LEASES, ApiError, Kube, Resource, WatchHandle
 from .model import Lease, Meta
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,11 @@ class Informer:
         self._cache: dict[str, JSON] = {}
         self._changed = threading.Condition()
         self._handlers: list[Handler] = []
+        self._watch = WatchHandle()
+
+    def close(self) -> None:
+        """End the current watch now; run() returns once its stop event is set."""
+        self._watch.close()
 
     @property
     def name(self) -> str:
@@ -127,7 +133,7 @@ class Informer:
                 if not version:
                     version = self._relist()
                 for kind, value in self.kube.watch(
-                    self.resource, version, self.selector, self.watch_seconds
+                    self.resource, version, self.selector, self.watch_seconds, self._watch
                 ):
                     version = Meta.of(value).resource_version or version
                     if kind != "BOOKMARK":
@@ -279,11 +285,16 @@ class Controller:
                 self._failures.pop(key, None)
                 if result is not None:
                     self.queue.add(key, after=result.after)
-            except Exception:
+            except Exception as err:
                 count = self._failures.get(key, 0) + 1
                 self._failures[key] = count
                 delay = min(self.max_backoff, 0.5 * 2.0**count) * random.uniform(0.9, 1.1)
-                log.exception("%s: reconciling %s failed; again in %.1f s", self.name, key, delay)
+                if isinstance(err, ReflinkerError):
+                    log.warning("%s: %s: %s; again in %.1f s", self.name, key, err, delay)
+                else:
+                    log.exception(
+                        "%s: reconciling %s failed; again in %.1f s", self.name, key, delay
+                    )
                 self.queue.add(key, after=delay)
             finally:
                 self.queue.done(key)
@@ -330,6 +341,7 @@ class LeaderElector:
         self.identity = f"{socket.gethostname()}-{os.getpid()}"
         self.leading = threading.Event()
         self.on_lost = on_lost
+        self._acquired = datetime.now(UTC)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -363,6 +375,7 @@ class LeaderElector:
         now = datetime.now(UTC)
         value = self.kube.get(LEASES, self.name, self.namespace)
         if value is None:
+            self._acquired = now
             try:
                 self.kube.create(
                     LEASES,
@@ -385,9 +398,8 @@ class LeaderElector:
         )
         if lease.holder not in (self.identity, "") and not expired:
             return False
-        acquired = now
-        if lease.holder == self.identity:
-            acquired = datetime.now(UTC) if not self.leading.is_set() else acquired
+        if lease.holder != self.identity or not self.leading.is_set():
+            self._acquired = now
         body: JSON = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
@@ -396,7 +408,7 @@ class LeaderElector:
                 "namespace": self.namespace,
                 "resourceVersion": lease.resource_version,  # a concurrent writer gets 409
             },
-            "spec": self._spec(acquired, now, self.identity, self.duration),
+            "spec": self._spec(self._acquired, now, self.identity, self.duration),
         }
         try:
             self.kube.replace(LEASES, self.name, body, self.namespace)
@@ -439,12 +451,21 @@ class LeaderElector:
 class Runner:
     """Starts loops (callables taking a stop event) in threads; stop() ends and joins them."""
 
-    def __init__(self, kube: Kube | None = None) -> None:
-        self.kube = kube
+    def __init__(self) -> None:
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._closers: list[Callable[[], None]] = []
 
-    def start(self, name: str, loop: Callable[[threading.Event], None]) -> None:
+    def start(
+        self,
+        name: str,
+        loop: Callable[[threading.Event], None],
+        close: Callable[[], None] | None = None,
+    ) -> None:
+        """Run loop(stop) in a thread; close() (if given) interrupts it when stopping."""
+        if close is not None:
+            self._closers.append(close)
+
         def body() -> None:
             try:
                 loop(self.stopping)
@@ -459,8 +480,8 @@ class Runner:
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop every loop and wait for it; True when all ended in time."""
         self.stopping.set()
-        if self.kube is not None:
-            self.kube.close_watches()
+        for close in self._closers:
+            close()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))

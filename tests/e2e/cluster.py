@@ -115,6 +115,8 @@ class ControlPlane:
         )
         self.admin_kubeconfig = self.kubeconfig("admin", ADMIN_TOKEN)
         self._wait_ready()
+        if not self.controllers:
+            return  # API server and etcd only (the reconciler tests)
         self._spawn(
             "kube-controller-manager",
             [
@@ -205,14 +207,15 @@ class ControlPlane:
         return self.kubeconfig(f"{namespace}-{name}", token.status.token)
 
     def stop(self) -> None:
+        # One at a time, newest first: kube-apiserver shuts down cleanly only while etcd runs.
         for _, proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.terminate()
-        for _, proc in reversed(self.processes):
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
 
 
 def load_manifests(path: Path) -> list[dict[str, Any]]:

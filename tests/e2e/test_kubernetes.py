@@ -4,7 +4,6 @@ account), our node plugin, ReflinkVolume records, and a running PostgreSQL sourc
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 from kubernetes import client
@@ -64,7 +63,20 @@ def test_node_agent_restart_converges(cluster: Cluster) -> None:
     cluster.stop_process("node")
     try:
         cluster.pvc("while-node-down")
-        time.sleep(2)
+        # The controller has made the record; with no node agent it stays Pending.
+        [record] = wait_for(
+            "the record of the claim",
+            lambda: [
+                r
+                for r in cluster.custom.list_cluster_custom_object(
+                    REFLINKVOLUMES.group, REFLINKVOLUMES.version, REFLINKVOLUMES.plural
+                )["items"]
+                if r["spec"].get("context", {}).get("pg-reflinker.csi/claim")
+                == f"{NS}/while-node-down"
+            ],
+            30,
+        )
+        assert (record.get("status") or {}).get("phase", "Pending") == "Pending"
         pvc = cluster.core.read_namespaced_persistent_volume_claim("while-node-down", NS)
         assert pvc.status.phase == "Pending"
     finally:

@@ -1,0 +1,155 @@
+"""Reconciler tests: the Kubernetes-mode loops in-process against a real kube-apiserver and etcd
+(no kubelet, no root, no loop devices), as TopoLVM's envtest tests do. `make unit` runs them."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import urllib3
+import yaml
+
+from reflinker_csi import DRIVER_NAME, TOPOLOGY_KEY
+from reflinker_csi.core.keys import ANNOTATION_FREE_BYTES, ANNOTATION_REPORTED_AT
+from reflinker_csi.core.layout import Layout
+from reflinker_csi.disk.local import LocalDisk
+from reflinker_csi.kube import app
+from reflinker_csi.kube.api import CSINODES, JSON, NODES, Kube, Resource
+from tests.e2e.cluster import ControlPlane
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False)
+CRDS = Resource(
+    "apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False
+)
+T = TypeVar("T")
+
+
+def tools_dir() -> Path:
+    path = os.environ.get("K8S_TOOLS", "")
+    if not path or not (Path(path) / "kube-apiserver").exists():
+        pytest.skip("K8S_TOOLS is not set: run through `make unit` or `make test`")
+    return Path(path)
+
+
+def eventually(what: str, probe: Callable[[], T | None], timeout: float = 20.0) -> T:
+    """probe() until it returns something truthy; fail naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = probe()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def plane() -> Iterator[ControlPlane]:
+    urllib3.disable_warnings()
+    with tempfile.TemporaryDirectory(prefix="pg-reflinker-unit.") as work:
+        control = ControlPlane(tools_dir(), Path(work), controllers="")
+        try:
+            control.start()
+            yield control
+        finally:
+            control.stop()
+
+
+@pytest.fixture(scope="session")
+def admin(plane: ControlPlane) -> Kube:
+    kube = Kube(plane.api_client())
+    crd = yaml.safe_load((ROOT / "deploy" / "crd-reflinkvolume.yaml").read_text())
+    kube.create(CRDS, crd)
+
+    def established() -> bool:
+        value = kube.get(CRDS, crd["metadata"]["name"]) or {}
+        conditions = (value.get("status") or {}).get("conditions") or []  # type: ignore[union-attr]
+        return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+    eventually("the ReflinkVolume CRD", established)
+    return kube
+
+
+_counter = iter(range(1, 10_000))
+
+
+@pytest.fixture
+def namespace(admin: Kube) -> str:
+    name = f"t{next(_counter)}"
+    admin.create(NAMESPACES, {"metadata": {"name": name}})
+    return name
+
+
+def add_node(
+    kube: Kube, name: str, free: int | None, plugin: bool = True, stale: bool = False
+) -> None:
+    """A Node as a kubelet registers it, the CSINode the registrar fills, and the free-space
+    report the node plugin writes (free None: no report)."""
+    annotations: dict[str, str] = {}
+    if free is not None:
+        at = datetime(2020, 1, 1, tzinfo=UTC) if stale else datetime.now(UTC)
+        annotations = {
+            ANNOTATION_FREE_BYTES: str(free),
+            ANNOTATION_REPORTED_AT: at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    kube.create(NODES, {"metadata": {"name": name, "annotations": annotations}})
+    drivers: list[JSON] = (
+        [{"name": DRIVER_NAME, "nodeID": name, "topologyKeys": [TOPOLOGY_KEY]}] if plugin else []
+    )
+    kube.create(CSINODES, {"metadata": {"name": name}, "spec": {"drivers": drivers}})
+
+
+@dataclass
+class Mode:
+    controller: app.ControllerApp
+    prefix: Path
+    node: str
+    nodes: list[str]
+
+
+@pytest.fixture
+def mode(
+    admin: Kube, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Mode]:
+    """A controller and the node plugin of node `<namespace>-a` (in-process; the disk type is
+    the test's parameter), with the claim loop waiting up to 30 s for a node agent and looking
+    for sources in namespace `<namespace>-src` too (NAMESPACE_PATH)."""
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    node = f"{namespace}-a"
+    settings = app.Settings(
+        driver_name=DRIVER_NAME,
+        node_id=node,
+        hostpath_prefix=prefix,
+        target_root=tmp_path / "kubelet",
+        storage_class="pg-reflinker",
+        namespace_path=(f"{namespace}-src",),
+        pod_namespace=namespace,
+        report_period=5.0,
+        claim_wait_seconds=30.0,
+    )
+    add_node(admin, node, None)
+    disk_type = getattr(request, "param", LocalDisk)
+    agent = app.node(admin, settings, disk_type(Layout(prefix)))
+    controller = app.controller(admin, settings)
+    nodes = [node]
+    try:
+        eventually(
+            "the controller to see the node plugin's report",
+            lambda: controller.volumes.free_bytes(node),
+        )
+        yield Mode(controller, prefix, node, nodes)
+    finally:
+        controller.runner.stop(10)
+        agent.runner.stop(10)
+        for name in nodes:
+            admin.delete(NODES, name)
+            admin.delete(CSINODES, name)

@@ -1,0 +1,99 @@
+"""Kubernetes mode's create path in-process: VolumeService on ReflinkVolumes, the node agent,
+placement and capacity from the nodes' reports. A real API server; the disk is a temporary
+directory (empty volumes need no reflinks)."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+
+import pytest
+
+from reflinker_csi import TOPOLOGY_KEY
+from reflinker_csi.core import errors
+from reflinker_csi.core.keys import ANNOTATION_FREE_BYTES
+from reflinker_csi.core.records import Phase, VolumeRecord
+from reflinker_csi.core.volumes import CreateSpec
+from reflinker_csi.disk.local import LocalDisk
+from reflinker_csi.kube.api import NODES, REFLINKVOLUMES, Kube
+from reflinker_csi.kube.model import Meta, record_of
+from tests.kube.conftest import Mode, add_node, eventually
+
+GiB = 1 << 30
+
+
+class FullDisk(LocalDisk):
+    """Stand-in for a full filesystem: producing ENOSPC for real needs a loop filesystem and
+    root, which these tests do without (tests/test_controller.py fills a real one)."""
+
+    def make_empty(self, record: VolumeRecord) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.data_dir(record)))
+
+
+def reported(admin: Kube, node: str) -> int:
+    value = admin.get(NODES, node) or {}
+    raw = Meta.of(value).annotations.get(ANNOTATION_FREE_BYTES, "")
+    return int(raw) if raw.isdigit() else 0
+
+
+def test_empty_volume_goes_to_the_node_with_room_and_create_waits_for_its_agent(
+    admin: Kube, mode: Mode
+) -> None:
+    free = reported(admin, mode.node)
+    # Nodes that cannot take it: too little room, no node plugin, a report from long ago.
+    for name, room, plugin, stale in (
+        (f"{mode.node}-small", 1, True, False),
+        (f"{mode.node}-noplugin", free * 10, False, False),
+        (f"{mode.node}-stale", free * 10, True, True),
+    ):
+        add_node(admin, name, room, plugin, stale)
+        mode.nodes.append(name)
+    volumes = mode.controller.volumes
+    eventually("the controller to see the nodes", lambda: volumes.free_bytes(f"{mode.node}-small"))
+    record = volumes.create(CreateSpec(name="pvc-room", required_bytes=GiB), timeout=30)
+    assert record.node == mode.node and record.phase == Phase.READY
+    assert (mode.prefix / record.guid).is_dir()
+    # GetCapacity answers per node from the reports; never from the controller's own disk.
+    measured = shutil.disk_usage(mode.prefix).free
+    assert abs(volumes.free_bytes(mode.node) - measured) < measured / 10
+    assert volumes.free_bytes(f"{mode.node}-small") == 1
+    assert volumes.free_bytes(f"{mode.node}-noplugin") == 0
+    assert volumes.free_bytes(f"{mode.node}-stale") == 0
+
+
+def test_no_node_with_room_is_resource_exhausted(admin: Kube, mode: Mode) -> None:
+    free = reported(admin, mode.node)
+    with pytest.raises(errors.ResourceExhausted) as err:
+        mode.controller.volumes.create(CreateSpec(name="pvc-huge", required_bytes=free * 1000), 10)
+    assert str(err.value) == (
+        "no node can hold the volume: no pg-reflinker node plugin has reported enough free "
+        "space; check that the node DaemonSet runs and that HOSTPATH_PREFIX has room"
+    )
+
+
+@pytest.mark.parametrize("mode", [FullDisk], indirect=True)
+def test_a_node_failure_reaches_the_caller_with_its_own_code(admin: Kube, mode: Mode) -> None:
+    with pytest.raises(errors.ResourceExhausted) as err:
+        mode.controller.volumes.create(
+            CreateSpec(name="pvc-full", preferred=[{TOPOLOGY_KEY: mode.node}]), 30
+        )
+    [value] = [v for v in admin.list(REFLINKVOLUMES)[0] if record_of(v).name == "pvc-full"]
+    record = record_of(value)
+    assert (record.phase, record.code) == (Phase.FAILED, "RESOURCE_EXHAUSTED")
+    assert str(err.value) == (
+        f"node {mode.node} could not create volume {record.guid}: no space left: "
+        f"[Errno 28] No space left on device: '{mode.prefix / record.guid}'"
+    )
+
+
+def test_deleting_a_volume_removes_its_directory_and_record(admin: Kube, mode: Mode) -> None:
+    volumes = mode.controller.volumes
+    record = volumes.create(CreateSpec(name="pvc-gone"), 30)
+    assert (mode.prefix / record.guid).is_dir()
+    volumes.delete(record.guid)
+    eventually(
+        "the record to go",
+        lambda: all(record_of(v).guid != record.guid for v in admin.list(REFLINKVOLUMES)[0]),
+    )
+    assert not (mode.prefix / record.guid).exists()
+    assert list(mode.prefix.iterdir()) == [mode.prefix / ".pg-reflinker"]
