@@ -22,6 +22,7 @@ help:
 	@echo "               a running CNPG Cluster cloned into a new one"
 	@echo "make test      set up (Debian packages, venv, Go tools, images) and run every test"
 	@echo "make cluster-test  only the scenarios on the real one-node cluster"
+	@echo "make unit      core and reconciler tests (no root, no loop devices), under a minute"
 	@echo "make e2e       only the end-to-end tests on the control plane with kubelet played"
 	@echo "make conformance  the Kubernetes storage e2e suites against the driver; docs/conformance.md"
 	@echo "make bench     new CNPG Cluster from a running one vs pg_basebackup, 1/4/16 GiB; docs/"
@@ -146,6 +147,15 @@ TOOLS_ENV := K8S_TOOLS=$(K8S_TOOLS) CNPG_TOOLS=$(CNPG_TOOLS) TOOLS_CACHE=$(TOOLS
 
 .PHONY: k8s-tools
 k8s-tools: $(K8S_TOOLS)/.built $(CNPG_TOOLS)/.built
+
+# Core and reconciler tests: no root, no loop devices, no PostgreSQL; a real kube-apiserver and
+# etcd for the reconcilers. Seconds, not minutes.
+UNIT_TESTS := tests/test_domain.py tests/test_config.py tests/test_kube_units.py \
+	tests/test_layout_rules.py tests/test_proto.py tests/test_docs.py tests/kube
+
+.PHONY: unit
+unit: $(STAMPS)/venv $(K8S_TOOLS)/.built
+	K8S_TOOLS=$(K8S_TOOLS) $(PY) -m pytest -ra -p no:cacheprovider $(UNIT_TESTS) $(PYTEST_ARGS)
 
 .PHONY: e2e
 e2e: deps k8s-tools
