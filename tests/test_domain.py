@@ -8,10 +8,10 @@ import pytest
 from reflinker_csi import TOPOLOGY_KEY
 from reflinker_csi.core import errors
 from reflinker_csi.core.layout import check_absolute_path, is_guid, new_guid, require_guid
-from reflinker_csi.disk.mounts import parse_mountinfo
 from reflinker_csi.core.placement import check_clone_node, choose_node
-from reflinker_csi.rpc.server import status_of
 from reflinker_csi.core.volumes import CreateSpec
+from reflinker_csi.disk.mounts import parse_mountinfo
+from reflinker_csi.rpc.server import status_of
 
 
 def seg(node: str) -> dict[str, str]:

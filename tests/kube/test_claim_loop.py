@@ -8,7 +8,7 @@ import uuid
 
 from reflinker_csi import DRIVER_NAME
 from reflinker_csi.core.keys import FINALIZER, LABEL_GUID, LABEL_NODE
-from reflinker_csi.kube.api import CLAIMS, EVENTS, REFLINKVOLUMES, VOLUMES, JSON, Kube
+from reflinker_csi.kube.api import CLAIMS, EVENTS, JSON, REFLINKVOLUMES, VOLUMES, Kube
 from reflinker_csi.kube.model import Meta, obj, record_of, text
 from tests.kube.conftest import NAMESPACES, Mode, eventually
 
@@ -90,7 +90,7 @@ def source_volume(admin: Kube, mode: Mode, ns: str, node: str) -> str:
     return guid
 
 
-def test_a_clone_waiting_for_its_node_does_not_hold_up_other_claims_and_its_record_goes_with_its_claim(
+def test_a_clone_waiting_for_its_node_holds_up_no_other_claim_and_goes_with_its_claim(
     admin: Kube, mode: Mode, namespace: str
 ) -> None:
     other = f"{namespace}-src"
