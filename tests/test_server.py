@@ -167,7 +167,32 @@ def test_unknown_rpc_is_unimplemented(driver: Driver) -> None:
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_sanity_module_import_path() -> None:
-    # The driver runs as `python -m reflinker_csi.cli` inside tests; the installed console
-    # script must exist too.
-    assert Path(sys.executable).with_name("reflinker-csi").exists()
+def run_command(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The installed console script, with only the given environment."""
+    command = Path(sys.executable).with_name("reflinker-csi")
+    return subprocess.run(
+        [str(command), *args], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_installed_command_names_a_bad_setting_in_one_line() -> None:
+    result = run_command("node", HOSTPATH_PREFIX="relative/path")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "reflinker-csi: configuration error: HOSTPATH_PREFIX='relative/path': expected an "
+        "absolute path of an existing directory\n"
+    )
+
+
+def test_controller_needs_no_node_directories_to_start(tmp_path: Path) -> None:
+    """The controller only names node paths: a prefix and kubelet root that do not exist here
+    pass its configuration; it stops at the missing Kubernetes credentials instead."""
+    result = run_command(
+        "controller",
+        HOSTPATH_PREFIX="/var/lib/pg-reflinker-nowhere",
+        TARGET_ROOT="/var/lib/kubelet-nowhere",
+        CSI_ENDPOINT=f"unix://{tmp_path}/csi.sock",
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("reflinker-csi: no Kubernetes configuration (")
+    assert result.stderr.endswith("); run inside a pod with a service account or set KUBECONFIG\n")

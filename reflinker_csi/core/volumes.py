@@ -201,7 +201,7 @@ class VolumeService:
                 )
                 mode = _clone_mode(origin.location)
                 context.update(origin.location.context if origin.location else {})
-                context[CTX_CLONE_MODE] = mode
+                context[CTX_CLONE_MODE] = str(mode)
             record = VolumeRecord(
                 guid=new_guid(),
                 name=spec.name,
@@ -219,6 +219,8 @@ class VolumeService:
 
     def _origin(self, existing: VolumeRecord | None, spec: CreateSpec) -> Origin | None:
         """Find the source once per attempt: its record, and where it lives now."""
+        if existing is not None and existing.hot_clone_dir:
+            return Origin()  # the source server has made the copy: nothing left to find
         if spec.located_source is not None:
             return Origin(None, spec.located_source)
         source_id = spec.source_volume_id or spec.source_snapshot_id

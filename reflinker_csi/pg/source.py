@@ -21,6 +21,7 @@ from ..core.errors import (
     FailedPrecondition,
     InvalidArgument,
     OperationInProgress,
+    ResourceExhausted,
     SourceUnavailable,
 )
 from ..core.layout import is_guid
@@ -32,26 +33,18 @@ INSTALL_HINT = "install deploy/postgres/reflink_snapshot.sql (see deploy/postgre
 # Key material lives only in memory-backed storage, never on a disk.
 KEY_DIR_PARENT = Path("/dev/shm")
 
+# libpq reports a failed connection without a SQLSTATE (checked with psycopg 3): its message is
+# the only signal there. These client-side TLS failures are configuration, not outages.
 _TLS_FAILURES = (
     "certificate verify failed",
     "does not match host name",
     "ssl error",
-    "certificate",
-    "tls",
     "sslv3",
-    "no pg_hba.conf entry",
+    "tlsv1",
+    "certificate",
 )
-_UNREACHABLE = (
-    "connection refused",
-    "timeout expired",
-    "could not connect",
-    "no route to host",
-    "network is unreachable",
-    "server closed the connection",
-    "connection timed out",
-    "could not translate host name",
-    "host is down",
-)
+# Server answers that name the role or its certificate (pg_hba, cert authentication).
+_REJECTED = ("no pg_hba.conf entry", "authentication failed")
 
 
 @dataclass(frozen=True)
@@ -88,25 +81,29 @@ def _key_material(server: SourceServer) -> Iterator[dict[str, str]]:
 
 
 def _connect_error(err: psycopg.OperationalError, server: SourceServer) -> Exception:
+    """SQLSTATE when the server sent one; otherwise libpq's message is all there is."""
+    state = err.sqlstate or ""
     text = str(err).lower()
-    if any(marker in text for marker in _UNREACHABLE):
-        return SourceUnavailable(
-            f"cannot reach PostgreSQL of {server.where} on port {server.port}: "
-            f"{_first_line(err)}; retrying is safe once the instance is up"
-        )
-    if "certificate authentication failed" in text or "password authentication" in text:
+    if state.startswith("28") or any(marker in text for marker in _REJECTED):
         return FailedPrecondition(
-            f"{server.where} rejected the client certificate for role {REPLICATION_USER}: "
-            f"{_first_line(err)}; check secret {server.cluster}-replication (tls.crt must have "
-            f"CN={REPLICATION_USER} and be signed by {server.cluster}-ca)"
+            f"{server.where} rejected role {REPLICATION_USER}: {_first_line(err)}; check secret "
+            f"{server.cluster}-replication (tls.crt must have CN={REPLICATION_USER} and be "
+            f"signed by {server.cluster}-ca) and that pg_hba allows it over TLS"
         )
-    if any(marker in text for marker in _TLS_FAILURES):
+    if state == "3D000":
+        return FailedPrecondition(f"{server.where} has no database postgres: {_first_line(err)}")
+    if not state and any(marker in text for marker in _TLS_FAILURES):
         return FailedPrecondition(
             f"TLS with {server.where} failed: {_first_line(err)}; check secret "
             f"{server.cluster}-ca (ca.crt must sign the server certificate for "
             f"{server.host_name}) and secret {server.cluster}-replication"
         )
-    return SourceUnavailable(f"cannot connect to {server.where}: {_first_line(err)}")
+    # Refused, unreachable, timed out, starting up or shutting down (57P03), too many
+    # connections (53300): an outage that passes.
+    return SourceUnavailable(
+        f"cannot reach PostgreSQL of {server.where} on port {server.port}: "
+        f"{_first_line(err)}; retrying is safe once the instance is up"
+    )
 
 
 def _first_line(err: Exception) -> str:
@@ -115,7 +112,8 @@ def _first_line(err: Exception) -> str:
 
 
 def _query_error(err: psycopg.Error, server: SourceServer, timed_out: bool) -> Exception:
-    """timed_out: the statement had run for its whole statement_timeout when it failed. A
+    """By psycopg's error classes (SQLSTATE), most specific first; text only for the first
+    line shown. timed_out: the statement had run for its whole statement_timeout when it failed. A
     timeout that fires while COPY ... TO PROGRAM runs comes back as the program's failure
     (SQLSTATE 38000), not as query_canceled, and is a deadline all the same."""
     if isinstance(err, pg_errors.UndefinedFunction) and not err.diag.context:
@@ -137,6 +135,10 @@ def _query_error(err: psycopg.Error, server: SourceServer, timed_out: bool) -> E
         )
     if isinstance(err, pg_errors.ObjectInUse | pg_errors.LockNotAvailable):
         return OperationInProgress(f"{_first_line(err)} ({server.where}); retry later")
+    if isinstance(err, pg_errors.DiskFull):
+        return ResourceExhausted(f"{FUNCTION} on {server.where}: {_first_line(err)}")
+    if isinstance(err, pg_errors.OperatorIntervention):  # 57: shut down, crashed, recovery
+        return SourceUnavailable(f"{server.where} went away: {_first_line(err)}; retrying")
     if isinstance(err, psycopg.OperationalError) and not err.sqlstate:
         return SourceUnavailable(f"lost the connection to {server.where}: {_first_line(err)}")
     return FailedPrecondition(f"{FUNCTION} failed on {server.where}: {_first_line(err)}")

@@ -133,7 +133,16 @@ def test_claim_in_apps_clones_the_template_found_through_namespace_path(
         ),
         15,
     )
-    assert any("Provisioning" in e and f"{TEMPLATES}/pg-tmpl-1" in e for e in events)
+    loop = "pg-reflinker.csi/claim-loop"
+    assert sorted(events)[0] == (
+        f"{loop} Provisioning: cloning source claim {TEMPLATES}/pg-tmpl-1, used by pod "
+        f"{TEMPLATES}/pg-tmpl-1 on node node-a"
+    )
+    assert re.fullmatch(
+        rf"{loop} ProvisioningSucceeded: cloned into volume {guid} on node node-a in \d+\.\d\d s",
+        sorted(events)[1],
+    )
+    assert len(events) == 2
 
     target = cluster.publish(pv, str(uuid.uuid4()))
     clone = boot_clone(target, cluster.plane.work / "sock")
@@ -166,7 +175,12 @@ def test_same_name_in_the_claims_own_namespace_wins(cluster: Cluster, template: 
         f"{TEMPLATES}/pg-shadow" in e
         for e in cluster.events_for("PersistentVolumeClaim", "shadow-clone")
     )
-    assert any("no running CNPG instance" in e for e in events)
+    assert re.fullmatch(
+        rf"pg-reflinker.csi/claim-loop ProvisioningFailed: no running CNPG instance uses source "
+        rf"claim {NS}/pg-shadow; a volume of another driver is cloned through its PostgreSQL "
+        r"server, start it \(retrying in \d+ s\)",
+        events[0],
+    )
     pvc = cluster.core.read_namespaced_persistent_volume_claim("shadow-clone", NS)
     assert pvc.status.phase == "Pending"
     cluster.core.delete_namespaced_persistent_volume_claim("shadow-clone", NS)
