@@ -126,26 +126,38 @@ def test_clone_of_a_pgbench_database_boots_with_the_same_rows(source: Source) ->
     assert key_dirs() == []
 
 
+def history_rows(server: PostgresServer) -> int:
+    return int(server.psql("SELECT count(*) FROM pgbench_history", db="app"))
+
+
 def test_clones_taken_under_write_load_boot_and_pass_amcheck(source: Source) -> None:
+    before = history_rows(source.server)
     bench = source.server.pgbench_background("-c", "2", "-j", "2", "-T", "25")
-    labels = []
+    clones: list[tuple[str, int]] = []  # label, rows committed before the clone began
     try:
-        time.sleep(3)
+        # The first clone is taken once the load has committed transactions, however long
+        # pgbench takes to get going.
+        deadline = time.monotonic() + 60
+        while history_rows(source.server) == before and bench.poll() is None:
+            assert time.monotonic() < deadline, "pgbench committed nothing in 60 s"
+            time.sleep(0.1)
         for _ in range(3):
+            committed = history_rows(source.server)
             label = str(uuid.uuid4())
             hot_clone(source.endpoint, label)
-            labels.append(label)
+            clones.append((label, committed))
             time.sleep(2)
     finally:
         out, _ = bench.communicate(timeout=120)
     assert bench.returncode == 0, out
     assert "tps" in out
-    for label in labels:
+    for label, committed in clones:
         directory = source.clone_area / label
         clone = check_clone(source, directory)
         try:
-            history = int(clone.psql("SELECT count(*) FROM pgbench_history", db="app"))
-            assert history > 0, "the clone should hold transactions from the write load"
+            rows = history_rows(clone)
+            assert committed > before, "the clone should be taken under the write load"
+            assert rows >= committed, "a transaction committed before the clone is missing"
             sums = clone.psql(
                 "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ',' ||"
                 " (SELECT sum(bbalance) FROM pgbench_branches) || ',' ||"
