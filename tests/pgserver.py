@@ -208,7 +208,7 @@ class PostgresServer:
                 "ssl_min_protocol_version = 'TLSv1.3'\n"
                 "shared_buffers = '256MB'\nmax_wal_size = '1GB'\n"
                 "wal_level = 'replica'\nmax_wal_senders = 10\nmax_replication_slots = 10\n"
-                "full_page_writes = on\nlogging_collector = off\n"
+                "full_page_writes = on\nlogging_collector = off\nlog_checkpoints = on\n"
             )
         (self.pgdata / "pg_hba.conf").write_text(
             "local all all trust\n"
