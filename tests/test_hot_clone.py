@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -19,6 +21,7 @@ import psycopg
 import pytest
 
 from reflinker_csi import errors
+from reflinker_csi import source as source_module
 from reflinker_csi.source import SourceServer, hot_clone
 from tests.conftest import ROOT, Filesystem, requires_mount
 from tests.pgserver import (
@@ -85,8 +88,22 @@ def source() -> Iterator[Source]:
         fs.close()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_key_parent() -> Iterator[Path]:
+    """hot_clone() writes key material in a pg-reflinker-tls.* directory below /dev/shm, as do
+    other processes on the machine (a driver, another test run). This module's calls write theirs
+    in a /dev/shm directory of its own, so key_dirs() sees only them."""
+    parent = Path(
+        tempfile.mkdtemp(prefix="pg-reflinker-test-keys.", dir=source_module.KEY_DIR_PARENT)
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(source_module, "KEY_DIR_PARENT", parent)
+        yield parent
+    shutil.rmtree(parent, ignore_errors=True)
+
+
 def key_dirs() -> list[str]:
-    return glob.glob("/dev/shm/pg-reflinker-tls.*")
+    return glob.glob(f"{source_module.KEY_DIR_PARENT}/pg-reflinker-tls.*")
 
 
 def partials(src: Source) -> list[str]:
