@@ -41,11 +41,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Commands run as postgres start here, not in the caller's working directory: the checkout may
+# be somewhere the postgres user cannot enter (PostgreSQL's programs then print "could not
+# change directory to ...: Permission denied"). Nothing of the checkout is handed to that user.
+PG_CWD = "/"
+
+
+def as_postgres(args: list[str]) -> list[str]:
+    return ["runuser", "-u", PG_USER, "--", *args]
+
+
 def run_as_postgres(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     """Run a command as the postgres user; a failure carries its output in the exception."""
-    result = subprocess.run(
-        ["runuser", "-u", PG_USER, "--", *args], text=True, check=False, **kwargs
-    )  # type: ignore[call-overload]
+    kwargs.setdefault("cwd", PG_CWD)
+    result = subprocess.run(as_postgres(args), text=True, check=False, **kwargs)  # type: ignore[call-overload]
     if result.returncode != 0:
         raise subprocess.CalledProcessError(
             result.returncode,
@@ -199,7 +208,7 @@ class PostgresServer:
                 "ssl_min_protocol_version = 'TLSv1.3'\n"
                 "shared_buffers = '256MB'\nmax_wal_size = '1GB'\n"
                 "wal_level = 'replica'\nmax_wal_senders = 10\nmax_replication_slots = 10\n"
-                "full_page_writes = on\nlogging_collector = off\n"
+                "full_page_writes = on\nlogging_collector = off\nlog_checkpoints = on\n"
             )
         (self.pgdata / "pg_hba.conf").write_text(
             "local all all trust\n"
@@ -234,21 +243,12 @@ class PostgresServer:
 
     def stop(self, mode: str = "fast") -> None:
         subprocess.run(
-            [
-                "runuser",
-                "-u",
-                PG_USER,
-                "--",
-                str(pg_bin() / "pg_ctl"),
-                "-D",
-                str(self.pgdata),
-                "-m",
-                mode,
-                "-w",
-                "stop",
-            ],
+            as_postgres(
+                [str(pg_bin() / "pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "stop"]
+            ),
             capture_output=True,
             check=False,
+            cwd=PG_CWD,
         )
 
     def psql(self, sql: str, db: str = "postgres") -> str:
@@ -314,22 +314,21 @@ class PostgresServer:
     def pgbench_background(self, *args: str, db: str = "app") -> subprocess.Popen[str]:
         """pgbench running while the caller does something else; stdout+stderr to a pipe."""
         return subprocess.Popen(
-            [
-                "runuser",
-                "-u",
-                PG_USER,
-                "--",
-                str(pg_bin() / "pgbench"),
-                "-h",
-                str(self.socket_dir),
-                "-p",
-                str(self.port),
-                *args,
-                db,
-            ],
+            as_postgres(
+                [
+                    str(pg_bin() / "pgbench"),
+                    "-h",
+                    str(self.socket_dir),
+                    "-p",
+                    str(self.port),
+                    *args,
+                    db,
+                ]
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            cwd=PG_CWD,
         )
 
     def basebackup(self, target: Path) -> None:
