@@ -99,9 +99,9 @@ def run_standalone(cfg: config.Config) -> int:
     layout = Layout(cfg.hostpath_prefix)
     layout.state_dir.mkdir(mode=0o700, exist_ok=True)
     registry = FileRegistry(layout.state_dir)
-    materializer = LocalMaterializer(
-        LocalDisk(layout, floor=cfg.free_space_floor), registry, cfg.node_id
-    )
+    disk = LocalDisk(layout, floor=cfg.free_space_floor)
+    disk.apply_cow_extent_size(cfg.cow_extent_size)
+    materializer = LocalMaterializer(disk, registry, cfg.node_id)
     materializer.recover()
     metrics = Metrics()
     metrics.serve(cfg.metrics_port)
@@ -165,6 +165,7 @@ def run_node(cfg: config.Config) -> int:
     layout = Layout(cfg.hostpath_prefix)
     metrics = Metrics()
     disk = LocalDisk(layout, (cfg.target_root,), cfg.free_space_floor)
+    disk.apply_cow_extent_size(cfg.cow_extent_size)
     started = app.node(kube_api.connect(), _settings(cfg), disk, metrics)
     metrics.serve(cfg.metrics_port)
     identity = IdentityServicer(

@@ -56,6 +56,16 @@ def _floor(raw: str) -> SpaceFloor:
     return SpaceFloor(bytes=int(found.group(1)) * _UNITS[found.group(2)])
 
 
+def _cow_size(raw: str) -> int:
+    found = _QUANTITY_RE.match(raw)
+    if found is None:
+        raise ValueError
+    value = int(found.group(1)) * _UNITS[found.group(2)]
+    if value % 4096 or value > 1 << 30:  # whole filesystem blocks, at most 1 GiB
+        raise ValueError
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -81,6 +91,7 @@ class Config:
     pg_connect_timeout_seconds: float
     pg_statement_timeout_seconds: float
     free_space_floor: SpaceFloor
+    cow_extent_size: int
     metrics_port: int
     usage_interval_seconds: float
 
@@ -271,6 +282,13 @@ def load(env: Mapping[str, str] | None = None, mode: str = "standalone") -> Conf
             "5%",
             "a share of the filesystem such as 5% or a size such as 20Gi",
             _floor,
+        ),
+        cow_extent_size=_parse(
+            env,
+            "COW_EXTENT_SIZE",
+            "32Ki",
+            "a multiple of 4Ki up to 1Gi (such as 32Ki), or 0 for the filesystem's default",
+            _cow_size,
         ),
         metrics_port=_parse(
             env,

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from csi import csi_pb2
-from reflinker_csi.disk.usage import measure
+from reflinker_csi.disk.usage import cow_extent_size, measure
 from tests.conftest import Driver, Filesystem, create_request, mount_unavailable
 from tests.test_node import publish
 
@@ -60,11 +60,14 @@ def test_a_fresh_clone_owns_nothing_and_owns_what_is_written_into_it(
     publish(driver, source, driver.target_root / "source")
     publish(driver, clone.volume_id, driver.target_root / "clone")
 
+    # COW_EXTENT_SIZE (32 KiB by default) is set on the prefix and inherited by every volume.
+    assert cow_extent_size(driver.prefix) == 32 * 1024
+    assert cow_extent_size(driver.prefix / clone.volume_id) == 32 * 1024
     assert used(driver, clone.volume_id, driver.target_root / "clone") == 0
     assert used(driver, source, driver.target_root / "source") == 0  # all of it is shared now
 
     write(driver.target_root / "clone" / "base.1", 10 * MiB, offset=100 * MiB, byte=b"\x02")
-    # Copy-on-write unshares whole CoW extents (128 KiB by default) around what was written.
+    # Copy-on-write unshares whole CoW extents around what was written.
     clone_owns = used(driver, clone.volume_id, driver.target_root / "clone")
     assert 10 * MiB <= clone_owns <= 11 * MiB
     # The source's blocks under those 10 MiB are no longer shared: they are its own again.

@@ -16,6 +16,7 @@ from ..core.records import Kind, VolumeRecord
 from ..core.space import SpaceFloor, size
 from . import reflink
 from .mounts import mounts_of
+from .usage import cow_extent_size, set_cow_extent_size
 
 log = logging.getLogger(__name__)
 NO_FLOOR = SpaceFloor()
@@ -52,6 +53,25 @@ class LocalDisk:
         if record.kind == Kind.SNAPSHOT:
             return self.layout.snapshot_dir(record.guid)
         return self.layout.volume_dir(record.guid)
+
+    def apply_cow_extent_size(self, size_bytes: int) -> None:
+        """Set the copy-on-write extent size hint on the prefix (new volumes inherit it); on a
+        filesystem without the hint (btrfs) say so once and go on."""
+        try:
+            if cow_extent_size(self.layout.prefix) != size_bytes:
+                set_cow_extent_size(self.layout.prefix, size_bytes)
+        except OSError as err:
+            log.warning(
+                "cannot set the copy-on-write extent size hint on %s (%s); "
+                "the filesystem's default applies",
+                self.layout.prefix,
+                err.strerror,
+            )
+            return
+        log.info(
+            "copy-on-write extent size",
+            extra={"fields": {"prefix": str(self.layout.prefix), "bytes": size_bytes}},
+        )
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.layout.prefix)
