@@ -31,6 +31,7 @@ help:
 	@echo "make lint      ruff and mypy --strict"
 	@echo "make proto     regenerate csi/ from proto/csi.proto"
 	@echo "make bench-clone  hot clone vs bare reflink copy vs pg_basebackup"
+	@echo "make bench-space  filesystem growth of written clones per XFS CoW extent size hint"
 
 # -- set-up -------------------------------------------------------------------------------
 
@@ -91,6 +92,10 @@ clean:
 .PHONY: bench-clone
 bench-clone: $(STAMPS)/system $(STAMPS)/venv
 	$(PY) -m tests.bench.bench_clone
+
+.PHONY: bench-space
+bench-space: $(STAMPS)/system $(STAMPS)/venv
+	$(PY) -m tests.bench.bench_space
 
 # -- Kubernetes control plane for the end-to-end tests --------------------------------------
 K8S_TOOLS_KEY := $(shell sha256sum tests/tools/k8s/go.sum 2>/dev/null | cut -c1-12)

@@ -27,6 +27,7 @@ from .disk.publish import Publisher
 from .kube import api as kube_api
 from .kube import app
 from .kube.runtime import Runner
+from .metrics import Metrics
 from .pg.source import hot_clone
 from .rpc.controller import ControllerServicer
 from .rpc.identity import IdentityServicer, prefix_usable
@@ -98,9 +99,15 @@ def run_standalone(cfg: config.Config) -> int:
     layout = Layout(cfg.hostpath_prefix)
     layout.state_dir.mkdir(mode=0o700, exist_ok=True)
     registry = FileRegistry(layout.state_dir)
-    materializer = LocalMaterializer(LocalDisk(layout), registry, cfg.node_id)
+    disk = LocalDisk(layout, floor=cfg.free_space_floor)
+    disk.apply_cow_extent_size(cfg.cow_extent_size)
+    materializer = LocalMaterializer(disk, registry, cfg.node_id)
     materializer.recover()
-    volumes = VolumeService(layout, registry, LocalSourceLocator(layout), cfg.node_id, materializer)
+    metrics = Metrics()
+    metrics.serve(cfg.metrics_port)
+    volumes = VolumeService(
+        layout, registry, LocalSourceLocator(layout), cfg.node_id, materializer, metrics
+    )
     identity = IdentityServicer(cfg.driver_name, prefix_usable(str(layout.prefix)), controller=True)
     controller = ControllerServicer(volumes)
     node = NodeServicer(Publisher(layout, cfg.target_root), cfg.node_id)
@@ -130,13 +137,16 @@ def _settings(cfg: config.Config) -> app.Settings:
         workers=cfg.reconcile_workers,
         pg_connect_timeout=cfg.pg_connect_timeout_seconds,
         pg_statement_timeout=cfg.pg_statement_timeout_seconds,
+        usage_interval=cfg.usage_interval_seconds,
     )
 
 
 def run_controller(cfg: config.Config) -> int:
     """Kubernetes: Identity + Controller beside csi-provisioner; records are ReflinkVolumes;
     the loops of kube/app.py on the reconcile runtime."""
-    started = app.controller(kube_api.connect(), _settings(cfg))
+    metrics = Metrics()
+    started = app.controller(kube_api.connect(), _settings(cfg), metrics)
+    metrics.serve(cfg.metrics_port)
     identity = IdentityServicer(cfg.driver_name, started.ready, controller=True)
     controller = ControllerServicer(started.volumes, snapshots=False)
     return _serve(
@@ -153,7 +163,11 @@ def run_controller(cfg: config.Config) -> int:
 def run_node(cfg: config.Config) -> int:
     """Kubernetes: Identity + Node on each node; the node agent and the free-space report."""
     layout = Layout(cfg.hostpath_prefix)
-    started = app.node(kube_api.connect(), _settings(cfg), LocalDisk(layout, (cfg.target_root,)))
+    metrics = Metrics()
+    disk = LocalDisk(layout, (cfg.target_root,), cfg.free_space_floor)
+    disk.apply_cow_extent_size(cfg.cow_extent_size)
+    started = app.node(kube_api.connect(), _settings(cfg), disk, metrics)
+    metrics.serve(cfg.metrics_port)
     identity = IdentityServicer(
         cfg.driver_name, prefix_usable(str(layout.prefix)), controller=False
     )

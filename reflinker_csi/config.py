@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from . import DRIVER_NAME
+from .core.space import SpaceFloor
 
 # The plugin-name rule csi-sanity and the CSI spec apply.
 _DRIVER_NAME_RE = re.compile(r"^[a-zA-Z][A-Za-z0-9\-._]{0,61}[a-zA-Z]$")
@@ -38,6 +39,40 @@ class ConfigError(Exception):
         self.variable = variable
 
 
+_QUANTITY_RE = re.compile(r"^([0-9]+)(Ki|Mi|Gi|Ti|K|M|G|T|)$")
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_UNITS.update({"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40})
+
+
+def _floor(raw: str) -> SpaceFloor:
+    if raw.endswith("%"):
+        percent = float(raw[:-1])
+        if not 0 <= percent < 100:
+            raise ValueError
+        return SpaceFloor(percent=percent)
+    found = _QUANTITY_RE.match(raw)
+    if found is None:
+        raise ValueError
+    return SpaceFloor(bytes=int(found.group(1)) * _UNITS[found.group(2)])
+
+
+def _cow_size(raw: str) -> int:
+    found = _QUANTITY_RE.match(raw)
+    if found is None:
+        raise ValueError
+    value = int(found.group(1)) * _UNITS[found.group(2)]
+    if value % 4096 or value > 1 << 30:  # whole filesystem blocks, at most 1 GiB
+        raise ValueError
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError
+    return value
+
+
 @dataclass(frozen=True)
 class Config:
     endpoint: Path
@@ -55,6 +90,10 @@ class Config:
     shutdown_grace_seconds: float
     pg_connect_timeout_seconds: float
     pg_statement_timeout_seconds: float
+    free_space_floor: SpaceFloor
+    cow_extent_size: int
+    metrics_port: int
+    usage_interval_seconds: float
 
 
 def _get(env: Mapping[str, str], name: str, default: str | None) -> str | None:
@@ -236,6 +275,34 @@ def load(env: Mapping[str, str] | None = None, mode: str = "standalone") -> Conf
         ),
         pg_connect_timeout_seconds=_parse(
             env, "PG_CONNECT_TIMEOUT", "10", "a number of seconds greater than 0", _positive_seconds
+        ),
+        free_space_floor=_parse(
+            env,
+            "FREE_SPACE_FLOOR",
+            "5%",
+            "a share of the filesystem such as 5% or a size such as 20Gi",
+            _floor,
+        ),
+        cow_extent_size=_parse(
+            env,
+            "COW_EXTENT_SIZE",
+            "32Ki",
+            "a multiple of 4Ki up to 1Gi (such as 32Ki), or 0 for the filesystem's default",
+            _cow_size,
+        ),
+        metrics_port=_parse(
+            env,
+            "METRICS_PORT",
+            {"controller": "9810", "node": "9811"}.get(mode, "0"),
+            "a TCP port from 1 to 65535, or 0 for no /metrics endpoint",
+            _port,
+        ),
+        usage_interval_seconds=_parse(
+            env,
+            "USAGE_INTERVAL",
+            "300",
+            "a number of seconds greater than 0",
+            _positive_seconds,
         ),
         pg_statement_timeout_seconds=_parse(
             env,

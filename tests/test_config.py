@@ -33,6 +33,12 @@ def test_defaults_and_parsing(tmp_path: Path) -> None:
     assert cfg.endpoint == tmp_path / "csi.sock"
     with pytest.raises(AttributeError):
         cfg.node_id = "x"  # type: ignore[misc]
+    # Space settings: defaults, and both spellings of the floor.
+    assert (str(cfg.free_space_floor), cfg.cow_extent_size, cfg.metrics_port) == ("5%", 32768, 0)
+    assert cfg.free_space_floor.of(1000) == 50
+    sized = config.load(env | {"FREE_SPACE_FLOOR": "20Gi", "COW_EXTENT_SIZE": "0"})
+    assert (sized.free_space_floor.of(1 << 40), sized.cow_extent_size) == (20 << 30, 0)
+    assert config.load(env, mode="node").metrics_port == 9811
 
 
 @pytest.mark.parametrize(
@@ -52,6 +58,12 @@ def test_defaults_and_parsing(tmp_path: Path) -> None:
         ("GRPC_WORKERS", "many"),
         ("SHUTDOWN_GRACE_SECONDS", "-1"),
         ("PG_STATEMENT_TIMEOUT", "soon"),
+        ("FREE_SPACE_FLOOR", "100%"),
+        ("FREE_SPACE_FLOOR", "lots"),
+        ("COW_EXTENT_SIZE", "1000"),
+        ("COW_EXTENT_SIZE", "2Gi"),
+        ("METRICS_PORT", "70000"),
+        ("USAGE_INTERVAL", "0"),
     ],
 )
 def test_bad_value_names_variable_value_and_expectation(

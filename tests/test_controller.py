@@ -317,10 +317,11 @@ def test_list_volumes_pages_and_rejects_foreign_tokens(driver: Driver) -> None:
     )
 
 
-def test_get_capacity_is_free_space_of_the_prefix(driver: Driver, xfs: Filesystem) -> None:
+def test_get_capacity_is_free_space_of_the_prefix_above_the_floor(driver: Driver, xfs: Filesystem) -> None:
     free = driver.controller.GetCapacity(csi_pb2.GetCapacityRequest()).available_capacity
     st = os.statvfs(xfs.mnt)
-    assert abs(free - st.f_bavail * st.f_frsize) < 64 << 20
+    floor = st.f_blocks * st.f_frsize * 5 // 100  # FREE_SPACE_FLOOR's default: 5%
+    assert abs(free - (st.f_bavail * st.f_frsize - floor)) < 64 << 20
     other = csi_pb2.GetCapacityRequest()
     other.accessible_topology.segments[TOPOLOGY_KEY] = "node-z"
     assert driver.controller.GetCapacity(other).available_capacity == 0

@@ -40,8 +40,10 @@ PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 
 # -- annotations on Nodes: the node plugin's report of its free space --------------------------
 ANNOTATION_FREE_BYTES = "capacity." + _P + "free-bytes"
+ANNOTATION_FLOOR_BYTES = "capacity." + _P + "floor-bytes"  # FREE_SPACE_FLOOR in bytes
 ANNOTATION_REPORTED_AT = "capacity." + _P + "reported-at"
 
 # -- other components ------------------------------------------------------------------------
 CNPG_CLUSTER_LABEL = "cnpg.io/cluster"
 CLAIM_LOOP_COMPONENT = _P + "claim-loop"
+NODE_COMPONENT = _P + "node"

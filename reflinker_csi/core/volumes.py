@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -18,6 +19,7 @@ from .errors import (
     StaleToken,
     VolumeInUse,
     VolumeNotFound,
+    classify,
 )
 from .keys import (
     CTX_CLAIM,
@@ -35,6 +37,7 @@ from .keys import (
 )
 from .layout import Layout, is_guid, new_guid
 from .locator import SourceLocation, SourceLocator
+from .observe import NoRecorder, Recorder
 from .placement import Segments, check_clone_node, choose_node
 from .records import CloneMode, Kind, Phase, Registry, VolumeRecord
 
@@ -139,7 +142,9 @@ class VolumeService:
         locator: SourceLocator,
         node_id: str,
         materializer: Materializer,
+        recorder: Recorder | None = None,
     ) -> None:
+        self.recorder: Recorder = recorder or NoRecorder()
         self.layout = layout
         self.registry = registry
         self.locator = locator
@@ -268,6 +273,18 @@ class VolumeService:
     def _complete(
         self, record: VolumeRecord, origin: Origin | None, timeout: float
     ) -> VolumeRecord:
+        method = "snapshot" if record.kind == Kind.SNAPSHOT else str(record.clone_mode or "empty")
+        started = time.monotonic()
+        try:
+            made = self._make(record, origin, timeout)
+        except Exception as err:
+            known = classify(err)
+            self.recorder.volume_made(method, known.code if known else "INTERNAL", 0.0)
+            raise
+        self.recorder.volume_made(method, "OK", time.monotonic() - started)
+        return made
+
+    def _make(self, record: VolumeRecord, origin: Origin | None, timeout: float) -> VolumeRecord:
         with self._exclusive("guid:" + record.guid, f"creation of {record.kind} {record.guid}"):
             if origin is None or origin.record is None:
                 return self.materializer.materialize(record, origin, timeout)

@@ -10,13 +10,16 @@ import os
 import shutil
 from pathlib import Path
 
-from ..core.errors import FailedPrecondition, VolumeInUse
+from ..core.errors import FailedPrecondition, ResourceExhausted, VolumeInUse
 from ..core.layout import DELETING_SUFFIX, PARTIAL_SUFFIX, Layout, is_guid
 from ..core.records import Kind, VolumeRecord
+from ..core.space import SpaceFloor, size
 from . import reflink
 from .mounts import mounts_of
+from .usage import cow_extent_size, set_cow_extent_size
 
 log = logging.getLogger(__name__)
+NO_FLOOR = SpaceFloor()
 
 
 def remove_tree(path: Path) -> None:
@@ -34,8 +37,14 @@ def remove_tree(path: Path) -> None:
 class LocalDisk:
     """Volume and snapshot directories of one prefix on this host."""
 
-    def __init__(self, layout: Layout, source_roots: tuple[Path, ...] = ()) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        source_roots: tuple[Path, ...] = (),
+        floor: SpaceFloor = NO_FLOOR,
+    ) -> None:
         self.layout = layout
+        self.floor = floor
         # Besides the prefix, where hot clones of other drivers' volumes may wait (kubelet's
         # directory): the only places adopt() takes a directory from.
         self.source_roots = tuple(Path(os.path.realpath(r)) for r in source_roots)
@@ -45,9 +54,47 @@ class LocalDisk:
             return self.layout.snapshot_dir(record.guid)
         return self.layout.volume_dir(record.guid)
 
+    def apply_cow_extent_size(self, size_bytes: int) -> None:
+        """Set the copy-on-write extent size hint on the prefix (new volumes inherit it); on a
+        filesystem without the hint (btrfs) say so once and go on."""
+        try:
+            if cow_extent_size(self.layout.prefix) != size_bytes:
+                set_cow_extent_size(self.layout.prefix, size_bytes)
+        except OSError as err:
+            log.warning(
+                "cannot set the copy-on-write extent size hint on %s (%s); "
+                "the filesystem's default applies",
+                self.layout.prefix,
+                err.strerror,
+            )
+            return
+        log.info(
+            "copy-on-write extent size",
+            extra={"fields": {"prefix": str(self.layout.prefix), "bytes": size_bytes}},
+        )
+
     def free_bytes(self) -> int:
         st = os.statvfs(self.layout.prefix)
         return st.f_bavail * st.f_frsize
+
+    def space(self) -> tuple[int, int, int]:
+        """(free bytes, the floor in bytes, free inodes) under the prefix."""
+        st = os.statvfs(self.layout.prefix)
+        return (
+            st.f_bavail * st.f_frsize,
+            self.floor.of(st.f_blocks * st.f_frsize),
+            st.f_favail,
+        )
+
+    def check_room(self, node: str) -> None:
+        """Refuse a new volume below the free-space floor; existing volumes are not touched."""
+        free, floor, _ = self.space()
+        if free < floor:
+            raise ResourceExhausted(
+                f"node {node} has {size(free)} free under {self.layout.prefix}, below the floor "
+                f"of {size(floor)} (FREE_SPACE_FLOOR={self.floor}); no new volume is made there "
+                "until space is freed (existing volumes are not affected)"
+            )
 
     def publishers(self, record: VolumeRecord) -> list[str]:
         """Mount points that expose the record's directory (pods using it)."""

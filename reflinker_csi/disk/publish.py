@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -20,6 +21,7 @@ from .mounts import (
     read_mountinfo,
     unmount,
 )
+from .usage import measure
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,10 @@ class Publisher:
         device, inner = filesystem_path(source, entries)
         if current is None or (current.device, current.root) != (device, inner):
             raise NotFound(f"volume {volume_id} is not published at {path}")
-        return _stats(os.statvfs(path), abnormal=False, message="volume is healthy")
+        stats = _stats(os.statvfs(path), abnormal=False, message="volume is healthy")
+        # The filesystem is shared with other volumes: "used" is what this volume alone holds
+        # (bytes shared with no other file), so kubelet_volume_stats_used_bytes is its cost.
+        return dataclasses.replace(stats, bytes_used=measure(source).own_bytes)
 
 
 def parse_mount_group(value: str) -> int | None:

@@ -11,12 +11,13 @@ from ..core.keys import LABEL_NODE
 from ..core.layout import Layout
 from ..core.volumes import VolumeService
 from ..disk.local import LocalDisk
+from ..metrics import Metrics
 from . import api
 from .annotator import PvAnnotator
 from .claims import ClaimLoop
 from .locator import KubeSourceLocator
 from .materializer import KubeMaterializer, NodeReports
-from .node_agent import CapacityReporter, NodeAgent
+from .node_agent import NodeAgent, NodeSpace
 from .registry import KubeRegistry
 from .runtime import Controller, Informer, LeaderElector, Runner
 
@@ -37,6 +38,7 @@ class Settings:
     pg_statement_timeout: float = 300.0
     claim_wait_seconds: float = 20.0
     report_period: float = 60.0
+    usage_interval: float = 300.0
 
 
 @dataclass
@@ -46,12 +48,13 @@ class ControllerApp:
     records: Informer
     claim_loop: ClaimLoop
     lease: LeaderElector
+    reports: NodeReports
 
     def ready(self) -> bool:
         return self.records.synced.is_set()
 
 
-def controller(kube: api.Kube, settings: Settings) -> ControllerApp:
+def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> ControllerApp:
     """The controller's loops, started: informers, the PV annotator, and on the Lease holder
     the claim loop and the sweep of records whose claim went away."""
     layout = Layout(settings.hostpath_prefix)
@@ -61,22 +64,27 @@ def controller(kube: api.Kube, settings: Settings) -> ControllerApp:
     csinodes = Informer(kube, api.CSINODES)
     nodes = Informer(kube, api.NODES)
     registry = KubeRegistry(kube, records)
+    reports = NodeReports(csinodes, nodes, settings.driver_name)
     materializer = KubeMaterializer(
         registry,
-        NodeReports(csinodes, nodes, settings.driver_name),
+        reports,
         layout,
         settings.pg_connect_timeout,
         settings.pg_statement_timeout,
     )
     locator = KubeSourceLocator(kube, pvs, layout, settings.driver_name)
-    volumes = VolumeService(layout, registry, locator, settings.node_id, materializer)
+    volumes = VolumeService(layout, registry, locator, settings.node_id, materializer, metrics)
 
     runner = Runner()
     lease = LeaderElector(
         kube, settings.pod_namespace, CLAIM_LOOP_LEASE, on_lost=runner.stopping.set
     )
+    errors = metrics.reconcile_error
     annotate = Controller(
-        "pv-annotator", PvAnnotator(kube, pvs, settings.driver_name).reconcile, workers=1
+        "pv-annotator",
+        PvAnnotator(kube, pvs, settings.driver_name).reconcile,
+        workers=1,
+        on_error=errors,
     )
     annotate.watch(pvs)
     loop = ClaimLoop(
@@ -93,10 +101,12 @@ def controller(kube: api.Kube, settings: Settings) -> ControllerApp:
         settings.target_root,
         settings.claim_wait_seconds,
     )
-    claim_loop = Controller("claim-loop", loop.reconcile, workers=settings.workers, leader=lease)
+    claim_loop = Controller(
+        "claim-loop", loop.reconcile, workers=settings.workers, leader=lease, on_error=errors
+    )
     claim_loop.watch(claims, loop.keys_for_claim)
     claim_loop.reads(pvs, records)
-    orphans = Controller("orphans", loop.reconcile_record, workers=1, leader=lease)
+    orphans = Controller("orphans", loop.reconcile_record, workers=1, leader=lease, on_error=errors)
     orphans.watch(records)
     orphans.watch(claims, loop.records_of_claim)
     orphans.reads(pvs)
@@ -105,7 +115,7 @@ def controller(kube: api.Kube, settings: Settings) -> ControllerApp:
     runner.start("lease", lease.run)
     for each in (annotate, claim_loop, orphans):
         runner.start(each.name, each.run)
-    return ControllerApp(volumes, runner, records, loop, lease)
+    return ControllerApp(volumes, runner, records, loop, lease, reports)
 
 
 @dataclass
@@ -113,22 +123,33 @@ class NodeApp:
     agent: NodeAgent
     runner: Runner
     records: Informer
+    space: NodeSpace
 
 
-def node(kube: api.Kube, settings: Settings, disk: LocalDisk) -> NodeApp:
-    """The node plugin's loops, started: the node agent for this node's records and the
-    free-space report on its Node."""
+def node(kube: api.Kube, settings: Settings, disk: LocalDisk, metrics: Metrics) -> NodeApp:
+    """The node plugin's loops, started: the node agent for this node's records, and the
+    node's space (free-space report, each volume's own bytes, metrics)."""
     disk.layout.state_dir.mkdir(mode=0o700, exist_ok=True)
     disk.sweep()
     records = Informer(kube, api.REFLINKVOLUMES, selector=f"{LABEL_NODE}={settings.node_id}")
-    agent = NodeAgent(KubeRegistry(kube, records), disk, settings.node_id)
-    agent_loop = Controller("node-agent", agent.reconcile, workers=settings.workers)
+    registry = KubeRegistry(kube, records)
+    agent = NodeAgent(registry, disk, settings.node_id, metrics)
+    agent_loop = Controller(
+        "node-agent", agent.reconcile, workers=settings.workers, on_error=metrics.reconcile_error
+    )
     agent_loop.watch(records)
-    reporter = CapacityReporter(
-        kube, disk, settings.node_id, agent.changed, period=settings.report_period
+    space = NodeSpace(
+        kube,
+        disk,
+        registry,
+        settings.node_id,
+        agent.changed,
+        metrics,
+        period=settings.report_period,
+        usage_interval=settings.usage_interval,
     )
     runner = Runner()
     runner.start(records.name, records.run, records.close)
     runner.start("node-agent", agent_loop.run)
-    runner.start("capacity", reporter.run)
-    return NodeApp(agent, runner, records)
+    runner.start("space", space.run)
+    return NodeApp(agent, runner, records, space)

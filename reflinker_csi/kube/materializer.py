@@ -9,8 +9,15 @@ import os
 import time
 from datetime import UTC, datetime
 
-from ..core.errors import FailedPrecondition, OperationInProgress, SourceUnavailable, from_code
+from ..core.errors import (
+    FailedPrecondition,
+    OperationInProgress,
+    ResourceExhausted,
+    SourceUnavailable,
+    from_code,
+)
 from ..core.keys import (
+    ANNOTATION_FLOOR_BYTES,
     ANNOTATION_FREE_BYTES,
     ANNOTATION_REPORTED_AT,
     CTX_SOURCE_PVC,
@@ -19,6 +26,7 @@ from ..core.keys import (
 from ..core.layout import Layout
 from ..core.locator import SourceLocation
 from ..core.records import CloneMode, Phase, VolumeRecord
+from ..core.space import size
 from ..core.volumes import Origin
 from ..pg.source import hot_clone
 from .model import CSINode, Meta, parse_time
@@ -59,23 +67,29 @@ class NodeReports:
         self.driver_name = driver_name
 
     def free(self) -> dict[str, int]:
-        """node -> free bytes, for nodes with a registered plugin and a fresh report."""
+        """node -> room for new volumes (free bytes above the node's floor), for nodes with a
+        registered plugin and a fresh report."""
+        return {node: max(0, free - floor) for node, (free, floor) in self.reports().items()}
+
+    def reports(self) -> dict[str, tuple[int, int]]:
+        """node -> (free bytes, floor bytes) as its node plugin reported them."""
         running = {
             c.name
             for c in map(CSINode.of, self.csinodes.items())
             if TOPOLOGY_KEY in c.topology_keys.get(self.driver_name, ())
         }
         now = datetime.now(UTC)
-        report: dict[str, int] = {}
+        report: dict[str, tuple[int, int]] = {}
         for value in self.nodes.items():
             meta = Meta.of(value)
             raw = meta.annotations.get(ANNOTATION_FREE_BYTES, "")
+            floor = meta.annotations.get(ANNOTATION_FLOOR_BYTES, "0")
             at = parse_time(meta.annotations.get(ANNOTATION_REPORTED_AT, ""))
             if meta.name not in running or not raw.isdigit() or at is None:
                 continue
             if (now - at).total_seconds() > REPORT_STALE_SECONDS:
                 continue
-            report[meta.name] = int(raw)
+            report[meta.name] = (int(raw), int(floor) if floor.isdigit() else 0)
         return report
 
 
@@ -98,7 +112,7 @@ class KubeMaterializer:
 
     def placeable_nodes(self, required_bytes: int) -> list[str]:
         free = self.reports.free()
-        fitting = [n for n, b in free.items() if b >= required_bytes]
+        fitting = [n for n, b in free.items() if b > 0 and b >= required_bytes]
         fitting.sort()
         fitting.sort(key=free.__getitem__, reverse=True)  # most free first, then by name
         return fitting
@@ -118,6 +132,7 @@ class KubeMaterializer:
         if current.phase == Phase.READY:
             return current
         if location is not None and location.server is not None and not current.hot_clone_dir:
+            self._check_room(record.node)
             budget = min(self.statement_timeout, max(1.0, deadline - time.monotonic()))
             result = hot_clone(location.server, record.guid, self.connect_timeout, budget)
             path = host_path_of(result.directory, location, self.layout, record.guid)
@@ -158,6 +173,16 @@ class KubeMaterializer:
             f"volume {record.guid} is not ready yet: waiting for the pg-reflinker node plugin on "
             f"node {record.node}; the request is retried"
         )
+
+    def _check_room(self, node: str) -> None:
+        """The node's floor, from its report, before the source server makes a copy there."""
+        free, floor = self.reports.reports().get(node, (0, 0))
+        if floor and free < floor:
+            raise ResourceExhausted(
+                f"node {node} has {size(free)} free under its HOSTPATH_PREFIX, below the floor "
+                f"of {size(floor)} (FREE_SPACE_FLOOR); no new volume is made there until space "
+                "is freed (existing volumes are not affected)"
+            )
 
     def _not_failed(self, record: VolumeRecord) -> bool | None:
         current = self.registry.get_by_name(record.name, record.kind)

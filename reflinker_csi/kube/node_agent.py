@@ -12,11 +12,21 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..core.errors import FailedPrecondition, ReflinkerError
-from ..core.keys import ANNOTATION_FREE_BYTES, ANNOTATION_REPORTED_AT, FINALIZER
+from ..core.errors import FailedPrecondition, ReflinkerError, classify
+from ..core.keys import (
+    ANNOTATION_FLOOR_BYTES,
+    ANNOTATION_FREE_BYTES,
+    ANNOTATION_REPORTED_AT,
+    FINALIZER,
+    NODE_COMPONENT,
+)
+from ..core.observe import Recorder
 from ..core.records import CloneMode, Kind, Phase, VolumeRecord
+from ..core.space import size
 from ..disk.local import LocalDisk, remove_tree
-from .api import NODES, ApiError, Kube
+from ..disk.usage import Usage, measure
+from ..metrics import Metrics
+from .api import EVENTS, JSON, NODES, ApiError, Kube
 from .model import Meta, record_of
 from .registry import KubeRegistry
 from .runtime import DONE, Requeue, Result
@@ -25,7 +35,10 @@ log = logging.getLogger(__name__)
 
 
 class NodeAgent:
-    def __init__(self, registry: KubeRegistry, disk: LocalDisk, node_id: str) -> None:
+    def __init__(
+        self, registry: KubeRegistry, disk: LocalDisk, node_id: str, recorder: Recorder
+    ) -> None:
+        self.recorder = recorder
         self.registry = registry
         self.disk = disk
         self.node_id = node_id
@@ -49,6 +62,8 @@ class NodeAgent:
             made = self._make(record)
         except (ReflinkerError, OSError) as err:
             log.warning("volume %s failed: %s", record.guid, err)
+            known = classify(err)
+            self.recorder.volume_made(self._method(record), known.code if known else "INTERNAL", 0)
             self.registry.set_phase(record, Phase.FAILED, err)
             self.changed.set()
             return DONE
@@ -56,6 +71,7 @@ class NodeAgent:
             return DONE  # a hot clone not yet delivered: the hotCloneDir update brings it
         self.registry.set_phase(record, Phase.READY)
         self.changed.set()
+        self.recorder.volume_made(self._method(record), "OK", time.monotonic() - start)
         log.info(
             "volume ready",
             extra={
@@ -68,6 +84,12 @@ class NodeAgent:
         )
         return DONE
 
+    @staticmethod
+    def _method(record: VolumeRecord) -> str:
+        if record.kind == Kind.SNAPSHOT:
+            return "snapshot"
+        return str(record.clone_mode or "empty")
+
     def _make(self, record: VolumeRecord) -> bool:
         if self.disk.data_dir(record).is_dir():
             return True
@@ -76,6 +98,7 @@ class NodeAgent:
             return True
         if record.clone_mode == CloneMode.HOT:
             return False
+        self.disk.check_room(self.node_id)
         if not record.source_id:
             self.disk.make_empty(record)
             return True
@@ -108,43 +131,130 @@ class NodeAgent:
         return DONE
 
 
-class CapacityReporter:
-    """Writes the free space under HOSTPATH_PREFIX on this node's Node object: at start, every
-    `period` seconds, and soon after a volume of this node was made or removed."""
+class NodeSpace:
+    """The node's space, on a bounded schedule: free space, inodes and the floor (on the Node
+    as annotations, for the controller's placement, and as metrics) every `period` seconds and
+    soon after a volume of this node was made or removed; each Ready volume's used and own
+    bytes every `usage_interval` seconds (on its record and as metrics; the scan's cost is a
+    metric too); a Warning event on the Node when free space falls below twice the floor."""
 
     def __init__(
         self,
         kube: Kube,
         disk: LocalDisk,
+        registry: KubeRegistry,
         node_id: str,
         changed: threading.Event,
+        metrics: Metrics,
         period: float = 60.0,
+        usage_interval: float = 300.0,
     ) -> None:
         self.kube = kube
         self.disk = disk
+        self.registry = registry
         self.node_id = node_id
         self.changed = changed
+        self.metrics = metrics
         self.period = period
+        self.usage_interval = usage_interval
+        self._warned = False
+        self._measured: dict[str, Usage] = {}
 
     def report(self) -> None:
-        free = self.disk.free_bytes()
+        free, floor, inodes = self.disk.space()
+        self.metrics.free.labels(self.node_id).set(free)
+        self.metrics.free_inodes.labels(self.node_id).set(inodes)
+        self.metrics.floor.labels(self.node_id).set(floor)
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        patch: dict[str, object] = {
+        patch: JSON = {
             "metadata": {
-                "annotations": {ANNOTATION_FREE_BYTES: str(free), ANNOTATION_REPORTED_AT: now}
+                "annotations": {
+                    ANNOTATION_FREE_BYTES: str(free),
+                    ANNOTATION_FLOOR_BYTES: str(floor),
+                    ANNOTATION_REPORTED_AT: now,
+                }
             }
         }
         self.kube.merge_patch(NODES, self.node_id, patch)
+        low = free < 2 * floor
+        if low and not self._warned:
+            self._event(
+                "LowFreeSpace",
+                f"{size(free)} free under HOSTPATH_PREFIX {self.disk.layout.prefix}; at "
+                f"{size(floor)} (FREE_SPACE_FLOOR) new volumes on this node are refused",
+            )
+        self._warned = low
+
+    def scan(self) -> None:
+        """Measure every Ready volume of this node (never following symlinks)."""
+        began = time.monotonic()
+        records = [r for r in self.registry.list() if r.node == self.node_id]
+        self.metrics.volumes.labels(self.node_id).set(len(records))
+        seen = set()
+        for record in records:
+            if record.phase != Phase.READY:
+                continue
+            directory = self.disk.data_dir(record)
+            if not directory.is_dir():
+                continue
+            usage = measure(directory)
+            seen.add(record.guid)
+            self.metrics.used.labels(record.guid, self.node_id).set(usage.used_bytes)
+            self.metrics.own.labels(record.guid, self.node_id).set(usage.own_bytes)
+            before = self._measured.get(record.guid)
+            if (
+                before is None
+                or abs(before.own_bytes - usage.own_bytes) >= 1 << 20
+                or abs(before.used_bytes - usage.used_bytes) >= 1 << 20
+            ):
+                self.registry.set_usage(record, usage.used_bytes, usage.own_bytes)
+            self._measured[record.guid] = usage
+        for gone in set(self._measured) - seen:
+            self._measured.pop(gone)
+            self.metrics.used.remove(gone, self.node_id)
+            self.metrics.own.remove(gone, self.node_id)
+        self.metrics.scan_seconds.labels(self.node_id).set(time.monotonic() - began)
+
+    def _event(self, reason: str, message: str) -> None:
+        node = self.kube.get(NODES, self.node_id) or {}
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body: JSON = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{self.node_id}.", "namespace": "default"},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "name": self.node_id,
+                "uid": Meta.of(node).uid,
+            },
+            "reason": reason,
+            "message": message,
+            "type": "Warning",
+            "source": {"component": NODE_COMPONENT, "host": self.node_id},
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.kube.create(EVENTS, body, "default")
+        except ApiError as err:
+            log.warning("cannot record event on node %s: %s", self.node_id, err)
+        log.warning("low free space", extra={"fields": {"node": self.node_id, "msg": message}})
 
     def run(self, stop: threading.Event) -> None:
+        next_scan = 0.0
         while not stop.is_set():
             try:
                 self.report()
-            except ApiError as err:
-                log.warning("cannot report free space on node %s: %s", self.node_id, err)
+                if time.monotonic() >= next_scan:
+                    next_scan = time.monotonic() + self.usage_interval
+                    self.scan()
+            except (ApiError, ReflinkerError) as err:
+                log.warning("cannot report space on node %s: %s", self.node_id, err)
             except OSError as err:
-                log.warning("cannot measure free space: %s", err)
-            deadline = time.monotonic() + self.period
+                log.warning("cannot measure space: %s", err)
+            deadline = time.monotonic() + min(self.period, self.usage_interval)
             while not stop.is_set() and time.monotonic() < deadline:
                 if self.changed.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
                     self.changed.clear()

@@ -8,11 +8,13 @@ failure), and owns the finalizer."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 from ..core.errors import classify
 from ..core.keys import FINALIZER
 from ..core.layout import is_guid
 from ..core.records import Kind, Phase, VolumeRecord
+from ..core.space import size
 from .api import JSON, REFLINKVOLUMES, ApiError, Kube, domain_error
 from .model import Meta, record_name, record_of, status_body, to_body
 from .runtime import Informer
@@ -115,6 +117,22 @@ class KubeRegistry:
             )
         except ApiError as err:
             raise domain_error(err, f"update the status of ReflinkVolume {name}") from None
+
+    def set_usage(self, record: VolumeRecord, used: int, own: int) -> None:
+        name = record_name(record.kind, record.name)
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        usage: JSON = {
+            "usedBytes": used,
+            "ownBytes": own,
+            "used": size(used),
+            "own": size(own),
+            "measuredAt": stamp,
+        }
+        try:
+            self.kube.merge_patch(REFLINKVOLUMES, name, {"status": {"usage": usage}}, status=True)
+        except ApiError as err:
+            if err.status != 404:
+                raise domain_error(err, f"update the usage of ReflinkVolume {name}") from None
 
     def set_hot_clone_dir(self, record: VolumeRecord, path: str) -> None:
         name = record_name(record.kind, record.name)

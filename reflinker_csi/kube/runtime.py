@@ -246,8 +246,10 @@ class Controller:
         workers: int = 2,
         leader: LeaderElector | None = None,
         max_backoff: float = 60.0,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
+        self.on_error = on_error
         self.reconcile = reconcile
         self.workers = workers
         self.leader = leader
@@ -288,6 +290,8 @@ class Controller:
             except Exception as err:
                 count = self._failures.get(key, 0) + 1
                 self._failures[key] = count
+                if self.on_error is not None:
+                    self.on_error(self.name)
                 delay = min(self.max_backoff, 0.5 * 2.0**count) * random.uniform(0.9, 1.1)
                 if isinstance(err, ReflinkerError):
                     log.warning("%s: %s: %s; again in %.1f s", self.name, key, err, delay)

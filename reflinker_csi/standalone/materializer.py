@@ -21,6 +21,8 @@ class LocalMaterializer:
     def materialize(
         self, record: VolumeRecord, origin: Origin | None, timeout: float
     ) -> VolumeRecord:
+        if not self.disk.data_dir(record).is_dir():
+            self.disk.check_room(self.node_id)
         if origin is None:
             self.disk.make_empty(record)
         elif origin.record is not None:
@@ -36,7 +38,8 @@ class LocalMaterializer:
     def free_bytes(self, node: str | None) -> int:
         if node is not None and node != self.node_id:
             return 0
-        return self.disk.free_bytes()
+        free, floor, _ = self.disk.space()
+        return max(0, free - floor)
 
     def publishers(self, record: VolumeRecord) -> list[str]:
         return self.disk.publishers(record)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import urllib3
 from kubernetes import client, dynamic
 
 from csi import csi_pb2, csi_pb2_grpc
@@ -56,6 +57,12 @@ class Cluster:
     controller_socket: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    # /metrics of the driver processes, by process name
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+
+    def metrics(self, name: str) -> str:
+        port = self.metrics_ports[name]
+        return urllib3.request("GET", f"http://127.0.0.1:{port}/metrics", timeout=5).data.decode()
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
         self.commands[name] = (args, env)
@@ -170,7 +177,7 @@ def _apply(api: client.ApiClient, docs: list[dict[str, Any]], dry_run: bool) -> 
 
 
 def _driver_env(
-    cluster: Cluster, kubeconfig: Path, socket: Path, namespace_path: str
+    cluster: Cluster, kubeconfig: Path, socket: Path, namespace_path: str, name: str
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
     env.update(
@@ -183,6 +190,7 @@ def _driver_env(
         PYTHONPATH=str(ROOT),
         PG_STATEMENT_TIMEOUT="60",
         NAMESPACE_PATH=namespace_path,
+        METRICS_PORT=str(cluster.metrics_ports.setdefault(name, free_port())),
     )
     return env
 
@@ -250,12 +258,14 @@ def running_stack(
         node_kc = plane.service_account_kubeconfig("pg-reflinker", "pg-reflinker-node")
         reflinker = [sys.executable, "-m", "reflinker_csi.cli"]
         c.spawn(
-            "node", [*reflinker, "node"], _driver_env(c, node_kc, c.node_socket, namespace_path)
+            "node",
+            [*reflinker, "node"],
+            _driver_env(c, node_kc, c.node_socket, namespace_path, "node"),
         )
         c.spawn(
             "controller",
             [*reflinker, "controller"],
-            _driver_env(c, controller_kc, c.controller_socket, namespace_path),
+            _driver_env(c, controller_kc, c.controller_socket, namespace_path, "controller"),
         )
         wait_for(
             "the driver sockets",

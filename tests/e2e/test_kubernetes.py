@@ -55,7 +55,8 @@ def test_records_show_in_kubectl_columns(cluster: Cluster) -> None:
         "reflinkvolumes.pg-reflinker.csi"
     )
     columns = [c.name for c in crd.spec.versions[0].additional_printer_columns]
-    assert columns == ["GUID", "Node", "Source", "Claim", "Phase", "Mode", "Message", "Age"]
+    wanted = ["GUID", "Node", "Source", "Claim", "Phase", "Own", "Used", "Mode", "Message", "Age"]
+    assert columns == wanted
 
 
 def test_node_agent_restart_converges(cluster: Cluster) -> None:
@@ -106,6 +107,19 @@ def test_claim_whose_source_no_pod_uses_gets_a_cold_clone(cluster: Cluster) -> N
     [record] = record_of(cluster, guid)
     assert record["spec"]["cloneMode"] == "cold"
     assert pv.spec.csi.volume_attributes["pg-reflinker.csi/source-pvc"] == f"{NS}/template"
+    # Both processes count the clone and time it: the controller the CreateVolume attempt, the
+    # node plugin its disk work.
+    for process in ("controller", "node"):
+        text = cluster.metrics(process)
+        assert re.search(
+            r'^pg_reflinker_volumes_made_total\{method="cold",result="OK"\} [1-9]', text, re.M
+        ), process
+        assert re.search(
+            r'^pg_reflinker_volume_make_seconds_count\{method="cold"\} [1-9]', text, re.M
+        ), process
+    node = cluster.metrics("node")
+    assert re.search(r'^pg_reflinker_filesystem_free_bytes\{node="node-a"\} [1-9]', node, re.M)
+    assert re.search(r'^pg_reflinker_free_space_floor_bytes\{node="node-a"\} [1-9]', node, re.M)
 
 
 def test_missing_replication_secret_is_named_and_the_claim_binds_once_it_exists(

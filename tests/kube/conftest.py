@@ -19,9 +19,10 @@ import yaml
 from reflinker_csi import DRIVER_NAME, TOPOLOGY_KEY
 from reflinker_csi.core.keys import ANNOTATION_FREE_BYTES, ANNOTATION_REPORTED_AT
 from reflinker_csi.core.layout import Layout
-from reflinker_csi.disk.local import LocalDisk
+from reflinker_csi.disk.local import NO_FLOOR, LocalDisk
 from reflinker_csi.kube import app
 from reflinker_csi.kube.api import CSINODES, JSON, NODES, Kube, Resource
+from reflinker_csi.metrics import Metrics
 from tests.e2e.cluster import ControlPlane
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,15 +114,16 @@ class Mode:
     prefix: Path
     node: str
     nodes: list[str]
+    agent: app.NodeApp
 
 
 @pytest.fixture
 def mode(
     admin: Kube, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Mode]:
-    """A controller and the node plugin of node `<namespace>-a` (in-process; the disk type is
-    the test's parameter), with the claim loop waiting up to 30 s for a node agent and looking
-    for sources in namespace `<namespace>-src` too (NAMESPACE_PATH)."""
+    """A controller and the node plugin of node `<namespace>-a` (in-process; the disk type and
+    the free-space floor may be the test's parameter), with the claim loop waiting up to 30 s
+    for a node agent and looking for sources in namespace `<namespace>-src` too."""
     prefix = tmp_path / "prefix"
     prefix.mkdir()
     node = f"{namespace}-a"
@@ -133,20 +135,22 @@ def mode(
         storage_class="pg-reflinker",
         namespace_path=(f"{namespace}-src",),
         pod_namespace=namespace,
-        report_period=5.0,
+        report_period=1.0,
+        usage_interval=1.0,
         claim_wait_seconds=30.0,
     )
     add_node(admin, node, None)
-    disk_type = getattr(request, "param", LocalDisk)
-    agent = app.node(admin, settings, disk_type(Layout(prefix)))
-    controller = app.controller(admin, settings)
+    floor = getattr(request, "param", {}).get("floor", NO_FLOOR)
+    disk_type = getattr(request, "param", {}).get("disk", LocalDisk)
+    agent = app.node(admin, settings, disk_type(Layout(prefix), floor=floor), Metrics())
+    controller = app.controller(admin, settings, Metrics())
     nodes = [node]
     try:
         eventually(
             "the controller to see the node plugin's report",
-            lambda: controller.volumes.free_bytes(node),
+            lambda: node in controller.reports.reports(),
         )
-        yield Mode(controller, prefix, node, nodes)
+        yield Mode(controller, prefix, node, nodes, agent)
     finally:
         controller.runner.stop(10)
         agent.runner.stop(10)

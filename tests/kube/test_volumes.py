@@ -5,6 +5,7 @@ directory (empty volumes need no reflinks)."""
 from __future__ import annotations
 
 import errno
+import re
 import shutil
 
 import pytest
@@ -13,10 +14,11 @@ from reflinker_csi import TOPOLOGY_KEY
 from reflinker_csi.core import errors
 from reflinker_csi.core.keys import ANNOTATION_FREE_BYTES
 from reflinker_csi.core.records import Phase, VolumeRecord
+from reflinker_csi.core.space import SpaceFloor
 from reflinker_csi.core.volumes import CreateSpec
 from reflinker_csi.disk.local import LocalDisk
-from reflinker_csi.kube.api import NODES, REFLINKVOLUMES, Kube
-from reflinker_csi.kube.model import Meta, record_of
+from reflinker_csi.kube.api import EVENTS, NODES, REFLINKVOLUMES, Kube
+from reflinker_csi.kube.model import Meta, obj, record_of, text
 from tests.kube.conftest import Mode, add_node, eventually
 
 GiB = 1 << 30
@@ -71,7 +73,7 @@ def test_no_node_with_room_is_resource_exhausted(admin: Kube, mode: Mode) -> Non
     )
 
 
-@pytest.mark.parametrize("mode", [FullDisk], indirect=True)
+@pytest.mark.parametrize("mode", [{"disk": FullDisk}], indirect=True)
 def test_a_node_failure_reaches_the_caller_with_its_own_code(admin: Kube, mode: Mode) -> None:
     with pytest.raises(errors.ResourceExhausted) as err:
         mode.controller.volumes.create(
@@ -97,3 +99,50 @@ def test_deleting_a_volume_removes_its_directory_and_record(admin: Kube, mode: M
     )
     assert not (mode.prefix / record.guid).exists()
     assert list(mode.prefix.iterdir()) == [mode.prefix / ".pg-reflinker"]
+
+
+def test_each_volume_shows_what_it_holds_on_its_record(admin: Kube, mode: Mode) -> None:
+    volumes = mode.controller.volumes
+    record = volumes.create(CreateSpec(name="pvc-usage"), 30)
+    (mode.prefix / record.guid / "data").write_bytes(b"x" * (3 << 20))
+
+    def usage() -> dict[str, object] | None:
+        [value] = [v for v in admin.list(REFLINKVOLUMES)[0] if record_of(v).guid == record.guid]
+        status = value.get("status")
+        found = status.get("usage") if isinstance(status, dict) else None
+        if isinstance(found, dict) and found.get("usedBytes") == 3 << 20:
+            return found
+        return None
+
+    shown = eventually("the measured usage on the record", usage)
+    # This filesystem shares nothing (no reflinks): everything a volume holds is its own.
+    assert (shown["ownBytes"], shown["own"], shown["used"]) == (3 << 20, "3.0 MiB", "3.0 MiB")
+
+
+@pytest.mark.parametrize("mode", [{"floor": SpaceFloor(percent=99.99)}], indirect=True)
+def test_below_the_floor_the_node_warns_and_takes_no_new_volume(admin: Kube, mode: Mode) -> None:
+    def warning() -> list[str]:
+        items, _ = admin.list(EVENTS, "default")
+        return [
+            f"{text(e, 'type')} {text(e, 'reason')}: {text(e, 'message')}"
+            for e in items
+            if text(obj(e, "involvedObject"), "name") == mode.node
+        ]
+
+    [event] = eventually("a Warning event on the node", warning)
+    assert re.fullmatch(
+        rf"Warning LowFreeSpace: [0-9.]+ GiB free under HOSTPATH_PREFIX "
+        rf"{re.escape(str(mode.prefix))}; at [0-9.]+ GiB \(FREE_SPACE_FLOOR\) new volumes on "
+        r"this node are refused",
+        event,
+    ), event
+    assert mode.controller.volumes.free_bytes(mode.node) == 0
+    with pytest.raises(errors.ResourceExhausted) as err:
+        mode.controller.volumes.create(
+            CreateSpec(name="pvc-floor", requisite=[{TOPOLOGY_KEY: mode.node}]), 10
+        )
+    assert str(err.value) == (
+        f"no requested node can hold the volume: requested ['{mode.node}'], but only [] run the "
+        "pg-reflinker node plugin with enough free space; check the StorageClass "
+        "allowedTopologies, the node plugin's NODE_ID and free space"
+    )

@@ -1,0 +1,97 @@
+"""Prometheus metrics of the controller and the node plugin, served on METRICS_PORT at
+/metrics. Names start with pg_reflinker_; docs/metrics.md lists them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.made = Counter(
+            "pg_reflinker_volumes_made",
+            "Volumes and snapshots made, by method (hot, cold, empty, snapshot) and result "
+            "(OK or the CSI code of the failure)",
+            ["method", "result"],
+            registry=r,
+        )
+        self.seconds = Histogram(
+            "pg_reflinker_volume_make_seconds",
+            "Time to make a volume that succeeded: on the controller the whole CreateVolume "
+            "attempt (a hot clone included), on the node the disk work",
+            ["method"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.reconcile_errors = Counter(
+            "pg_reflinker_reconcile_errors",
+            "Reconcile attempts that failed and were retried, by loop",
+            ["loop"],
+            registry=r,
+        )
+        self.volumes = Gauge(
+            "pg_reflinker_volumes", "Volumes and snapshots on this node", ["node"], registry=r
+        )
+        self.used = Gauge(
+            "pg_reflinker_volume_used_bytes",
+            "Bytes allocated to a volume's files, shared or not",
+            ["volume", "node"],
+            registry=r,
+        )
+        self.own = Gauge(
+            "pg_reflinker_volume_own_bytes",
+            "Bytes of a volume shared with no other file: what it really costs",
+            ["volume", "node"],
+            registry=r,
+        )
+        self.free = Gauge(
+            "pg_reflinker_filesystem_free_bytes",
+            "Free bytes under HOSTPATH_PREFIX",
+            ["node"],
+            registry=r,
+        )
+        self.free_inodes = Gauge(
+            "pg_reflinker_filesystem_free_inodes",
+            "Free inodes under HOSTPATH_PREFIX",
+            ["node"],
+            registry=r,
+        )
+        self.floor = Gauge(
+            "pg_reflinker_free_space_floor_bytes",
+            "FREE_SPACE_FLOOR in bytes: below it no new volume is made on the node",
+            ["node"],
+            registry=r,
+        )
+        self.scan_seconds = Gauge(
+            "pg_reflinker_usage_scan_seconds",
+            "How long the last measurement of every volume's used and own bytes took",
+            ["node"],
+            registry=r,
+        )
+
+    # -- the domain's Recorder --------------------------------------------------------------
+
+    def volume_made(self, method: str, result: str, seconds: float) -> None:
+        self.made.labels(method, result).inc()
+        if result == "OK":
+            self.seconds.labels(method).observe(seconds)
+
+    def reconcile_error(self, loop: str) -> None:
+        self.reconcile_errors.labels(loop).inc()
+
+    def serve(self, port: int) -> threading.Thread | None:
+        """Serve /metrics on port (all addresses); None when port is 0."""
+        if not port:
+            return None
+        _, thread = start_http_server(port, registry=self.registry)
+        log.info("metrics", extra={"fields": {"port": port, "path": "/metrics"}})
+        return thread
