@@ -317,7 +317,9 @@ def test_list_volumes_pages_and_rejects_foreign_tokens(driver: Driver) -> None:
     )
 
 
-def test_get_capacity_is_free_space_of_the_prefix_above_the_floor(driver: Driver, xfs: Filesystem) -> None:
+def test_get_capacity_is_free_space_of_the_prefix_above_the_floor(
+    driver: Driver, xfs: Filesystem
+) -> None:
     free = driver.controller.GetCapacity(csi_pb2.GetCapacityRequest()).available_capacity
     st = os.statvfs(xfs.mnt)
     floor = st.f_blocks * st.f_frsize * 5 // 100  # FREE_SPACE_FLOOR's default: 5%
