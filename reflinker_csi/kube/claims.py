@@ -97,6 +97,7 @@ class ClaimLoop:
         self._waiting: dict[str, set[str]] = {}  # source claim name -> waiting claim keys
         self._failures: dict[str, int] = {}  # claim key -> failed attempts in a row
         self._announced: set[str] = set()
+        self._provisioned: set[str] = set()  # PV made; waiting for the PV controller to bind
 
     # -- what to reconcile ------------------------------------------------------------------
 
@@ -139,6 +140,8 @@ class ClaimLoop:
         if claim is None or not self._is_ours(claim):
             self._forget(key)
             return DONE
+        if key in self._provisioned or self._bound_elsewhere(claim):
+            return DONE  # our PV exists: the claim changes until the PV controller binds it
         started = time.monotonic()
         try:
             record = self.provision(claim)
@@ -158,6 +161,7 @@ class ClaimLoop:
             )
             return Requeue(backoff)
         self._forget(key)
+        self._provisioned.add(key)
         self.event(
             claim,
             "Normal",
@@ -167,9 +171,15 @@ class ClaimLoop:
         )
         return DONE
 
+    def _bound_elsewhere(self, claim: Claim) -> bool:
+        """A PV of ours already names this claim (made before a restart of the controller)."""
+        record = self.volumes.registry.get_by_name(request_name(claim))
+        return record is not None and self.pvs.get(record.guid) is not None
+
     def _forget(self, key: str) -> None:
         self._failures.pop(key, None)
         self._announced.discard(key)
+        self._provisioned.discard(key)
         with self._lock:
             for waiting in self._waiting.values():
                 waiting.discard(key)
