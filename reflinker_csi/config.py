@@ -286,8 +286,8 @@ def load(env: Mapping[str, str] | None = None, mode: str = "standalone") -> Conf
         cow_extent_size=_parse(
             env,
             "COW_EXTENT_SIZE",
-            "32Ki",
-            "a multiple of 4Ki up to 1Gi (such as 32Ki), or 0 for the filesystem's default",
+            "8Ki",
+            "a multiple of 4Ki up to 1Gi (such as 8Ki), or 0 for the filesystem's default",
             _cow_size,
         ),
         metrics_port=_parse(

@@ -34,7 +34,7 @@ def test_defaults_and_parsing(tmp_path: Path) -> None:
     with pytest.raises(AttributeError):
         cfg.node_id = "x"  # type: ignore[misc]
     # Space settings: defaults, and both spellings of the floor.
-    assert (str(cfg.free_space_floor), cfg.cow_extent_size, cfg.metrics_port) == ("5%", 32768, 0)
+    assert (str(cfg.free_space_floor), cfg.cow_extent_size, cfg.metrics_port) == ("5%", 8192, 0)
     assert cfg.free_space_floor.of(1000) == 50
     sized = config.load(env | {"FREE_SPACE_FLOOR": "20Gi", "COW_EXTENT_SIZE": "0"})
     assert (sized.free_space_floor.of(1 << 40), sized.cow_extent_size) == (20 << 30, 0)

@@ -60,9 +60,9 @@ def test_a_fresh_clone_owns_nothing_and_owns_what_is_written_into_it(
     publish(driver, source, driver.target_root / "source")
     publish(driver, clone.volume_id, driver.target_root / "clone")
 
-    # COW_EXTENT_SIZE (32 KiB by default) is set on the prefix and inherited by every volume.
-    assert cow_extent_size(driver.prefix) == 32 * 1024
-    assert cow_extent_size(driver.prefix / clone.volume_id) == 32 * 1024
+    # COW_EXTENT_SIZE (8 KiB by default) is set on the prefix and inherited by every volume.
+    assert cow_extent_size(driver.prefix) == 8 * 1024
+    assert cow_extent_size(driver.prefix / clone.volume_id) == 8 * 1024
     assert used(driver, clone.volume_id, driver.target_root / "clone") == 0
     assert used(driver, source, driver.target_root / "source") == 0  # all of it is shared now
 

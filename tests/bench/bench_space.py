@@ -25,9 +25,17 @@ from reflinker_csi.disk import reflink
 from reflinker_csi.disk.usage import FS_IOC_FIEMAP, set_cow_extent_size
 from tests.bench.report import write_section
 from tests.conftest import Filesystem
-from tests.pgserver import PostgresServer, chown_postgres, free_port, pg_bin, remove
+from tests.pgserver import (
+    Certificates,
+    PostgresServer,
+    chown_postgres,
+    free_port,
+    pg_bin,
+    remove,
+)
 
 KiB = 1024
+DEFAULT_KIB = 8  # COW_EXTENT_SIZE's default (reflinker_csi/config.py)
 
 
 @dataclass
@@ -91,7 +99,11 @@ def bench_hint(hint_kib: int, scale: int, clones: int, tx: int, clone_tx: int) -
         prefix.mkdir()
         set_cow_extent_size(prefix, hint_kib * KiB)
         sock = fs.work / "sock"
-        source = PostgresServer(volume=prefix / "source", port=free_port(), socket_dir=sock)
+        certs = Certificates.create(fs.work / "certs", "pg-xyz", "apps")
+        os.chmod(certs.directory, 0o755)
+        source = PostgresServer(
+            volume=prefix / "source", port=free_port(), socket_dir=sock, certs=certs
+        )
         source.initdb()
         source.start()
         source.psql("CREATE DATABASE app")
@@ -102,7 +114,9 @@ def bench_hint(hint_kib: int, scale: int, clones: int, tx: int, clone_tx: int) -
         for i in range(clones):
             target = prefix / f"clone-{i}"
             reflink.copy_tree(source.volume, target)
-            copies.append(PostgresServer(volume=target, port=free_port(), socket_dir=sock))
+            copies.append(
+                PostgresServer(volume=target, port=free_port(), socket_dir=sock, certs=certs)
+            )
         subprocess.run(["sync"], check=True)
         before, written_before = used(fs.mnt), device_writes(fs)
 
@@ -171,6 +185,20 @@ def main() -> int:
             f"{r.growth / max(r.written, 1):.2f} | {r.extents} | {r.next_clone:.3f} | "
             f"{r.tps_source:.0f} | {r.tps_clones:.0f} |"
         )
+    by_hint = {r.hint_kib: r for r in rows}
+    if DEFAULT_KIB in by_hint and 0 in by_hint:
+        chosen, xfs = by_hint[DEFAULT_KIB], by_hint[0]
+        lines += [
+            "",
+            f"pg-reflinker sets {DEFAULT_KIB} KiB by default (`COW_EXTENT_SIZE`): in this run "
+            f"the filesystem grew {1 - chosen.growth / xfs.growth:.0%} less than with XFS's "
+            f"default, at {chosen.tps_source / xfs.tps_source:.2f}x its tps on the source and "
+            f"{chosen.tps_clones / xfs.tps_clones:.2f}x on the clones, and the next clone took "
+            f"{chosen.next_clone / xfs.next_clone:.2f}x as long. 8 KiB is PostgreSQL's page: a "
+            "page written into a clone unshares that page and no more. What a smaller hint could "
+            "cost, more and smaller extents (a clone costs per extent), shows in the extents and "
+            "next clone columns; see docs/space.md.",
+        ]
     print("\n".join(lines))
     write_section("space", lines)
     return 0
