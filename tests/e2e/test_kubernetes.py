@@ -40,7 +40,14 @@ def test_source_pod_not_ready_keeps_the_claim_pending_until_it_is(
             ],
             30,
         )
-        assert "not Running and Ready" in events[0]
+        # external-provisioner's event carries the driver's message whole.
+        assert re.fullmatch(
+            r"pg-reflinker\.csi_\S+ ProvisioningFailed: rpc error: code = Unavailable desc = "
+            r"source pod "
+            rf"{NS}/{cnpg.pvc} \(CNPG cluster pg-xyz\) is not Running and Ready \(phase "
+            r"Running\); the clone is retried once it is",
+            events[0],
+        ), events[0]
         pvc = cluster.core.read_namespaced_persistent_volume_claim("pg-xyz-wait", NS)
         assert pvc.status.phase == "Pending"
     finally:
@@ -138,7 +145,12 @@ def test_missing_replication_secret_is_named_and_the_claim_binds_once_it_exists(
             ],
             30,
         )
-        assert "is missing" in events[0]
+        assert re.fullmatch(
+            r"pg-reflinker\.csi_\S+ ProvisioningFailed: rpc error: code = FailedPrecondition "
+            r"desc = secret "
+            rf"{NS}/pg-xyz-replication is missing; CNPG creates it for the source cluster",
+            events[0],
+        ), events[0]
     finally:
         secret.metadata = client.V1ObjectMeta(name="pg-xyz-replication")
         cluster.core.create_namespaced_secret(NS, secret)
