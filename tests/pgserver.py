@@ -179,14 +179,21 @@ class PostgresServer:
     def log_file(self) -> Path:
         return self.socket_dir / f"postgres-{self.port}.log"
 
-    def initdb(self) -> None:
+    def initdb(self, waldir: Path | None = None) -> None:
+        """waldir: pg_wal there (a link to it in PGDATA), as CNPG's walStorage makes it."""
         self.volume.mkdir(parents=True, exist_ok=True)
         chown_postgres(self.volume)
+        wal_args: list[str] = []
+        if waldir is not None:
+            waldir.parent.mkdir(parents=True, exist_ok=True)
+            chown_postgres(waldir.parent)
+            wal_args = ["--waldir", str(waldir)]
         run_as_postgres(
             [
                 str(pg_bin() / "initdb"),
                 "-D",
                 str(self.pgdata),
+                *wal_args,
                 "-U",
                 PG_USER,
                 "--auth-local=trust",

@@ -38,7 +38,7 @@ SCALE = 50
 
 
 class Source:
-    def __init__(self, fs: Filesystem) -> None:
+    def __init__(self, fs: Filesystem, waldir: Path | None = None, scale: int = SCALE) -> None:
         self.fs = fs
         self.certs = Certificates.create(fs.work / "certs", "pg-xyz", "apps")
         os.chmod(fs.work, 0o755)
@@ -49,12 +49,12 @@ class Source:
             socket_dir=fs.work / "sock",
             certs=self.certs,
         )
-        self.server.initdb()
+        self.server.initdb(waldir)
         self.server.start()
         try:
             self.server.install_function()
             self.server.psql("CREATE DATABASE app")
-            self.server.pgbench("-i", "-s", str(SCALE), "-q")
+            self.server.pgbench("-i", "-s", str(scale), "-q")
             self.server.psql("CHECKPOINT")
         except BaseException:
             self.server.stop("immediate")
@@ -395,3 +395,29 @@ def test_a_program_failure_after_the_whole_statement_timeout_is_a_deadline() -> 
     failed = pg_errors.ExternalRoutineException('program "cp ..." failed')
     assert isinstance(_query_error(failed, server, timed_out=True), errors.DeadlineExceeded)
     assert isinstance(_query_error(failed, server, timed_out=False), errors.FailedPrecondition)
+
+
+def test_a_source_with_wal_on_another_filesystem_clones_with_every_row() -> None:
+    """CNPG's walStorage: pg_wal links to a second volume (here a second XFS filesystem), which
+    cannot be reflinked into the clone; the WAL written during the backup is copied instead."""
+    data, wal = Filesystem("xfs", size="4G"), Filesystem("xfs", size="2G")
+    try:
+        os.chmod(wal.work, 0o755)
+        src = Source(data, waldir=wal.mnt / "wal" / "pg_wal", scale=5)
+        try:
+            assert (src.server.pgdata / "pg_wal").is_symlink()
+            src.server.pgbench("-c", "2", "-t", "500")  # WAL beyond the last checkpoint
+            result = hot_clone(src.endpoint, str(uuid.uuid4()))
+            copied_wal = Path(result.directory, "pgdata", "pg_wal")
+            assert copied_wal.is_dir() and not copied_wal.is_symlink()
+            clone = check_clone(src, Path(result.directory))
+            try:
+                assert counts(clone) == counts(src.server)
+                assert history_rows(clone) == history_rows(src.server) == 1000
+            finally:
+                clone.stop()
+        finally:
+            src.server.stop("immediate")
+    finally:
+        data.close()
+        wal.close()

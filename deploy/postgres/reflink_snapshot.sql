@@ -20,7 +20,9 @@
 -- copied after the stop, from the backup's start segment on, and a temporary physical
 -- replication slot keeps that WAL from being recycled while the copy runs. The work happens in
 -- <label>.partial, renamed into place when complete. A second call with the same label returns
--- the finished directory without copying; a leftover <label>.partial is removed first.
+-- the finished directory without copying; a leftover <label>.partial is removed first. A pg_wal
+-- that links to another filesystem (a separate WAL volume) is supported: the clone gets a
+-- pg_wal directory of its own, with the backup's WAL copied into it.
 --
 -- Core PostgreSQL only: plpgsql, COPY ... TO PROGRAM (as the function owner, a superuser), and
 -- cp, mv, rm, mkdir, base64 from coreutils on the server.
@@ -148,11 +150,13 @@ BEGIN
     END LOOP;
 
     -- backup_label and tablespace_map byte for byte (base64 through the shell), the WAL, and
-    -- the rename that makes the copy visible, in one program.
+    -- the rename that makes the copy visible, in one program. WAL is reflinked when pg_wal is on
+    -- the data directory's filesystem and copied byte for byte when it is a link to another
+    -- one (CloudNativePG's walStorage): that is only the WAL written during the backup.
     PERFORM reflinker.run(format(
         'printf %%s %1$s | base64 -d > %2$s/backup_label; '
         'if [ -n %3$s ]; then printf %%s %3$s | base64 -d > %2$s/tablespace_map; fi; '
-        'if [ -n %4$s ]; then cd %5$s/pg_wal; cp --reflink=always -p -- %6$s %2$s/pg_wal/; fi; '
+        'if [ -n %4$s ]; then cd %5$s/pg_wal; cp --reflink=auto -p -- %6$s %2$s/pg_wal/; fi; '
         'mv -T -- %7$s %8$s',
         reflinker.sh_quote(translate(encode(convert_to(stop.labelfile, 'UTF8'), 'base64'), E'\n', '')),
         reflinker.sh_quote(dst),
