@@ -338,8 +338,9 @@ class PostgresServer:
             cwd=PG_CWD,
         )
 
-    def basebackup(self, target: Path) -> None:
-        """pg_basebackup -X stream -c fast into target (what users do today without reflinks)."""
+    def basebackup(self, target: Path, standby: bool = False) -> None:
+        """pg_basebackup -X stream -c fast into target (what users do today without reflinks);
+        standby: write the settings of a streaming replica of this server (-R)."""
         target.mkdir(mode=0o700)
         chown_postgres(target)
         run_as_postgres(
@@ -357,6 +358,7 @@ class PostgresServer:
                 "stream",
                 "-c",
                 "fast",
+                *(["-R"] if standby else []),
             ],
             capture_output=True,
         )

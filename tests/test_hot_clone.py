@@ -29,6 +29,7 @@ from tests.pgserver import (
     Certificates,
     PostgresServer,
     boot_clone,
+    chown_postgres,
     free_port,
     remove,
 )
@@ -421,3 +422,38 @@ def test_a_source_with_wal_on_another_filesystem_clones_with_every_row() -> None
     finally:
         data.close()
         wal.close()
+
+
+def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source) -> None:
+    """CNPG's prefer-standby: the backup is taken on a streaming replica (no write stalls on the
+    primary); the clone reaches consistency and opens as a primary."""
+    standby = PostgresServer(
+        volume=source.fs.mnt / "volume-standby",
+        port=free_port(),
+        socket_dir=source.fs.work / "sock",
+        certs=source.certs,
+    )
+    standby.volume.mkdir()
+    chown_postgres(standby.volume)
+    source.server.basebackup(standby.pgdata, standby=True)
+    standby.start()
+    try:
+        source.server.pgbench("-c", "2", "-t", "200")
+        target = source.server.psql("SELECT pg_current_wal_lsn()")
+        deadline = time.monotonic() + 60
+        while standby.psql(f"SELECT pg_last_wal_replay_lsn() >= '{target}'") != "t":
+            assert time.monotonic() < deadline, "the standby did not catch up in 60 s"
+            time.sleep(0.1)
+        assert standby.psql("SELECT pg_is_in_recovery()") == "t"
+        result = hot_clone(replace(source.endpoint, port=standby.port), str(uuid.uuid4()))
+        label = Path(result.directory, "pgdata", "backup_label").read_text()
+        assert "BACKUP FROM: standby" in label
+        clone = check_clone(source, Path(result.directory))  # a primary, not in recovery
+        try:
+            assert counts(clone) == counts(standby) == counts(source.server)
+            clone.amcheck()
+        finally:
+            clone.stop()
+    finally:
+        standby.stop("immediate")
+        remove(standby.volume)
