@@ -457,3 +457,24 @@ def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source) -> N
     finally:
         standby.stop("immediate")
         remove(standby.volume)
+
+
+def test_a_source_with_a_tablespace_is_refused_naming_it_and_left_as_it_was(
+    source: Source,
+) -> None:
+    location = source.fs.mnt / "tablespace-archive"
+    location.mkdir()
+    chown_postgres(location)
+    source.server.psql(f"CREATE TABLESPACE archive LOCATION '{location}'")
+    try:
+        with pytest.raises(errors.FailedPrecondition) as err:
+            hot_clone(source.endpoint, str(uuid.uuid4()))
+    finally:
+        source.server.psql("DROP TABLESPACE archive")
+    assert str(err.value) == (
+        f"reflink_snapshot(text) failed on {source.endpoint.where}: reflink_snapshot: "
+        "tablespaces archive cannot be cloned (they live outside the data directory); move "
+        "their objects to pg_default"
+    )
+    assert partials(source) == [] and key_dirs() == []
+    assert source.server.psql("SELECT count(*) FROM pg_replication_slots") == "0"

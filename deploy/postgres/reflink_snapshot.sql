@@ -104,8 +104,10 @@ BEGIN
         RETURN target;
     END IF;
 
-    IF EXISTS (SELECT 1 FROM pg_ls_dir(datadir || '/pg_tblspc') AS t(n)) THEN
-        RAISE EXCEPTION 'reflink_snapshot: tablespaces are not supported (they live on other filesystems and cannot be reflinked)'
+    SELECT string_agg(quote_ident(spcname), ', ' ORDER BY spcname) INTO name
+      FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global');
+    IF name IS NOT NULL THEN
+        RAISE EXCEPTION 'reflink_snapshot: tablespaces % cannot be cloned (they live outside the data directory); move their objects to pg_default', name
             USING ERRCODE = 'feature_not_supported';
     END IF;
 
