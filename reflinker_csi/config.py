@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from . import DRIVER_NAME
-from .core.space import SpaceFloor
+from .core.space import SpaceFloor, parse_quantity
 
 # The plugin-name rule csi-sanity and the CSI spec apply.
 _DRIVER_NAME_RE = re.compile(r"^[a-zA-Z][A-Za-z0-9\-._]{0,61}[a-zA-Z]$")
@@ -39,29 +39,21 @@ class ConfigError(Exception):
         self.variable = variable
 
 
-_QUANTITY_RE = re.compile(r"^([0-9]+)(Ki|Mi|Gi|Ti|K|M|G|T|)$")
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-_UNITS.update({"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40})
-
-
 def _floor(raw: str) -> SpaceFloor:
     if raw.endswith("%"):
         percent = float(raw[:-1])
         if not 0 <= percent < 100:
             raise ValueError
         return SpaceFloor(percent=percent)
-    found = _QUANTITY_RE.match(raw)
-    if found is None:
+    value = parse_quantity(raw)
+    if value is None:
         raise ValueError
-    return SpaceFloor(bytes=int(found.group(1)) * _UNITS[found.group(2)])
+    return SpaceFloor(bytes=value)
 
 
 def _cow_size(raw: str) -> int:
-    found = _QUANTITY_RE.match(raw)
-    if found is None:
-        raise ValueError
-    value = int(found.group(1)) * _UNITS[found.group(2)]
-    if value % 4096 or value > 1 << 30:  # whole filesystem blocks, at most 1 GiB
+    value = parse_quantity(raw)
+    if value is None or value % 4096 or value > 1 << 30:  # whole filesystem blocks, at most 1 GiB
         raise ValueError
     return value
 

@@ -70,6 +70,13 @@ class VolumeRecord:
     def source_kind(self) -> Kind:
         return Kind.VOLUME if self.source_volume_id else Kind.SNAPSHOT
 
+    @property
+    def method(self) -> str:
+        """How it is made, as metrics name it: snapshot, hot, cold or empty."""
+        if self.kind == Kind.SNAPSHOT:
+            return "snapshot"
+        return str(self.clone_mode or "empty")
+
     def with_phase(self, phase: Phase, code: str = "", message: str = "") -> VolumeRecord:
         return dataclasses.replace(self, phase=phase, code=code, message=message)
 

@@ -273,7 +273,7 @@ class VolumeService:
     def _complete(
         self, record: VolumeRecord, origin: Origin | None, timeout: float
     ) -> VolumeRecord:
-        method = "snapshot" if record.kind == Kind.SNAPSHOT else str(record.clone_mode or "empty")
+        method = record.method
         started = time.monotonic()
         try:
             made = self._make(record, origin, timeout)

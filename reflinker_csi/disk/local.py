@@ -10,10 +10,10 @@ import os
 import shutil
 from pathlib import Path
 
-from ..core.errors import FailedPrecondition, ResourceExhausted, VolumeInUse
+from ..core.errors import FailedPrecondition, VolumeInUse
 from ..core.layout import DELETING_SUFFIX, PARTIAL_SUFFIX, Layout, is_guid
 from ..core.records import Kind, VolumeRecord
-from ..core.space import SpaceFloor, size
+from ..core.space import SpaceFloor, check_room
 from . import reflink
 from .mounts import mounts_of
 from .usage import cow_extent_size, set_cow_extent_size
@@ -73,10 +73,6 @@ class LocalDisk:
             extra={"fields": {"prefix": str(self.layout.prefix), "bytes": size_bytes}},
         )
 
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.layout.prefix)
-        return st.f_bavail * st.f_frsize
-
     def space(self) -> tuple[int, int, int]:
         """(free bytes, the floor in bytes, free inodes) under the prefix."""
         st = os.statvfs(self.layout.prefix)
@@ -89,12 +85,7 @@ class LocalDisk:
     def check_room(self, node: str) -> None:
         """Refuse a new volume below the free-space floor; existing volumes are not touched."""
         free, floor, _ = self.space()
-        if free < floor:
-            raise ResourceExhausted(
-                f"node {node} has {size(free)} free under {self.layout.prefix}, below the floor "
-                f"of {size(floor)} (FREE_SPACE_FLOOR={self.floor}); no new volume is made there "
-                "until space is freed (existing volumes are not affected)"
-            )
+        check_room(node, free, floor, str(self.layout.prefix), str(self.floor))
 
     def publishers(self, record: VolumeRecord) -> list[str]:
         """Mount points that expose the record's directory (pods using it)."""

@@ -26,12 +26,13 @@ class Usage:
     used_bytes: int  # allocated to the volume's files (shared or not)
     own_bytes: int  # allocated and shared with no other file
     files: int
+    extents: int
     seconds: float  # what measuring cost
 
 
-def file_extents(fd: int) -> tuple[int, int]:
-    """(allocated bytes, bytes in extents not marked shared) of one open regular file."""
-    used = own = 0
+def file_extents(fd: int) -> tuple[int, int, int]:
+    """(allocated bytes, bytes in extents not marked shared, extents) of one open file."""
+    used = own = count = 0
     start = 0
     while True:
         request = bytearray(_HEADER.size + _EXTENT.size * _BATCH)
@@ -39,7 +40,8 @@ def file_extents(fd: int) -> tuple[int, int]:
         fcntl.ioctl(fd, FS_IOC_FIEMAP, request)
         mapped = _HEADER.unpack_from(request, 0)[3]
         if mapped == 0:
-            return used, own
+            return used, own, count
+        count += mapped
         last = False
         for i in range(mapped):
             logical, _, length, _, _, flags, _, _, _ = _EXTENT.unpack_from(
@@ -51,13 +53,13 @@ def file_extents(fd: int) -> tuple[int, int]:
             start = logical + length
             last = bool(flags & _LAST)
         if last:
-            return used, own
+            return used, own, count
 
 
 def measure(directory: Path) -> Usage:
     """Walk directory (never following symlinks) and add up its regular files' extents."""
     began = time.monotonic()
-    used = own = files = 0
+    used = own = files = extents = 0
     for root, _dirs, names in os.walk(directory, followlinks=False):
         for name in names:
             try:
@@ -67,7 +69,7 @@ def measure(directory: Path) -> Usage:
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     continue
-                file_used, file_own = file_extents(fd)
+                file_used, file_own, file_count = file_extents(fd)
             except OSError:
                 continue  # removed or truncated while measured; the next pass counts it
             finally:
@@ -75,7 +77,8 @@ def measure(directory: Path) -> Usage:
             used += file_used
             own += file_own
             files += 1
-    return Usage(used, own, files, time.monotonic() - began)
+            extents += file_count
+    return Usage(used, own, files, extents, time.monotonic() - began)
 
 
 # -- the copy-on-write extent size hint (XFS) -------------------------------------------------

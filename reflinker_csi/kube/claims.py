@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from ..core.errors import (
@@ -45,7 +44,8 @@ from ..core.layout import Layout
 from ..core.locator import SourceLocation
 from ..core.records import Phase, VolumeRecord
 from ..core.volumes import CreateSpec, VolumeService
-from .api import EVENTS, JSON, STORAGECLASSES, VOLUMES, ApiError, Kube, domain_error
+from .api import JSON, STORAGECLASSES, VOLUMES, ApiError, Kube, domain_error
+from .events import record_event
 from .locator import KubeSourceLocator
 from .model import Claim, PersistentVolume, key_of, quantity_bytes, record_of, text
 from .runtime import DONE, Informer, Requeue, Result
@@ -366,30 +366,14 @@ class ClaimLoop:
     # -- events -----------------------------------------------------------------------------
 
     def event(self, claim: Claim, kind: str, reason: str, message: str) -> None:
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body: JSON = {
+        involved: JSON = {
             "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{claim.meta.name}.", "namespace": claim.meta.namespace},
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "namespace": claim.meta.namespace,
-                "name": claim.meta.name,
-                "uid": claim.meta.uid,
-            },
-            "reason": reason,
-            "message": message[:1000],
-            "type": kind,
-            "source": {"component": CLAIM_LOOP_COMPONENT},
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
+            "kind": "PersistentVolumeClaim",
+            "namespace": claim.meta.namespace,
+            "name": claim.meta.name,
+            "uid": claim.meta.uid,
         }
-        try:
-            self.kube.create(EVENTS, body, claim.meta.namespace)
-        except ApiError as err:
-            log.warning("cannot record event on %s: %s", claim.meta.key, err)
+        record_event(self.kube, involved, kind, reason, message, CLAIM_LOOP_COMPONENT)
         log.info(
             "claim event",
             extra={"fields": {"claim": claim.meta.key, "reason": reason, "msg": message}},

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from ..core.errors import (
     FailedPrecondition,
     OperationInProgress,
-    ResourceExhausted,
     SourceUnavailable,
     from_code,
 )
@@ -26,7 +25,7 @@ from ..core.keys import (
 from ..core.layout import Layout
 from ..core.locator import SourceLocation
 from ..core.records import CloneMode, Phase, VolumeRecord
-from ..core.space import size
+from ..core.space import check_room
 from ..core.volumes import Origin
 from ..pg.source import hot_clone
 from .model import CSINode, Meta, parse_time
@@ -177,12 +176,7 @@ class KubeMaterializer:
     def _check_room(self, node: str) -> None:
         """The node's floor, from its report, before the source server makes a copy there."""
         free, floor = self.reports.reports().get(node, (0, 0))
-        if floor and free < floor:
-            raise ResourceExhausted(
-                f"node {node} has {size(free)} free under its HOSTPATH_PREFIX, below the floor "
-                f"of {size(floor)} (FREE_SPACE_FLOOR); no new volume is made there until space "
-                "is freed (existing volumes are not affected)"
-            )
+        check_room(node, free, floor, "its HOSTPATH_PREFIX")
 
     def _not_failed(self, record: VolumeRecord) -> bool | None:
         current = self.registry.get_by_name(record.name, record.kind)

@@ -11,11 +11,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 from typing import TypeVar, cast
 
 from ..core.keys import CTX_CLAIM, CTX_SOURCE_PVC, FINALIZER, LABEL_GUID, LABEL_NODE
 from ..core.records import CloneMode, Kind, Phase, VolumeRecord
+from ..core.space import parse_quantity
 from .api import JSON, REFLINKVOLUMES
 
 E = TypeVar("E", Kind, CloneMode, Phase)
@@ -61,19 +61,9 @@ def texts(value: object, key: str) -> tuple[str, ...]:
     return tuple(i for i in inner if isinstance(i, str)) if isinstance(inner, list) else ()
 
 
-_SUFFIXES = {
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "": 1,
-}  # fmt: skip
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|)$")
-
-
 def quantity_bytes(quantity: str) -> int:
     """Bytes of a resource quantity such as 1Gi or 500M; 0 when it is not one we read."""
-    found = _QUANTITY.match(quantity.strip())
-    if found is None:
-        return 0
-    return int(Decimal(found.group(1)) * _SUFFIXES[found.group(2)])
+    return parse_quantity(quantity) or 0
 
 
 def key_of(namespace: str, name: str) -> str:

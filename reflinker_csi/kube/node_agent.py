@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from ..core.errors import FailedPrecondition, ReflinkerError, classify
@@ -26,7 +25,8 @@ from ..core.space import size
 from ..disk.local import LocalDisk, remove_tree
 from ..disk.usage import Usage, measure
 from ..metrics import Metrics
-from .api import EVENTS, JSON, NODES, ApiError, Kube
+from .api import JSON, NODES, ApiError, Kube
+from .events import record_event, stamp
 from .model import Meta, record_of
 from .registry import KubeRegistry
 from .runtime import DONE, Requeue, Result
@@ -63,7 +63,7 @@ class NodeAgent:
         except (ReflinkerError, OSError) as err:
             log.warning("volume %s failed: %s", record.guid, err)
             known = classify(err)
-            self.recorder.volume_made(self._method(record), known.code if known else "INTERNAL", 0)
+            self.recorder.volume_made(record.method, known.code if known else "INTERNAL", 0)
             self.registry.set_phase(record, Phase.FAILED, err)
             self.changed.set()
             return DONE
@@ -71,7 +71,7 @@ class NodeAgent:
             return DONE  # a hot clone not yet delivered: the hotCloneDir update brings it
         self.registry.set_phase(record, Phase.READY)
         self.changed.set()
-        self.recorder.volume_made(self._method(record), "OK", time.monotonic() - start)
+        self.recorder.volume_made(record.method, "OK", time.monotonic() - start)
         log.info(
             "volume ready",
             extra={
@@ -83,12 +83,6 @@ class NodeAgent:
             },
         )
         return DONE
-
-    @staticmethod
-    def _method(record: VolumeRecord) -> str:
-        if record.kind == Kind.SNAPSHOT:
-            return "snapshot"
-        return str(record.clone_mode or "empty")
 
     def _make(self, record: VolumeRecord) -> bool:
         if self.disk.data_dir(record).is_dir():
@@ -165,7 +159,7 @@ class NodeSpace:
         self.metrics.free.labels(self.node_id).set(free)
         self.metrics.free_inodes.labels(self.node_id).set(inodes)
         self.metrics.floor.labels(self.node_id).set(floor)
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = stamp()
         patch: JSON = {
             "metadata": {
                 "annotations": {
@@ -217,29 +211,13 @@ class NodeSpace:
 
     def _event(self, reason: str, message: str) -> None:
         node = self.kube.get(NODES, self.node_id) or {}
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body: JSON = {
+        involved: JSON = {
             "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{self.node_id}.", "namespace": "default"},
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Node",
-                "name": self.node_id,
-                "uid": Meta.of(node).uid,
-            },
-            "reason": reason,
-            "message": message,
-            "type": "Warning",
-            "source": {"component": NODE_COMPONENT, "host": self.node_id},
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
+            "kind": "Node",
+            "name": self.node_id,
+            "uid": Meta.of(node).uid,
         }
-        try:
-            self.kube.create(EVENTS, body, "default")
-        except ApiError as err:
-            log.warning("cannot record event on node %s: %s", self.node_id, err)
+        record_event(self.kube, involved, "Warning", reason, message, NODE_COMPONENT, self.node_id)
         log.warning("low free space", extra={"fields": {"node": self.node_id, "msg": message}})
 
     def run(self, stop: threading.Event) -> None:

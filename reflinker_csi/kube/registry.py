@@ -8,7 +8,6 @@ failure), and owns the finalizer."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 
 from ..core.errors import classify
 from ..core.keys import FINALIZER
@@ -16,6 +15,7 @@ from ..core.layout import is_guid
 from ..core.records import Kind, Phase, VolumeRecord
 from ..core.space import size
 from .api import JSON, REFLINKVOLUMES, ApiError, Kube, domain_error
+from .events import stamp
 from .model import Meta, record_name, record_of, status_body, to_body
 from .runtime import Informer
 
@@ -120,13 +120,12 @@ class KubeRegistry:
 
     def set_usage(self, record: VolumeRecord, used: int, own: int) -> None:
         name = record_name(record.kind, record.name)
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         usage: JSON = {
             "usedBytes": used,
             "ownBytes": own,
             "used": size(used),
             "own": size(own),
-            "measuredAt": stamp,
+            "measuredAt": stamp(),
         }
         try:
             self.kube.merge_patch(REFLINKVOLUMES, name, {"status": {"usage": usage}}, status=True)

@@ -32,6 +32,7 @@ from typing import TypeVar
 
 from ..core.errors import ReflinkerError
 from .api import JSON, LEASES, ApiError, Kube, Resource, WatchHandle
+from .events import stamp
 from .model import Lease, Meta
 
 log = logging.getLogger(__name__)
@@ -366,84 +367,58 @@ class LeaderElector:
         if self.leading.is_set():
             self._release()
 
-    def _spec(self, acquired: datetime, now: datetime, holder: str, duration: int) -> JSON:
-        stamp = "%Y-%m-%dT%H:%M:%S.%fZ"
-        return {
-            "holderIdentity": holder,
-            "acquireTime": acquired.strftime(stamp),
-            "renewTime": now.strftime(stamp),
-            "leaseDurationSeconds": duration,
-        }
-
-    def _try(self) -> bool:
+    def _write(self, version: str, acquired: datetime, holder: str, duration: int) -> bool:
+        """Create the Lease (version "") or replace the one read at version; False when another
+        writer came first (409)."""
         now = datetime.now(UTC)
-        value = self.kube.get(LEASES, self.name, self.namespace)
-        if value is None:
-            self._acquired = now
-            try:
-                self.kube.create(
-                    LEASES,
-                    {
-                        "apiVersion": "coordination.k8s.io/v1",
-                        "kind": "Lease",
-                        "metadata": {"name": self.name, "namespace": self.namespace},
-                        "spec": self._spec(now, now, self.identity, self.duration),
-                    },
-                    self.namespace,
-                )
-            except ApiError as err:
-                if err.status == 409:
-                    return False
-                raise
-            return True
-        lease = Lease.of(value)
-        expired = lease.renewed is None or (
-            lease.renewed + timedelta(seconds=lease.duration or self.duration) < now
-        )
-        if lease.holder not in (self.identity, "") and not expired:
-            return False
-        if lease.holder != self.identity or not self.leading.is_set():
-            self._acquired = now
+        metadata: JSON = {"name": self.name, "namespace": self.namespace}
+        if version:
+            metadata["resourceVersion"] = version  # a concurrent writer gets 409
         body: JSON = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {
-                "name": self.name,
-                "namespace": self.namespace,
-                "resourceVersion": lease.resource_version,  # a concurrent writer gets 409
+            "metadata": metadata,
+            "spec": {
+                "holderIdentity": holder,
+                "acquireTime": stamp(acquired, fraction=True),
+                "renewTime": stamp(now, fraction=True),
+                "leaseDurationSeconds": duration,
             },
-            "spec": self._spec(self._acquired, now, self.identity, self.duration),
         }
         try:
-            self.kube.replace(LEASES, self.name, body, self.namespace)
+            if version:
+                self.kube.replace(LEASES, self.name, body, self.namespace)
+            else:
+                self.kube.create(LEASES, body, self.namespace)
         except ApiError as err:
             if err.status == 409:
                 return False
             raise
         return True
 
+    def _try(self) -> bool:
+        now = datetime.now(UTC)
+        value = self.kube.get(LEASES, self.name, self.namespace)
+        lease = Lease.of(value) if value is not None else None
+        if lease is not None:
+            expired = lease.renewed is None or (
+                lease.renewed + timedelta(seconds=lease.duration or self.duration) < now
+            )
+            if lease.holder not in (self.identity, "") and not expired:
+                return False
+        if lease is None or lease.holder != self.identity or not self.leading.is_set():
+            self._acquired = now
+        version = lease.resource_version if lease is not None else ""
+        return self._write(version, self._acquired, self.identity, self.duration)
+
     def _release(self) -> None:
         value = self.kube.get(LEASES, self.name, self.namespace)
         if value is None or Lease.of(value).holder != self.identity:
             return
-        now = datetime.now(UTC)
         try:
-            self.kube.replace(
-                LEASES,
-                self.name,
-                {
-                    "apiVersion": "coordination.k8s.io/v1",
-                    "kind": "Lease",
-                    "metadata": {
-                        "name": self.name,
-                        "namespace": self.namespace,
-                        "resourceVersion": Lease.of(value).resource_version,
-                    },
-                    "spec": self._spec(now, now, "", 1),
-                },
-                self.namespace,
-            )
-            log.info("released the lease", extra={"fields": {"lease": self.name}})
+            # Held by nobody, expiring at once: a successor takes it on its next try.
+            if self._write(Lease.of(value).resource_version, datetime.now(UTC), "", 1):
+                log.info("released the lease", extra={"fields": {"lease": self.name}})
         except ApiError as err:
             log.warning("cannot release lease %s/%s: %s", self.namespace, self.name, err)
         self.leading.clear()
