@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reflinker_csi.disk import reflink
-from reflinker_csi.disk.usage import FS_IOC_FIEMAP, set_cow_extent_size
+from reflinker_csi.disk.usage import measure, set_cow_extent_size
 from tests.bench.report import write_section
 from tests.conftest import Filesystem
 from tests.pgserver import (
@@ -63,27 +63,6 @@ def device_writes(fs: Filesystem) -> int:
 def used(path: Path) -> int:
     st = os.statvfs(path)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
-
-
-def extents(directory: Path) -> int:
-    """Extents of every regular file below directory (FIEMAP, counting only)."""
-    import fcntl
-    import struct
-
-    total = 0
-    for root, _dirs, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            if not os.path.isfile(path) or os.path.islink(path):
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                request = bytearray(struct.pack("=QQLLLL", 0, 2**64 - 1, 0, 0, 0, 0))
-                fcntl.ioctl(fd, FS_IOC_FIEMAP, request)
-                total += struct.unpack_from("=QQLLLL", request)[3]
-            finally:
-                os.close(fd)
-    return total
 
 
 def tps(output: str) -> float:
@@ -134,7 +113,7 @@ def bench_hint(hint_kib: int, scale: int, clones: int, tx: int, clone_tx: int) -
         subprocess.run(["sync"], check=True)
         growth = used(fs.mnt) - before
         written = device_writes(fs) - written_before
-        count = extents(prefix)
+        count = measure(prefix).extents
         began = time.monotonic()
         reflink.copy_tree(source.volume, prefix / "next")
         next_clone = time.monotonic() - began

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +23,7 @@ from reflinker_csi.kube import app
 from reflinker_csi.kube.api import CSINODES, JSON, NODES, Kube, Resource
 from reflinker_csi.metrics import Metrics
 from tests.e2e.cluster import ControlPlane
+from tests.e2e.stack import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False)
@@ -38,18 +38,6 @@ def tools_dir() -> Path:
     if not path or not (Path(path) / "kube-apiserver").exists():
         pytest.skip("K8S_TOOLS is not set: run through `make unit` or `make test`")
     return Path(path)
-
-
-def eventually(what: str, probe: Callable[[], T | None], timeout: float = 20.0) -> T:
-    """probe() until it returns something truthy; fail naming what was awaited."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = probe()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +63,7 @@ def admin(plane: ControlPlane) -> Kube:
         conditions = (value.get("status") or {}).get("conditions") or []  # type: ignore[union-attr]
         return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
 
-    eventually("the ReflinkVolume CRD", established)
+    wait_for("the ReflinkVolume CRD", established)
     return kube
 
 
@@ -146,7 +134,7 @@ def mode(
     controller = app.controller(admin, settings, Metrics())
     nodes = [node]
     try:
-        eventually(
+        wait_for(
             "the controller to see the node plugin's report",
             lambda: node in controller.reports.reports(),
         )

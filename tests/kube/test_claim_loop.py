@@ -10,7 +10,7 @@ from reflinker_csi import DRIVER_NAME
 from reflinker_csi.core.keys import FINALIZER, LABEL_GUID, LABEL_NODE
 from reflinker_csi.kube.api import CLAIMS, EVENTS, JSON, REFLINKVOLUMES, VOLUMES, Kube
 from reflinker_csi.kube.model import Meta, obj, record_of, text
-from tests.kube.conftest import NAMESPACES, Mode, eventually
+from tests.kube.conftest import NAMESPACES, Mode, wait_for
 
 
 def claim(name: str, source: str = "", volume: str = "") -> JSON:
@@ -40,14 +40,14 @@ def test_a_missing_source_is_named_and_found_once_it_exists(
     admin: Kube, mode: Mode, namespace: str
 ) -> None:
     admin.create(CLAIMS, claim("dev", source="tmpl"), namespace)
-    first = eventually("a ProvisioningFailed event", lambda: events(admin, namespace, "dev"))
+    first = wait_for("a ProvisioningFailed event", lambda: events(admin, namespace, "dev"))
     assert first[0] == (
         "Warning ProvisioningFailed: source claim 'tmpl' not found in namespaces "
         f"{namespace}, {namespace}-src; "
         "create it there or add its namespace to NAMESPACE_PATH (retrying in 2 s)"
     )
     admin.create(CLAIMS, claim("tmpl"), namespace)
-    later = eventually(
+    later = wait_for(
         "the next attempt to find the new source",
         lambda: [e for e in events(admin, namespace, "dev") if "not Bound" in e],
     )
@@ -98,11 +98,11 @@ def test_a_clone_waiting_for_its_node_holds_up_no_other_claim_and_goes_with_its_
     source = source_volume(admin, mode, other, node=f"{namespace}-far")
     # The clone of "slow" is reserved on the source's node, whose node plugin never answers.
     admin.create(CLAIMS, claim("slow", source="src"), namespace)
-    assert eventually("the slow claim's first event", lambda: events(admin, namespace, "slow")) == [
+    assert wait_for("the slow claim's first event", lambda: events(admin, namespace, "slow")) == [
         f"Normal Provisioning: cloning source claim {other}/src"
     ]
     admin.create(CLAIMS, claim("quick", source="nowhere"), namespace)
-    eventually("the quick claim's event", lambda: events(admin, namespace, "quick"))
+    wait_for("the quick claim's event", lambda: events(admin, namespace, "quick"))
 
     def reserved() -> list[JSON]:
         return [
@@ -111,7 +111,7 @@ def test_a_clone_waiting_for_its_node_holds_up_no_other_claim_and_goes_with_its_
             if record_of(v).context.get("pg-reflinker.csi/claim") == f"{namespace}/slow"
         ]
 
-    [value] = eventually("the slow claim's record", reserved)
+    [value] = wait_for("the slow claim's record", reserved)
     record = record_of(value)
     assert (record.node, record.source_volume_id, record.phase.value) == (
         f"{namespace}-far",
@@ -126,7 +126,7 @@ def test_a_clone_waiting_for_its_node_holds_up_no_other_claim_and_goes_with_its_
 
     admin.delete(CLAIMS, "slow", namespace)
     name = Meta.of(value).name
-    eventually(
+    wait_for(
         "the record of the deleted claim to be deleted",
         lambda: (
             Meta.of(

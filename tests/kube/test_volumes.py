@@ -19,7 +19,7 @@ from reflinker_csi.core.volumes import CreateSpec
 from reflinker_csi.disk.local import LocalDisk
 from reflinker_csi.kube.api import EVENTS, NODES, REFLINKVOLUMES, Kube
 from reflinker_csi.kube.model import Meta, obj, record_of, text
-from tests.kube.conftest import Mode, add_node, eventually
+from tests.kube.conftest import Mode, add_node, wait_for
 
 GiB = 1 << 30
 
@@ -51,7 +51,7 @@ def test_empty_volume_goes_to_the_node_with_room_and_create_waits_for_its_agent(
         add_node(admin, name, room, plugin, stale)
         mode.nodes.append(name)
     volumes = mode.controller.volumes
-    eventually("the controller to see the nodes", lambda: volumes.free_bytes(f"{mode.node}-small"))
+    wait_for("the controller to see the nodes", lambda: volumes.free_bytes(f"{mode.node}-small"))
     record = volumes.create(CreateSpec(name="pvc-room", required_bytes=GiB), timeout=30)
     assert record.node == mode.node and record.phase == Phase.READY
     assert (mode.prefix / record.guid).is_dir()
@@ -93,7 +93,7 @@ def test_deleting_a_volume_removes_its_directory_and_record(admin: Kube, mode: M
     record = volumes.create(CreateSpec(name="pvc-gone"), 30)
     assert (mode.prefix / record.guid).is_dir()
     volumes.delete(record.guid)
-    eventually(
+    wait_for(
         "the record to go",
         lambda: all(record_of(v).guid != record.guid for v in admin.list(REFLINKVOLUMES)[0]),
     )
@@ -114,7 +114,7 @@ def test_each_volume_shows_what_it_holds_on_its_record(admin: Kube, mode: Mode) 
             return found
         return None
 
-    shown = eventually("the measured usage on the record", usage)
+    shown = wait_for("the measured usage on the record", usage)
     # This filesystem shares nothing (no reflinks): everything a volume holds is its own.
     assert (shown["ownBytes"], shown["own"], shown["used"]) == (3 << 20, "3.0 MiB", "3.0 MiB")
 
@@ -129,7 +129,7 @@ def test_below_the_floor_the_node_warns_and_takes_no_new_volume(admin: Kube, mod
             if text(obj(e, "involvedObject"), "name") == mode.node
         ]
 
-    [event] = eventually("a Warning event on the node", warning)
+    [event] = wait_for("a Warning event on the node", warning)
     assert re.fullmatch(
         rf"Warning LowFreeSpace: [0-9.]+ GiB free under HOSTPATH_PREFIX "
         rf"{re.escape(str(mode.prefix))}; at [0-9.]+ GiB \(FREE_SPACE_FLOOR\) new volumes on "
