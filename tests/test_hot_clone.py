@@ -5,8 +5,10 @@ A real server on a real XFS reflink filesystem; clones are booted as real server
 from __future__ import annotations
 
 import glob
+import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,13 +18,16 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from reflinker_csi.core import errors
 from reflinker_csi.core.locator import SourceServer
+from reflinker_csi.disk.backup import LocalCopier
 from reflinker_csi.pg import source as source_module
+from reflinker_csi.pg.backup import native_hot_clone
 from reflinker_csi.pg.source import hot_clone
 from tests.conftest import ROOT, Filesystem, requires_mount
 from tests.pgserver import (
@@ -112,6 +117,30 @@ def partials(src: Source) -> list[str]:
     return [p.name for p in src.clone_area.glob("*.partial")] if src.clone_area.exists() else []
 
 
+def take(
+    src: Source,
+    method: str,
+    label: str = "",
+    endpoint: SourceServer | None = None,
+    server: PostgresServer | None = None,
+) -> Path:
+    """One hot clone by either method; return its <label> directory (pgdata inside).
+    function: reflink_snapshot() on the server; native: pg_backup_start/stop in our session and
+    the copy made here, into the same place."""
+    label = label or str(uuid.uuid4())
+    endpoint = endpoint or src.endpoint
+    if method == "function":
+        return Path(hot_clone(endpoint, label).directory)
+    target = src.clone_area / label
+    src.clone_area.mkdir(exist_ok=True)
+    copier = LocalCopier((server or src.server).pgdata, target)
+    native_hot_clone(endpoint, label, copier)
+    return target
+
+
+METHODS = pytest.mark.parametrize("method", ["function", "native"])
+
+
 def counts(server: PostgresServer) -> dict[str, str]:
     return {
         t: server.psql(f"SELECT count(*) FROM {t}", db="app")
@@ -149,7 +178,8 @@ def history_rows(server: PostgresServer) -> int:
     return int(server.psql("SELECT count(*) FROM pgbench_history", db="app"))
 
 
-def test_clones_taken_under_write_load_boot_and_pass_amcheck(source: Source) -> None:
+@METHODS
+def test_clones_taken_under_write_load_boot_and_pass_amcheck(source: Source, method: str) -> None:
     before = history_rows(source.server)
     bench = source.server.pgbench_background("-c", "2", "-j", "2", "-T", "25")
     clones: list[tuple[str, int]] = []  # label, rows committed before the clone began
@@ -162,9 +192,7 @@ def test_clones_taken_under_write_load_boot_and_pass_amcheck(source: Source) -> 
             time.sleep(0.1)
         for _ in range(3):
             committed = history_rows(source.server)
-            label = str(uuid.uuid4())
-            hot_clone(source.endpoint, label)
-            clones.append((label, committed))
+            clones.append((take(source, method).name, committed))
             time.sleep(2)
     finally:
         out, _ = bench.communicate(timeout=120)
@@ -398,7 +426,8 @@ def test_a_program_failure_after_the_whole_statement_timeout_is_a_deadline() -> 
     assert isinstance(_query_error(failed, server, timed_out=False), errors.FailedPrecondition)
 
 
-def test_a_source_with_wal_on_another_filesystem_clones_with_every_row() -> None:
+@METHODS
+def test_a_source_with_wal_on_another_filesystem_clones_with_every_row(method: str) -> None:
     """CNPG's walStorage: pg_wal links to a second volume (here a second XFS filesystem), which
     cannot be reflinked into the clone; the WAL written during the backup is copied instead."""
     data, wal = Filesystem("xfs", size="4G"), Filesystem("xfs", size="2G")
@@ -408,10 +437,10 @@ def test_a_source_with_wal_on_another_filesystem_clones_with_every_row() -> None
         try:
             assert (src.server.pgdata / "pg_wal").is_symlink()
             src.server.pgbench("-c", "2", "-t", "500")  # WAL beyond the last checkpoint
-            result = hot_clone(src.endpoint, str(uuid.uuid4()))
-            copied_wal = Path(result.directory, "pgdata", "pg_wal")
+            directory = take(src, method)
+            copied_wal = directory / "pgdata" / "pg_wal"
             assert copied_wal.is_dir() and not copied_wal.is_symlink()
-            clone = check_clone(src, Path(result.directory))
+            clone = check_clone(src, directory)
             try:
                 assert counts(clone) == counts(src.server)
                 assert history_rows(clone) == history_rows(src.server) == 1000
@@ -424,7 +453,8 @@ def test_a_source_with_wal_on_another_filesystem_clones_with_every_row() -> None
         wal.close()
 
 
-def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source) -> None:
+@METHODS
+def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source, method: str) -> None:
     """CNPG's prefer-standby: the backup is taken on a streaming replica (no write stalls on the
     primary); the clone reaches consistency and opens as a primary."""
     standby = PostgresServer(
@@ -445,10 +475,12 @@ def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source) -> N
             assert time.monotonic() < deadline, "the standby did not catch up in 60 s"
             time.sleep(0.1)
         assert standby.psql("SELECT pg_is_in_recovery()") == "t"
-        result = hot_clone(replace(source.endpoint, port=standby.port), str(uuid.uuid4()))
-        label = Path(result.directory, "pgdata", "backup_label").read_text()
+        directory = take(
+            source, method, endpoint=replace(source.endpoint, port=standby.port), server=standby
+        )
+        label = (directory / "pgdata" / "backup_label").read_text()
         assert "BACKUP FROM: standby" in label
-        clone = check_clone(source, Path(result.directory))  # a primary, not in recovery
+        clone = check_clone(source, directory)  # a primary, not in recovery
         try:
             assert counts(clone) == counts(standby) == counts(source.server)
             clone.amcheck()
@@ -478,3 +510,139 @@ def test_a_source_with_a_tablespace_is_refused_naming_it_and_left_as_it_was(
     )
     assert partials(source) == [] and key_dirs() == []
     assert source.server.psql("SELECT count(*) FROM pg_replication_slots") == "0"
+
+
+def backends(server: PostgresServer) -> str:
+    return server.psql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg-reflinker'"
+    )
+
+
+def slots(server: PostgresServer) -> str:
+    return server.psql("SELECT count(*) FROM pg_replication_slots")
+
+
+@pytest.mark.parametrize(
+    "revoke, grant, missing",
+    [
+        (
+            "REVOKE EXECUTE ON FUNCTION pg_backup_start(text, boolean) FROM streaming_replica",
+            "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO streaming_replica",
+            "pg_backup_start(text, boolean)",
+        ),
+        (
+            "REVOKE EXECUTE ON FUNCTION pg_backup_stop(boolean) FROM streaming_replica",
+            "GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO streaming_replica",
+            "pg_backup_stop(boolean)",
+        ),
+        (
+            "ALTER ROLE streaming_replica NOREPLICATION",
+            "ALTER ROLE streaming_replica REPLICATION",
+            "REPLICATION",
+        ),
+    ],
+)
+def test_native_without_a_grant_names_it_and_leaves_the_source_untouched(
+    source: Source, revoke: str, grant: str, missing: str
+) -> None:
+    offset = source.server.log_file.stat().st_size
+    source.server.psql(revoke)
+    try:
+        with pytest.raises(errors.FailedPrecondition) as err:
+            take(source, "native")
+    finally:
+        source.server.psql(grant)
+    message = str(err.value)
+    assert missing in message and source.endpoint.where in message
+    if missing != "REPLICATION":
+        # The two statements to run, as they are written in deploy/postgres/.
+        assert (
+            "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO streaming_replica; "
+            "GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO streaming_replica;"
+        ) in message
+        assert "deploy/postgres/native-grants.sql" in message
+        grants = (ROOT / "deploy" / "postgres" / "native-grants.sql").read_text()
+        assert (
+            "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO streaming_replica;"
+            in grants
+        )
+    assert partials(source) == [] and key_dirs() == []
+    assert slots(source.server) == "0"
+    assert "pg_backup_start" not in log_since(source.server, offset)
+
+
+def test_native_refuses_tablespaces_by_name(source: Source) -> None:
+    location = source.fs.mnt / "tablespace-cold"
+    location.mkdir()
+    chown_postgres(location)
+    source.server.psql(f"CREATE TABLESPACE cold LOCATION '{location}'")
+    try:
+        with pytest.raises(errors.FailedPrecondition) as err:
+            take(source, "native")
+    finally:
+        source.server.psql("DROP TABLESPACE cold")
+    assert str(err.value) == (
+        f"{source.endpoint.where} has tablespaces cold, which live outside the data directory "
+        "and cannot be cloned with it; move their objects to pg_default"
+    )
+    assert partials(source) == [] and slots(source.server) == "0"
+
+
+class StoppingCopier(LocalCopier):
+    """The real file work, with a pause at one point of the hand-off so the test can kill the
+    process that holds the backup session there."""
+
+    def __init__(self, source: Path, target: Path, point: str, reached: Any) -> None:
+        super().__init__(source, target)
+        self.point = point
+        self.reached = reached
+
+    def copy(self, start: Any) -> None:
+        super().copy(start)
+        if self.point == "between start and stop":
+            self.reached.set()
+            time.sleep(600)
+
+    def finish(self, start: Any, stop: Any) -> None:
+        if self.point == "between stop and the WAL copy":
+            self.reached.set()
+            time.sleep(600)
+        super().finish(start, stop)
+
+
+@pytest.mark.parametrize("point", ["between start and stop", "between stop and the WAL copy"])
+def test_killed_mid_clone_leaves_no_backup_no_slot_and_the_retry_succeeds(
+    source: Source, point: str
+) -> None:
+    label = str(uuid.uuid4())
+    target = source.clone_area / label
+    source.clone_area.mkdir(exist_ok=True)
+    offset = source.server.log_file.stat().st_size
+    fork = multiprocessing.get_context("fork")
+    reached = fork.Event()
+    copier = StoppingCopier(source.server.pgdata, target, point, reached)
+    child = fork.Process(target=native_hot_clone, args=(source.endpoint, label, copier))
+    child.start()
+    try:
+        assert reached.wait(120), "the clone did not reach the point"
+        assert backends(source.server) == "1" and slots(source.server) == "1"
+    finally:
+        os.kill(child.pid or 0, signal.SIGKILL)
+        child.join(30)
+    deadline = time.monotonic() + 30
+    while backends(source.server) != "0" or slots(source.server) != "0":
+        assert time.monotonic() < deadline, "the killed session's backend or slot stayed"
+        time.sleep(0.1)
+    log = log_since(source.server, offset)
+    if point == "between start and stop":
+        assert "aborting backup due to backend exiting before pg_backup_stop was called" in log
+    assert not target.exists(), "a copy whose WAL was not protected to the end was put in place"
+    # The retry with the same label starts over and leaves nothing behind.
+    take(source, "native", label=label)
+    assert partials(source) == [] and slots(source.server) == "0"
+    clone = check_clone(source, target)
+    try:
+        assert counts(clone) == counts(source.server)
+    finally:
+        clone.stop()
+        remove(target)

@@ -7,6 +7,9 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from enum import Enum
 from pathlib import Path
 
 from ..core.errors import ReflinkUnsupported, ResourceExhausted
@@ -57,36 +60,96 @@ def probe(directory: Path) -> None:
                 p.unlink()
 
 
-def copy_tree(src: Path, dst: Path) -> int:
+class Leave(Enum):
+    NOTHING = "nothing"  # copy the entry
+    OUT = "out"  # not in the copy at all
+    CONTENTS = "contents"  # a directory: in the copy, empty
+
+
+def copy_tree(
+    src: Path,
+    dst: Path,
+    leave: Callable[[str], Leave] | None = None,
+    live: bool = False,
+    workers: int = 1,
+) -> int:
     """Reflink-copy the tree at src to dst (which must not exist); return the number of files.
 
-    Ownership, modes and times are kept; symlinks are recreated, never followed.
+    Ownership, modes and times are kept; symlinks are recreated, never followed. leave(relative
+    path) says what to leave out. live: the tree belongs to a running server, so entries that
+    vanish while it is copied are skipped (dropped relations, truncated SLRUs; WAL replay
+    recreates what matters). workers: files cloned at once (FICLONE is per-file kernel work).
     """
     count = 0
     src_st = os.lstat(src)
     if not stat.S_ISDIR(src_st.st_mode):
         raise NotADirectoryError(str(src))
     os.mkdir(dst, 0o700)
-    stack: list[tuple[Path, Path, os.stat_result]] = [(src, dst, src_st)]
+    stack: list[tuple[Path, Path, os.stat_result, str]] = [(src, dst, src_st, "")]
     dirs_done: list[tuple[Path, os.stat_result]] = []
-    while stack:
-        s_dir, d_dir, s_st = stack.pop()
-        with os.scandir(s_dir) as it:
-            for entry in it:
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    pending: list[Future[None]] = []
+
+    def clone(s_path: Path, d_path: Path, st: os.stat_result) -> None:
+        try:
+            _clone_regular(s_path, d_path, st)
+        except FileNotFoundError:
+            if not live:
+                raise
+            with contextlib.suppress(FileNotFoundError):
+                d_path.unlink()
+
+    try:
+        while stack:
+            s_dir, d_dir, s_st, rel_dir = stack.pop()
+            try:
+                entries = list(os.scandir(s_dir))
+            except FileNotFoundError:
+                if not live:
+                    raise
+                entries = []
+            for entry in entries:
+                rel = f"{rel_dir}{entry.name}"
+                what = leave(rel) if leave else Leave.NOTHING
+                if what == Leave.OUT:
+                    continue
                 s_path = Path(entry.path)
                 d_path = d_dir / entry.name
-                st = entry.stat(follow_symlinks=False)
+                if what == Leave.CONTENTS:
+                    # An empty directory in the copy, even where the source's is a link to
+                    # another filesystem (pg_wal on a WAL volume), owned like its parent then.
+                    try:
+                        st = os.stat(s_path)
+                    except FileNotFoundError:
+                        st = s_st
+                    os.mkdir(d_path, 0o700)
+                    dirs_done.append((d_path, st if stat.S_ISDIR(st.st_mode) else s_st))
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    if not live:
+                        raise
+                    continue
                 if stat.S_ISDIR(st.st_mode):
                     os.mkdir(d_path, 0o700)
-                    stack.append((s_path, d_path, st))
+                    stack.append((s_path, d_path, st, rel + "/"))
                 elif stat.S_ISREG(st.st_mode):
-                    _clone_regular(s_path, d_path, st)
+                    if pool is not None:
+                        pending.append(pool.submit(clone, s_path, d_path, st))
+                    else:
+                        clone(s_path, d_path, st)
                     count += 1
                 elif stat.S_ISLNK(st.st_mode):
                     os.symlink(os.readlink(s_path), d_path)
                     os.lchown(d_path, st.st_uid, st.st_gid)
                 # sockets, fifos and devices are runtime artefacts; a data directory needs none.
-        dirs_done.append((d_dir, s_st))
+            dirs_done.append((d_dir, s_st))
+        for done in pending:
+            done.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     # Directory metadata last, so adding entries does not disturb the copied times.
     for d_dir, s_st in reversed(dirs_done):
         _copy_metadata(d_dir, s_st)

@@ -111,17 +111,19 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _query_error(err: psycopg.Error, server: SourceServer, timed_out: bool) -> Exception:
+def _query_error(
+    err: psycopg.Error, server: SourceServer, timed_out: bool, what: str = FUNCTION
+) -> Exception:
     """By psycopg's error classes (SQLSTATE), most specific first; text only for the first
     line shown. timed_out: the statement had run for its whole statement_timeout when it failed. A
     timeout that fires while COPY ... TO PROGRAM runs comes back as the program's failure
     (SQLSTATE 38000), not as query_canceled, and is a deadline all the same."""
-    if isinstance(err, pg_errors.UndefinedFunction) and not err.diag.context:
+    if what == FUNCTION and isinstance(err, pg_errors.UndefinedFunction) and not err.diag.context:
         return FailedPrecondition(
             f"function {FUNCTION} does not exist in database postgres of {server.where}; "
             f"{INSTALL_HINT}"
         )
-    if isinstance(err, pg_errors.InsufficientPrivilege):
+    if what == FUNCTION and isinstance(err, pg_errors.InsufficientPrivilege):
         return FailedPrecondition(
             f"role {REPLICATION_USER} may not run {FUNCTION} on {server.where}: "
             f"{_first_line(err)}; grant EXECUTE as deploy/postgres/reflink_snapshot.sql does"
@@ -130,27 +132,26 @@ def _query_error(err: psycopg.Error, server: SourceServer, timed_out: bool) -> E
         timed_out and isinstance(err, pg_errors.ExternalRoutineException)
     ):
         return DeadlineExceeded(
-            f"{FUNCTION} on {server.where} ran past the statement timeout: {_first_line(err)}; "
+            f"{what} on {server.where} ran past the statement timeout: {_first_line(err)}; "
             "raise PG_STATEMENT_TIMEOUT or retry when the instance is less busy"
         )
     if isinstance(err, pg_errors.ObjectInUse | pg_errors.LockNotAvailable):
         return OperationInProgress(f"{_first_line(err)} ({server.where}); retry later")
     if isinstance(err, pg_errors.DiskFull):
-        return ResourceExhausted(f"{FUNCTION} on {server.where}: {_first_line(err)}")
+        return ResourceExhausted(f"{what} on {server.where}: {_first_line(err)}")
     if isinstance(err, pg_errors.OperatorIntervention):  # 57: shut down, crashed, recovery
         return SourceUnavailable(f"{server.where} went away: {_first_line(err)}; retrying")
     if isinstance(err, psycopg.OperationalError) and not err.sqlstate:
         return SourceUnavailable(f"lost the connection to {server.where}: {_first_line(err)}")
-    return FailedPrecondition(f"{FUNCTION} failed on {server.where}: {_first_line(err)}")
+    return FailedPrecondition(f"{what} failed on {server.where}: {_first_line(err)}")
 
 
-def hot_clone(
-    server: SourceServer, label: str, connect_timeout: float = 10, statement_timeout: float = 300
-) -> HotCloneResult:
-    """Ask the source server for a consistent reflink copy of its data directory named label."""
-    if not is_guid(label):
-        raise InvalidArgument(f"label {label[:80]!r} must be a lowercase UUID")
-    start = time.monotonic()
+@contextlib.contextmanager
+def session(
+    server: SourceServer, connect_timeout: float = 10, statement_timeout: float = 300
+) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    """One autocommit session as streaming_replica over verified TLS. The key material exists
+    only while libpq connects; connection failures are domain errors."""
     with _key_material(server) as keys:
         try:
             conn = psycopg.connect(
@@ -171,13 +172,44 @@ def hot_clone(
             )
         except psycopg.OperationalError as err:
             raise _connect_error(err, server) from None
-        started = time.monotonic()
-        try:
-            with conn:
-                row = conn.execute("SELECT reflink_snapshot(%s)", (label,)).fetchone()
-        except psycopg.Error as err:
-            timed_out = time.monotonic() - started >= statement_timeout
-            raise _query_error(err, server, timed_out) from None
+    with conn:
+        yield conn
+
+
+def has_function(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+    """reflink_snapshot(text) exists in database postgres and this role may run it."""
+    row = conn.execute(
+        "SELECT to_regprocedure('public.reflink_snapshot(text)') IS NOT NULL AND "
+        "has_function_privilege('public.reflink_snapshot(text)', 'EXECUTE')"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def hot_clone(
+    server: SourceServer, label: str, connect_timeout: float = 10, statement_timeout: float = 300
+) -> HotCloneResult:
+    """Ask the source server for a consistent reflink copy of its data directory named label."""
+    if not is_guid(label):
+        raise InvalidArgument(f"label {label[:80]!r} must be a lowercase UUID")
+    start = time.monotonic()
+    with session(server, connect_timeout, statement_timeout) as conn:
+        return call_function(conn, server, label, statement_timeout, start)
+
+
+def call_function(
+    conn: psycopg.Connection[tuple[object, ...]],
+    server: SourceServer,
+    label: str,
+    statement_timeout: float,
+    start: float,
+) -> HotCloneResult:
+    """SELECT reflink_snapshot(label) in an open session."""
+    started = time.monotonic()
+    try:
+        row = conn.execute("SELECT reflink_snapshot(%s)", (label,)).fetchone()
+    except psycopg.Error as err:
+        timed_out = time.monotonic() - started >= statement_timeout
+        raise _query_error(err, server, timed_out) from None
     if row is None or not isinstance(row[0], str) or not row[0].startswith("/"):
         raise FailedPrecondition(
             f"{FUNCTION} on {server.where} returned {row!r}, not an absolute directory; "

@@ -1,0 +1,239 @@
+"""The file side of a native hot clone (pg/backup.py), on the host that sees the source's data
+directory: reflink the data directory as pg_basebackup would copy it, then write backup_label
+and tablespace_map and copy the WAL the backup needs. Work happens in a partial directory
+stamped with the attempt it belongs to; only complete() puts it in place."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import stat
+import uuid
+from pathlib import Path
+
+from ..core.backup import BackupStart, BackupStop, parse_lsn
+from ..core.errors import FailedPrecondition, ReflinkUnsupported
+from ..core.layout import PARTIAL_SUFFIX
+from . import reflink
+from .local import remove_tree
+from .reflink import Leave
+
+log = logging.getLogger(__name__)
+
+# Directories whose contents a copy leaves out, as pg_basebackup does (pg_wal is filled later).
+EMPTIED = frozenset(
+    {
+        "pg_wal",
+        "pg_replslot",
+        "pg_stat_tmp",
+        "pg_dynshmem",
+        "pg_notify",
+        "pg_serial",
+        "pg_snapshots",
+        "pg_subtrans",
+    }
+)
+# Files that describe the running server, not its data.
+SKIPPED = frozenset(
+    {
+        "postmaster.pid",
+        "postmaster.opts",
+        "backup_label",
+        "tablespace_map",
+        "backup_label.old",
+        "standby.signal",
+        "recovery.signal",
+    }
+)
+ATTEMPT_FILE = ".attempt"
+COPY_WORKERS = 4
+_SEGMENT = re.compile(r"^[0-9A-F]{24}$")
+_HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
+
+
+def _leave(rel: str) -> Leave:
+    if rel in EMPTIED:
+        return Leave.CONTENTS
+    if rel in SKIPPED:
+        return Leave.OUT
+    name = rel.rsplit("/", 1)[-1]
+    if name.startswith("pgsql_tmp") or name == "pg_internal.init":
+        return Leave.OUT
+    return Leave.NOTHING
+
+
+def system_identifier(pgdata: Path) -> str:
+    """The cluster's system identifier from global/pg_control (its first 8 bytes)."""
+    with open(pgdata / "global" / "pg_control", "rb") as f:
+        return str(int.from_bytes(f.read(8), "little"))
+
+
+def _segment_number(name: str, segment_bytes: int) -> int:
+    per_id = 0x100000000 // segment_bytes
+    return int(name[8:16], 16) * per_id + int(name[16:24], 16)
+
+
+def attempt_of(partial: Path) -> str:
+    try:
+        return (partial / ATTEMPT_FILE).read_text()
+    except OSError:
+        return ""
+
+
+def copy_data(source: Path, partial: Path, attempt: str, system_id: str) -> int:
+    """Reflink the data directory at source into partial/pgdata for attempt (starting over if
+    partial holds another attempt's copy); return the number of files."""
+    if os.path.lexists(partial) and attempt_of(partial) == attempt + "\n":
+        return 0  # this attempt's copy is complete (the stamp is written last)
+    try:
+        found = system_identifier(source)
+    except OSError as err:
+        raise FailedPrecondition(
+            f"no data directory at {source} ({err.strerror}); CNPG keeps PGDATA in pgdata on "
+            "the instance's volume"
+        ) from None
+    if found != system_id:
+        raise FailedPrecondition(
+            f"the data directory at {source} belongs to database system {found}, not to the "
+            f"source server ({system_id}); the source volume is not the one its pod mounts"
+        )
+    remove_tree(partial)
+    os.mkdir(partial, 0o700)
+    # The new volume's top directory is owned like the source volume's (CNPG: postgres).
+    volume = os.stat(source.parent)
+    os.chown(partial, volume.st_uid, volume.st_gid)
+    os.chmod(partial, stat.S_IMODE(volume.st_mode))
+    files = reflink.copy_tree(
+        source, partial / "pgdata", leave=_leave, live=True, workers=COPY_WORKERS
+    )
+    archive = partial / "pgdata" / "pg_wal" / "archive_status"
+    archive.mkdir(mode=0o700)
+    st = os.stat(partial / "pgdata")
+    os.chown(archive, st.st_uid, st.st_gid)
+    (partial / ATTEMPT_FILE).write_text(attempt + "\n")
+    return files
+
+
+def _write(path: Path, data: str, owner: os.stat_result) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode())
+    os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """A reflink on the same filesystem; the bytes when the WAL lives on another one."""
+    st = os.stat(src)
+    try:
+        reflink._clone_regular(src, dst, st)
+        return
+    except ReflinkUnsupported:
+        with contextlib.suppress(FileNotFoundError):
+            dst.unlink()
+    shutil.copyfile(src, dst, follow_symlinks=False)
+    os.chown(dst, st.st_uid, st.st_gid)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+
+
+def finish(
+    partial: Path,
+    attempt: str,
+    wal_dir: Path,
+    label_file: str,
+    map_file: str,
+    start_lsn: int,
+    stop_lsn: int,
+    segment_bytes: int,
+) -> int:
+    """Write backup_label and tablespace_map byte for byte and copy the WAL segments from the
+    one holding start_lsn through the one holding stop_lsn (on any timeline), plus timeline
+    history files; return the number of WAL files."""
+    if attempt_of(partial) != attempt + "\n":
+        raise FailedPrecondition(
+            f"the copy in {partial} is not the one of this attempt (the node plugin restarted "
+            "or another attempt began); the clone starts over"
+        )
+    pgdata = partial / "pgdata"
+    owner = os.stat(pgdata)
+    _write(pgdata / "backup_label", label_file, owner)
+    if map_file:
+        _write(pgdata / "tablespace_map", map_file, owner)
+    first = start_lsn // segment_bytes
+    last = max(first, (stop_lsn - 1) // segment_bytes)
+    seen: set[int] = set()
+    copied = 0
+    try:
+        names = sorted(os.listdir(wal_dir))
+    except OSError as err:
+        raise FailedPrecondition(
+            f"cannot read the source's WAL at {wal_dir}: {err.strerror}"
+        ) from None
+    for name in names:
+        if _SEGMENT.match(name):
+            number = _segment_number(name, segment_bytes)
+            if not first <= number <= last:
+                continue
+        elif not _HISTORY.match(name):
+            continue
+        try:
+            _copy_file(wal_dir / name, pgdata / "pg_wal" / name)
+        except FileNotFoundError:
+            continue  # removed meanwhile: the check below says whether it mattered
+        if _SEGMENT.match(name):
+            seen.add(_segment_number(name, segment_bytes))
+        copied += 1
+    missing = [n for n in range(first, last + 1) if n not in seen]
+    if missing:
+        raise FailedPrecondition(
+            f"{len(missing)} WAL segment(s) the backup needs are gone from {wal_dir}; "
+            "the clone starts over"
+        )
+    return copied
+
+
+def complete(partial: Path, final: Path) -> None:
+    """Put a finished copy in place: one rename."""
+    if os.path.lexists(final):
+        return
+    (partial / ATTEMPT_FILE).unlink()
+    os.rename(partial, final)
+
+
+def wal_dir_of(pgdata: Path) -> Path:
+    """pg_wal of a data directory on this host (a link to another filesystem is followed)."""
+    return Path(os.path.realpath(pgdata / "pg_wal"))
+
+
+class LocalCopier:
+    """A native clone on this host (tests, benchmarks, `reflinker-csi snapshot`): the copy
+    lands in target, a <label> directory with pgdata inside, as reflink_snapshot() makes it."""
+
+    def __init__(self, source: Path, target: Path) -> None:
+        self.source = source
+        self.target = target
+        self.partial = target.with_name(target.name + PARTIAL_SUFFIX)
+        self.attempt = str(uuid.uuid4())
+
+    def copy(self, start: BackupStart) -> None:
+        copy_data(self.source, self.partial, self.attempt, start.system_id)
+
+    def finish(self, start: BackupStart, stop: BackupStop) -> None:
+        finish(
+            self.partial,
+            self.attempt,
+            wal_dir_of(self.source),
+            stop.label_file,
+            stop.map_file,
+            parse_lsn(start.lsn),
+            parse_lsn(stop.lsn),
+            start.segment_bytes,
+        )
+
+    def complete(self) -> None:
+        complete(self.partial, self.target)
+
+    def abandon(self) -> None:
+        remove_tree(self.partial)
