@@ -18,6 +18,7 @@ CTX_SOURCE_SNAPSHOT = _P + "source-snapshot"
 CTX_SOURCE_PVC = _P + "source-pvc"  # namespace/name of the source claim
 CTX_SOURCE_POD = _P + "source-pod"  # namespace/name of the CNPG instance that was cloned hot
 CTX_CLONE_MODE = _P + "clone-mode"  # hot or cold
+CTX_CLONE_METHOD = _P + "clone-method"  # a hot clone's: function or native
 CTX_CLAIM = _P + "claim"  # namespace/name of the new claim
 CTX_PV = _P + "pv"
 
@@ -26,6 +27,9 @@ METADATA_PREFIX = "csi.storage.k8s.io/"
 PVC_NAME = METADATA_PREFIX + "pvc/name"
 PVC_NAMESPACE = METADATA_PREFIX + "pvc/namespace"
 PV_NAME = METADATA_PREFIX + "pv/name"
+
+# -- StorageClass parameters ----------------------------------------------------------------
+PARAM_CLONE_METHOD = "cloneMethod"  # auto (default), function or native
 
 # -- ReflinkVolume labels and finalizer -------------------------------------------------------
 LABEL_GUID = _P + "guid"

@@ -44,6 +44,9 @@ class SourceLocation:
     # Where that server's pod mounts the source volume (maps paths the server returns).
     mount_path: str = ""
     pod_uid: str = ""
+    # The server pod's other claim volumes on the node: mount path in the pod -> node path
+    # (CNPG's WAL volume, to which PGDATA/pg_wal links).
+    volumes: dict[str, str] = field(default_factory=dict)
     # Traceability for the clone's volume_context (source claim, pod).
     context: dict[str, str] = field(default_factory=dict)
 

@@ -37,6 +37,42 @@ class CloneMode(StrEnum):
     COLD = "cold"  # the node reflinks the files of a source nothing is using
 
 
+class CloneMethod(StrEnum):
+    """How a hot clone is taken (StorageClass parameter cloneMethod; auto picks one)."""
+
+    AUTO = "auto"  # the function when the source has it, native otherwise
+    FUNCTION = "function"  # reflink_snapshot(label) in the source server
+    NATIVE = "native"  # pg_backup_start/stop by the controller, the copy by the node plugin
+
+
+class Step(StrEnum):
+    """A native hot clone's hand-off: what the controller asks of the node agent."""
+
+    COPY = "Copy"  # the source is in backup mode: reflink its data directory
+    FINISH = "Finish"  # the backup stopped: write backup_label, copy the WAL
+    COMPLETE = "Complete"  # the WAL was protected to the end: put the copy in place
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """One attempt of a native hot clone, as the controller wrote it on the record; `done` is
+    the last step the node agent finished for this attempt."""
+
+    attempt: str
+    step: Step
+    source_dir: str  # the source's data directory on the node
+    # The server pod's other volumes: mount path in the pod -> path on the node (a pg_wal that
+    # links to a WAL volume is found through them).
+    volumes: dict[str, str]
+    system_id: str
+    start_lsn: str
+    segment_bytes: int
+    stop_lsn: str = ""
+    label_file: str = ""
+    map_file: str = ""
+    done: Step | None = None
+
+
 @dataclass(frozen=True)
 class VolumeRecord:
     guid: str
@@ -51,6 +87,9 @@ class VolumeRecord:
     clone_mode: CloneMode = CloneMode.NONE
     # Kubernetes mode: where the hot clone's <label> directory is on the node, before the move.
     hot_clone_dir: str = ""
+    # A hot clone: how it was taken (function or native), and a native one's hand-off.
+    clone_method: str = ""
+    hand_off: HandOff | None = None
     phase: Phase = Phase.PENDING
     # When Failed: the CSI status code by name and the message for the caller.
     code: str = ""
@@ -91,6 +130,7 @@ class VolumeRecord:
         values["phase"] = _OLD_PHASES.get(phase) or Phase(phase)
         values["kind"] = Kind(values.get("kind", Kind.VOLUME))
         values["clone_mode"] = CloneMode(values.get("clone_mode", CloneMode.NONE))
+        values["hand_off"] = None  # only Kubernetes mode hands off, and keeps it on its records
         return cls(**values)
 
 

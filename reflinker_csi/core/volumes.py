@@ -31,6 +31,7 @@ from .keys import (
     CTX_SOURCE_SNAPSHOT,
     CTX_SOURCE_VOLUME,
     METADATA_PREFIX,
+    PARAM_CLONE_METHOD,
     PV_NAME,
     PVC_NAME,
     PVC_NAMESPACE,
@@ -39,7 +40,7 @@ from .layout import Layout, is_guid, new_guid
 from .locator import SourceLocation, SourceLocator
 from .observe import NoRecorder, Recorder
 from .placement import Segments, check_clone_node, choose_node
-from .records import CloneMode, Kind, Phase, Registry, VolumeRecord
+from .records import CloneMethod, CloneMode, Kind, Phase, Registry, VolumeRecord
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,23 @@ class CreateSpec:
                 f"capacity_range limit_bytes {self.limit_bytes} is below required_bytes "
                 f"{self.required_bytes}"
             )
-        unknown = sorted(k for k in self.parameters if not k.startswith(METADATA_PREFIX))
+        unknown = sorted(
+            k
+            for k in self.parameters
+            if not k.startswith(METADATA_PREFIX) and k != PARAM_CLONE_METHOD
+        )
         if unknown:
             raise InvalidArgument(
-                f"unknown StorageClass parameters {unknown}; pg-reflinker takes none besides the "
-                f"{METADATA_PREFIX}* metadata; remove them from the StorageClass"
+                f"unknown StorageClass parameters {unknown}; pg-reflinker takes only "
+                f"{PARAM_CLONE_METHOD} besides the {METADATA_PREFIX}* metadata; remove them "
+                "from the StorageClass"
+            )
+        method = self.parameters.get(PARAM_CLONE_METHOD)
+        if method is not None and method not in set(CloneMethod):
+            raise InvalidArgument(
+                f"StorageClass parameter {PARAM_CLONE_METHOD} is {method[:40]!r}; use "
+                f"{', '.join(CloneMethod)} (auto: reflink_snapshot() when the source has it, "
+                "native otherwise)"
             )
 
 

@@ -194,10 +194,14 @@ def finish(
     return copied
 
 
-def complete(partial: Path, final: Path) -> None:
-    """Put a finished copy in place: one rename."""
+def complete(partial: Path, final: Path, attempt: str) -> None:
+    """Put attempt's finished copy in place: one rename."""
     if os.path.lexists(final):
         return
+    if attempt_of(partial) != attempt + "\n":
+        raise FailedPrecondition(
+            f"the copy in {partial} is not the one of this attempt; the clone starts over"
+        )
     (partial / ATTEMPT_FILE).unlink()
     os.rename(partial, final)
 
@@ -233,7 +237,7 @@ class LocalCopier:
         )
 
     def complete(self) -> None:
-        complete(self.partial, self.target)
+        complete(self.partial, self.target, self.attempt)
 
     def abandon(self) -> None:
         remove_tree(self.partial)

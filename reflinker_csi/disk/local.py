@@ -163,6 +163,18 @@ class LocalDisk:
         os.rename(partial, final)
         remove_tree(real)
 
+    def source_dir(self, path: Path) -> Path:
+        """A source's directory named by a record: only under the prefix or a source root
+        (kubelet's directory), never through a link that leads elsewhere."""
+        real = Path(os.path.realpath(path))
+        inside = self.layout.contains(real) or any(r in real.parents for r in self.source_roots)
+        if not inside or not real.is_dir():
+            raise FailedPrecondition(
+                f"source directory {path} is not a directory under {self.layout.prefix} or "
+                f"{', '.join(map(str, self.source_roots)) or '-'}; it cannot be copied"
+            )
+        return real
+
     def remove(self, record: VolumeRecord) -> None:
         final = self.data_dir(record)
         doomed = final.with_name(final.name + DELETING_SUFFIX)

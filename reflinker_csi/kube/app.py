@@ -72,7 +72,7 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
         settings.pg_connect_timeout,
         settings.pg_statement_timeout,
     )
-    locator = KubeSourceLocator(kube, pvs, layout, settings.driver_name)
+    locator = KubeSourceLocator(kube, pvs, layout, settings.driver_name, settings.target_root)
     volumes = VolumeService(layout, registry, locator, settings.node_id, materializer, metrics)
 
     runner = Runner()

@@ -254,15 +254,7 @@ class ClaimLoop:
                 "another driver is cloned through its PostgreSQL server, start it"
             )
         if host is None:  # a CSI volume of another driver: where kubelet mounted it for the pod
-            mounted = (
-                self.target_root
-                / "pods"
-                / location.pod_uid
-                / "volumes"
-                / "kubernetes.io~csi"
-                / pv.meta.name
-                / "mount"
-            )
+            mounted = self.locator.node_path(pv, location.pod_uid)
             location = dataclasses.replace(location, host_path=mounted)
         if not location.node:
             raise FailedPrecondition(f"cannot tell which node holds source claim {ns}/{claim}")

@@ -19,11 +19,59 @@ from .runtime import Informer
 
 
 class KubeSourceLocator:
-    def __init__(self, kube: Kube, volumes: Informer, layout: Layout, driver_name: str) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        volumes: Informer,
+        layout: Layout,
+        driver_name: str,
+        target_root: Path = Path("/var/lib/kubelet"),
+    ) -> None:
         self.kube = kube
         self.volumes = volumes
         self.layout = layout
         self.driver_name = driver_name
+        self.target_root = target_root
+
+    def node_path(self, pv: PersistentVolume, pod_uid: str) -> Path:
+        """Where a pod's volume is on its node: our directory, the hostPath or local path, or
+        where kubelet mounted another driver's CSI volume for that pod."""
+        if pv.driver == self.driver_name and pv.handle:
+            return self.layout.volume_dir(pv.handle)
+        if pv.host_path:
+            return Path(pv.host_path)
+        return (
+            self.target_root
+            / "pods"
+            / pod_uid
+            / "volumes"
+            / "kubernetes.io~csi"
+            / pv.meta.name
+            / "mount"
+        )
+
+    def _claimed(self, ns: str, claim: str) -> PersistentVolume | None:
+        for value in self.volumes.items():
+            pv = PersistentVolume.of(value)
+            if pv.claim is not None and (pv.claim.namespace, pv.claim.name) == (ns, claim):
+                return pv
+        return None
+
+    def _other_volumes(self, pod: Pod, data_volume: str) -> dict[str, str]:
+        """mount path -> node path of the pod's other claim volumes (in its postgres container)."""
+        claims = dict(pod.claims)
+        found: dict[str, str] = {}
+        for container in pod.containers:
+            if container.name != "postgres":
+                continue
+            for name, path in container.mounts:
+                claim = claims.get(name)
+                if name == data_volume or claim is None:
+                    continue
+                pv = self._claimed(pod.meta.namespace, claim)
+                if pv is not None:
+                    found[path.rstrip("/") or "/"] = str(self.node_path(pv, pod.meta.uid))
+        return found
 
     def volume_of(self, guid: str) -> PersistentVolume | None:
         for value in self.volumes.items():
@@ -95,6 +143,7 @@ class KubeSourceLocator:
             server=server,
             mount_path=mount_path,
             pod_uid=pod.meta.uid,
+            volumes=self._other_volumes(pod, volume_name),
             context=context,
         )
 

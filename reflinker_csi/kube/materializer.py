@@ -4,12 +4,16 @@ come from what each node plugin reports on its Node."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+import uuid
 from datetime import UTC, datetime
 
+from ..core.backup import BackupStart, BackupStop
 from ..core.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     OperationInProgress,
     SourceUnavailable,
@@ -20,14 +24,16 @@ from ..core.keys import (
     ANNOTATION_FREE_BYTES,
     ANNOTATION_REPORTED_AT,
     CTX_SOURCE_PVC,
+    PARAM_CLONE_METHOD,
     TOPOLOGY_KEY,
 )
 from ..core.layout import Layout
 from ..core.locator import SourceLocation
-from ..core.records import CloneMode, Phase, VolumeRecord
+from ..core.records import CloneMethod, CloneMode, HandOff, Phase, Step, VolumeRecord
 from ..core.space import check_room
 from ..core.volumes import Origin
-from ..pg.source import hot_clone
+from ..pg.backup import native_clone
+from ..pg.source import call_function, has_function, session
 from .model import CSINode, Meta, parse_time
 from .registry import KubeRegistry
 from .runtime import Informer
@@ -130,33 +136,23 @@ class KubeMaterializer:
         location = origin.location if origin else None
         if current.phase == Phase.READY:
             return current
-        if location is not None and location.server is not None and not current.hot_clone_dir:
-            self._check_room(record.node)
-            budget = min(self.statement_timeout, max(1.0, deadline - time.monotonic()))
-            result = hot_clone(location.server, record.guid, self.connect_timeout, budget)
-            path = host_path_of(result.directory, location, self.layout, record.guid)
-            self.registry.set_hot_clone_dir(record, path)
-            log.info(
-                "hot clone taken",
-                extra={
-                    "fields": {
-                        "guid": record.guid,
-                        "source": location.context.get(CTX_SOURCE_PVC, record.source_volume_id),
-                        "s": round(result.seconds, 3),
-                    }
-                },
-            )
-        elif record.clone_mode == CloneMode.HOT and not current.hot_clone_dir:
-            raise SourceUnavailable(
-                f"volume {record.guid} is a hot clone of "
-                f"{record.context.get(CTX_SOURCE_PVC) or record.source_volume_id or 'a claim'}, "
-                "but no running CNPG instance uses the source now; retried until one does"
-            )
         if current.phase == Phase.FAILED:
             self.registry.set_phase(record, Phase.PENDING)  # a new attempt for the node agent
             # Wait for our own write, so the old Failed is not read as this attempt's answer.
             self.registry.informer.wait_until(
                 lambda: self._not_failed(record), time.monotonic() + 5.0
+            )
+        if location is not None and location.server is not None and not current.hot_clone_dir:
+            self._check_room(record.node)
+            budget = min(self.statement_timeout, max(1.0, deadline - time.monotonic()))
+            made = self._hot_clone(record, location, budget, deadline)
+            if made is not None:
+                return made
+        elif record.clone_mode == CloneMode.HOT and not current.hot_clone_dir:
+            raise SourceUnavailable(
+                f"volume {record.guid} is a hot clone of "
+                f"{record.context.get(CTX_SOURCE_PVC) or record.source_volume_id or 'a claim'}, "
+                "but no running CNPG instance uses the source now; retried until one does"
             )
         settled = self.registry.wait_settled(record, deadline)
         if settled is None or settled.phase == Phase.DELETING:
@@ -173,6 +169,40 @@ class KubeMaterializer:
             f"node {record.node}; the request is retried"
         )
 
+    def _hot_clone(
+        self, record: VolumeRecord, location: SourceLocation, budget: float, deadline: float
+    ) -> VolumeRecord | None:
+        """Take the hot clone by the StorageClass's method (auto: the function when the source
+        has it, native otherwise). Native: the volume, Ready. Function: None; the node agent
+        moves the copy into place."""
+        server = location.server
+        assert server is not None
+        began = time.monotonic()
+        wanted = method_of(record.parameters)
+        with session(server, self.connect_timeout, budget) as conn:
+            method = wanted
+            if method == CloneMethod.AUTO:
+                method = CloneMethod.FUNCTION if has_function(conn) else CloneMethod.NATIVE
+            self.registry.set_clone_method(record, str(method))
+            fields: dict[str, object] = {
+                "guid": record.guid,
+                "source": location.context.get(CTX_SOURCE_PVC, record.source_volume_id),
+                "method": str(method),
+            }
+            if method == CloneMethod.FUNCTION:
+                result = call_function(conn, server, record.guid, budget, began)
+                path = host_path_of(result.directory, location, self.layout, record.guid)
+                self.registry.set_hot_clone_dir(record, path)
+                log.info(
+                    "hot clone taken", extra={"fields": {**fields, "s": round(result.seconds, 3)}}
+                )
+                return None
+            copier = RecordCopier(self.registry, record, location, deadline)
+            in_backup = native_clone(conn, server, record.guid, copier, budget)
+        fields.update(s=round(time.monotonic() - began, 3), backup_s=round(in_backup, 3))
+        log.info("hot clone taken", extra={"fields": fields})
+        return copier.ready
+
     def _check_room(self, node: str) -> None:
         """The node's floor, from its report, before the source server makes a copy there."""
         free, floor = self.reports.reports().get(node, (0, 0))
@@ -188,3 +218,102 @@ class KubeMaterializer:
 
     def dematerialize(self, record: VolumeRecord) -> None:
         self.registry.remove(record.guid)
+
+
+def method_of(parameters: dict[str, str]) -> CloneMethod:
+    """The StorageClass's cloneMethod (validated when the volume was requested)."""
+    return CloneMethod(parameters.get(PARAM_CLONE_METHOD) or CloneMethod.AUTO)
+
+
+class RecordCopier:
+    """The file side of a native hot clone, done by the node agent of the source's node: each
+    step is written on the volume's record (spec.backup) and waited for (status.backup)."""
+
+    def __init__(
+        self,
+        registry: KubeRegistry,
+        record: VolumeRecord,
+        location: SourceLocation,
+        deadline: float,
+    ) -> None:
+        self.registry = registry
+        self.record = record
+        self.location = location
+        self.deadline = deadline
+        self.hand_off: HandOff | None = None
+        self.ready: VolumeRecord | None = None
+
+    def copy(self, start: BackupStart) -> None:
+        # CNPG keeps PGDATA in pgdata on the instance's volume; the node agent checks that the
+        # directory there is the source's (its system identifier).
+        self.hand_off = HandOff(
+            attempt=str(uuid.uuid4()),
+            step=Step.COPY,
+            source_dir=str(self.location.host_path / "pgdata"),
+            volumes=dict(self.location.volumes),
+            system_id=start.system_id,
+            start_lsn=start.lsn,
+            segment_bytes=start.segment_bytes,
+        )
+        self._ask(self.hand_off)
+
+    def finish(self, start: BackupStart, stop: BackupStop) -> None:
+        assert self.hand_off is not None
+        self.hand_off = dataclasses.replace(
+            self.hand_off,
+            step=Step.FINISH,
+            stop_lsn=stop.lsn,
+            label_file=stop.label_file,
+            map_file=stop.map_file,
+        )
+        self._ask(self.hand_off)
+
+    def complete(self) -> None:
+        assert self.hand_off is not None
+        self.hand_off = dataclasses.replace(self.hand_off, step=Step.COMPLETE)
+        self.ready = self._ask(self.hand_off)
+
+    def abandon(self) -> None:
+        """This attempt failed while the backup session lived: the node agent removes its
+        partial copy when the record is Failed; a retry starts over with a new attempt."""
+        if self.hand_off is None:
+            return
+        current = self.registry.get_by_name(self.record.name, self.record.kind)
+        if current is not None and current.phase == Phase.PENDING:
+            self.registry.set_phase(
+                self.record,
+                Phase.FAILED,
+                SourceUnavailable("the hot clone's attempt was abandoned; it is retried"),
+            )
+
+    def _ask(self, hand_off: HandOff) -> VolumeRecord:
+        self.registry.set_hand_off(self.record, hand_off)
+        name, kind = self.record.name, self.record.kind
+
+        def answered() -> VolumeRecord | None:
+            current = self.registry.get_by_name(name, kind)
+            if current is None or current.phase in (Phase.FAILED, Phase.DELETING):
+                return current or self.record.with_phase(Phase.DELETING)
+            if hand_off.step == Step.COMPLETE:
+                return current if current.phase == Phase.READY else None
+            done = current.hand_off
+            if done is not None and done.attempt == hand_off.attempt and done.done == hand_off.step:
+                return current
+            return None
+
+        current = self.registry.informer.wait_until(answered, self.deadline)
+        if current is None:
+            raise DeadlineExceeded(
+                f"the pg-reflinker node plugin on node {self.record.node} did not finish step "
+                f"{hand_off.step} of hot clone {self.record.guid} in time; the source left "
+                "backup mode and the clone starts over on the next attempt"
+            )
+        if current.phase == Phase.DELETING:
+            raise OperationInProgress(f"volume {self.record.guid} is being deleted; retry later")
+        if current.phase == Phase.FAILED:
+            raise from_code(
+                current.code,
+                f"node {self.record.node} could not copy hot clone {self.record.guid}: "
+                f"{current.message}",
+            )
+        return current

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TypeVar, cast
 
 from ..core.keys import CTX_CLAIM, CTX_SOURCE_PVC, FINALIZER, LABEL_GUID, LABEL_NODE
-from ..core.records import CloneMode, Kind, Phase, VolumeRecord
+from ..core.records import CloneMode, HandOff, Kind, Phase, Step, VolumeRecord
 from ..core.space import parse_quantity
 from .api import JSON, REFLINKVOLUMES
 
@@ -341,12 +341,54 @@ def record_of(value: JSON) -> VolumeRecord:
         kind=_enum_value(Kind, text(spec, "kind"), Kind.VOLUME),
         clone_mode=_enum_value(CloneMode, text(spec, "cloneMode"), CloneMode.NONE),
         hot_clone_dir=text(spec, "hotCloneDir"),
+        clone_method=text(spec, "cloneMethod"),
+        hand_off=hand_off_of(obj(spec, "backup"), obj(status, "backup")),
         phase=phase,
         code=text(status, "code"),
         message=text(status, "message"),
         context=strings(spec, "context"),
         created_at=created.timestamp() if created else 0.0,
     )
+
+
+def hand_off_of(wanted: JSON, done: JSON) -> HandOff | None:
+    """spec.backup (the controller's step) with status.backup (the node agent's last step done,
+    counted only for the same attempt)."""
+    steps = {str(s): s for s in Step}
+    step = steps.get(text(wanted, "step"))
+    attempt = text(wanted, "attempt")
+    if step is None or not attempt:
+        return None
+    finished = steps.get(text(done, "done"))
+    return HandOff(
+        attempt=attempt,
+        step=step,
+        source_dir=text(wanted, "sourceDir"),
+        volumes=strings(wanted, "volumes"),
+        system_id=text(wanted, "systemId"),
+        start_lsn=text(wanted, "startLSN"),
+        segment_bytes=number(wanted, "segmentBytes"),
+        stop_lsn=text(wanted, "stopLSN"),
+        label_file=text(wanted, "labelFile"),
+        map_file=text(wanted, "mapFile"),
+        done=finished if text(done, "attempt") == attempt else None,
+    )
+
+
+def hand_off_body(hand_off: HandOff) -> JSON:
+    """spec.backup for the controller's step."""
+    return {
+        "attempt": hand_off.attempt,
+        "step": str(hand_off.step),
+        "sourceDir": hand_off.source_dir,
+        "volumes": dict(hand_off.volumes),
+        "systemId": hand_off.system_id,
+        "startLSN": hand_off.start_lsn,
+        "segmentBytes": hand_off.segment_bytes,
+        "stopLSN": hand_off.stop_lsn,
+        "labelFile": hand_off.label_file,
+        "mapFile": hand_off.map_file,
+    }
 
 
 def status_body(phase: Phase, code: str = "", message: str = "") -> JSON:

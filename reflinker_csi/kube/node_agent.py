@@ -7,10 +7,12 @@ restart in the middle of any step converges."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
+from ..core.backup import parse_lsn
 from ..core.errors import FailedPrecondition, ReflinkerError, classify
 from ..core.keys import (
     ANNOTATION_FLOOR_BYTES,
@@ -19,9 +21,11 @@ from ..core.keys import (
     FINALIZER,
     NODE_COMPONENT,
 )
+from ..core.layout import PARTIAL_SUFFIX
 from ..core.observe import Recorder
-from ..core.records import CloneMode, Kind, Phase, VolumeRecord
+from ..core.records import CloneMode, HandOff, Kind, Phase, Step, VolumeRecord
 from ..core.space import size
+from ..disk import backup
 from ..disk.local import LocalDisk, remove_tree
 from ..disk.usage import Usage, measure
 from ..metrics import Metrics
@@ -55,7 +59,11 @@ class NodeAgent:
         meta = Meta.of(value)
         if meta.deleting:
             return self._remove(record, value)
-        if FINALIZER not in meta.finalizers or record.phase in (Phase.READY, Phase.FAILED):
+        if FINALIZER not in meta.finalizers or record.phase == Phase.READY:
+            return DONE
+        if record.phase == Phase.FAILED:
+            if record.hand_off is not None:  # an abandoned native attempt's copy
+                remove_tree(self._partial(record))
             return DONE
         start = time.monotonic()
         try:
@@ -90,6 +98,8 @@ class NodeAgent:
         if record.hot_clone_dir:
             self.disk.adopt(record, Path(record.hot_clone_dir))
             return True
+        if record.hand_off is not None:
+            return self._native_step(record, record.hand_off)
         if record.clone_mode == CloneMode.HOT:
             return False
         self.disk.check_room(self.node_id)
@@ -103,6 +113,65 @@ class NodeAgent:
             )
         self.disk.reflink_copy(source, record)
         return True
+
+    def _partial(self, record: VolumeRecord) -> Path:
+        final = self.disk.data_dir(record)
+        return final.with_name(final.name + PARTIAL_SUFFIX)
+
+    def _native_step(self, record: VolumeRecord, hand_off: HandOff) -> bool:
+        """One step of a native hot clone, the one the controller asked for (once per attempt);
+        True when the volume is in place."""
+        if hand_off.done == hand_off.step:
+            return False  # done; the controller's next step brings the record back
+        partial = self._partial(record)
+        source = self.disk.source_dir(Path(hand_off.source_dir))
+        if hand_off.step == Step.COPY:
+            self.disk.check_room(self.node_id)
+            began = time.monotonic()
+            files = backup.copy_data(source, partial, hand_off.attempt, hand_off.system_id)
+            log.info(
+                "hot clone copied",
+                extra={
+                    "fields": {
+                        "guid": record.guid,
+                        "files": files,
+                        "ms": round((time.monotonic() - began) * 1000, 1),
+                    }
+                },
+            )
+        elif hand_off.step == Step.FINISH:
+            backup.finish(
+                partial,
+                hand_off.attempt,
+                self._wal_dir(source, hand_off.volumes),
+                hand_off.label_file,
+                hand_off.map_file,
+                parse_lsn(hand_off.start_lsn),
+                parse_lsn(hand_off.stop_lsn),
+                hand_off.segment_bytes,
+            )
+        else:
+            backup.complete(partial, self.disk.data_dir(record), hand_off.attempt)
+            return True
+        self.registry.set_step_done(record, hand_off.attempt, hand_off.step)
+        return False
+
+    def _wal_dir(self, source: Path, volumes: dict[str, str]) -> Path:
+        """The source's pg_wal on this node: in the data directory, or on the pod's WAL volume
+        when pg_wal links there (a path inside the pod, mapped through its volumes)."""
+        wal = source / "pg_wal"
+        if not wal.is_symlink():
+            return wal
+        target = os.path.normpath(os.readlink(wal))
+        for mount in sorted(volumes, key=len, reverse=True):  # the deepest mount first
+            node_path = volumes[mount]
+            if target == mount or target.startswith(mount.rstrip("/") + "/"):
+                inside = target[len(mount) :].lstrip("/")
+                return self.disk.source_dir(Path(node_path) / inside)
+        raise FailedPrecondition(
+            f"pg_wal in {source} links to {target}, which is on none of the server pod's "
+            f"volumes ({', '.join(sorted(volumes)) or 'none'}); the WAL cannot be copied"
+        )
 
     def _remove(self, record: VolumeRecord, value: dict[str, object]) -> Result:
         users = self.disk.publishers(record) if record.kind != Kind.SNAPSHOT else []

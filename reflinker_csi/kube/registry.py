@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 
 from ..core.errors import classify
-from ..core.keys import FINALIZER
+from ..core.keys import CTX_CLONE_METHOD, FINALIZER
 from ..core.layout import is_guid
-from ..core.records import Kind, Phase, VolumeRecord
+from ..core.records import HandOff, Kind, Phase, Step, VolumeRecord
 from ..core.space import size
 from .api import JSON, REFLINKVOLUMES, ApiError, Kube, domain_error
 from .events import stamp
-from .model import Meta, record_name, record_of, status_body, to_body
+from .model import Meta, hand_off_body, record_name, record_of, status_body, to_body
 from .runtime import Informer
 
 
@@ -139,6 +139,33 @@ class KubeRegistry:
             self.kube.merge_patch(REFLINKVOLUMES, name, {"spec": {"hotCloneDir": path}})
         except ApiError as err:
             raise domain_error(err, f"update ReflinkVolume {name}") from None
+
+    def set_hand_off(self, record: VolumeRecord, hand_off: HandOff) -> None:
+        """The controller's next step of a native hot clone (spec.backup)."""
+        name = record_name(record.kind, record.name)
+        patch: JSON = {"spec": {"backup": hand_off_body(hand_off)}}
+        try:
+            self.kube.merge_patch(REFLINKVOLUMES, name, patch)
+        except ApiError as err:
+            raise domain_error(err, f"update ReflinkVolume {name}") from None
+
+    def set_clone_method(self, record: VolumeRecord, method: str) -> None:
+        """How the hot clone is taken, on the record and in the volume's context (PV)."""
+        name = record_name(record.kind, record.name)
+        patch: JSON = {"spec": {"cloneMethod": method, "context": {CTX_CLONE_METHOD: method}}}
+        try:
+            self.kube.merge_patch(REFLINKVOLUMES, name, patch)
+        except ApiError as err:
+            raise domain_error(err, f"update ReflinkVolume {name}") from None
+
+    def set_step_done(self, record: VolumeRecord, attempt: str, step: Step) -> None:
+        """The node agent finished step of a native hot clone (status.backup)."""
+        name = record_name(record.kind, record.name)
+        patch: JSON = {"status": {"backup": {"attempt": attempt, "done": str(step)}}}
+        try:
+            self.kube.merge_patch(REFLINKVOLUMES, name, patch, status=True)
+        except ApiError as err:
+            raise domain_error(err, f"update the status of ReflinkVolume {name}") from None
 
     def remove(self, guid: str) -> None:
         value = self.object_of(guid)

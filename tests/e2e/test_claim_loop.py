@@ -282,7 +282,13 @@ def test_pg_reflinker_source_in_the_same_namespace_is_left_to_external_provision
 def test_claim_deleted_while_its_clone_fails_leaves_no_record(
     cluster: Cluster, template: Template
 ) -> None:
-    template.server.psql("REVOKE EXECUTE ON FUNCTION reflink_snapshot(text) FROM streaming_replica")
+    # Neither method is open to the role: no EXECUTE on the function, none on pg_backup_start.
+    revoked = (
+        "FUNCTION reflink_snapshot(text)",
+        "FUNCTION pg_backup_start(text, boolean)",
+    )
+    for what in revoked:
+        template.server.psql(f"REVOKE EXECUTE ON {what} FROM streaming_replica")
     try:
         claim_from(cluster, "doomed", "pg-tmpl-1")
         wait_for(
@@ -301,9 +307,8 @@ def test_claim_deleted_while_its_clone_fails_leaves_no_record(
         assert any(r["metadata"]["name"] == f"claim-{uid}" for r in records)
         cluster.core.delete_namespaced_persistent_volume_claim("doomed", NS)
     finally:
-        template.server.psql(
-            "GRANT EXECUTE ON FUNCTION reflink_snapshot(text) TO streaming_replica"
-        )
+        for what in revoked:
+            template.server.psql(f"GRANT EXECUTE ON {what} TO streaming_replica")
 
     def gone() -> bool:
         items = cluster.custom.list_cluster_custom_object(

@@ -62,7 +62,19 @@ def test_records_show_in_kubectl_columns(cluster: Cluster) -> None:
         "reflinkvolumes.pg-reflinker.csi"
     )
     columns = [c.name for c in crd.spec.versions[0].additional_printer_columns]
-    wanted = ["GUID", "Node", "Source", "Claim", "Phase", "Own", "Used", "Mode", "Message", "Age"]
+    wanted = [
+        "GUID",
+        "Node",
+        "Source",
+        "Claim",
+        "Phase",
+        "Own",
+        "Used",
+        "Mode",
+        "Method",
+        "Message",
+        "Age",
+    ]
     assert columns == wanted
 
 

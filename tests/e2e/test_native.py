@@ -1,0 +1,200 @@
+"""Native hot clones in Kubernetes mode: a source without reflink_snapshot() is cloned with
+pg_backup_start/stop in the controller's session while the node plugin copies the files, step by
+step through the volume's record. Real controller and node plugin processes, csi-provisioner, a
+real PostgreSQL playing the CNPG instance."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from reflinker_csi.kube.api import REFLINKVOLUMES
+from tests.e2e.stack import Cluster, CnpgInstance, wait_for
+from tests.pgserver import PostgresServer, boot_clone
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def without_function(cnpg: CnpgInstance) -> Iterator[PostgresServer]:
+    """The source as CNPG makes it plus the two grants of deploy/postgres/native-grants.sql:
+    no reflink_snapshot()."""
+    server = cnpg.server
+    server.psql("ALTER FUNCTION reflink_snapshot(text) RENAME TO reflink_snapshot_away")
+    try:
+        yield server
+    finally:
+        server.psql("ALTER FUNCTION reflink_snapshot_away(text) RENAME TO reflink_snapshot")
+
+
+def records(cluster: Cluster) -> list[dict[str, Any]]:
+    return list(
+        cluster.custom.list_cluster_custom_object(
+            REFLINKVOLUMES.group, REFLINKVOLUMES.version, REFLINKVOLUMES.plural
+        )["items"]
+    )
+
+
+def record_for_claim(cluster: Cluster, claim: str) -> dict[str, Any] | None:
+    for item in records(cluster):
+        if item["spec"].get("parameters", {}).get("csi.storage.k8s.io/pvc/name") == claim:
+            return item
+    return None
+
+
+def leftovers(cluster: Cluster) -> list[str]:
+    return sorted(p.name for p in cluster.prefix.iterdir() if p.name.endswith(".partial"))
+
+
+def slots_and_sessions(server: PostgresServer) -> str:
+    return server.psql(
+        "SELECT (SELECT count(*) FROM pg_replication_slots) || ',' || (SELECT count(*) FROM "
+        "pg_stat_activity WHERE application_name = 'pg-reflinker')"
+    )
+
+
+def boots_with_the_rows(cluster: Cluster, guid: str, source: PostgresServer) -> None:
+    clone = boot_clone(cluster.prefix / guid, cluster.plane.work / "sock")
+    try:
+        assert clone.psql("SELECT pg_is_in_recovery()") == "f"
+        query = "SELECT count(*) FROM pgbench_accounts"
+        assert clone.psql(query, db="app") == source.psql(query, db="app")
+        clone.amcheck()
+    finally:
+        clone.stop()
+
+
+def test_a_source_without_the_function_is_cloned_natively(
+    cluster: Cluster, cnpg: CnpgInstance, without_function: PostgresServer
+) -> None:
+    cluster.pvc("native-1", source=cnpg.pvc)
+    pv = cluster.wait_bound("native-1", timeout=60)
+    guid = pv.spec.csi.volume_handle
+    assert pv.spec.csi.volume_attributes["pg-reflinker.csi/clone-mode"] == "hot"
+    assert pv.spec.csi.volume_attributes["pg-reflinker.csi/clone-method"] == "native"
+    record = record_for_claim(cluster, "native-1")
+    assert record is not None
+    assert record["spec"]["cloneMethod"] == "native" and not record["spec"].get("hotCloneDir")
+    assert record["spec"]["backup"]["step"] == "Complete"
+    assert record["status"]["phase"] == "Ready"
+    label = (cluster.prefix / guid / "pgdata" / "backup_label").read_text()
+    assert "LABEL: " + guid in label
+    assert leftovers(cluster) == [] and slots_and_sessions(without_function) == "0,0"
+    assert "method=native" in cluster.log_tail("controller", 400)
+    boots_with_the_rows(cluster, guid, without_function)
+
+
+def test_controller_killed_while_the_node_copies_then_the_retry_binds(
+    cluster: Cluster, cnpg: CnpgInstance, without_function: PostgresServer
+) -> None:
+    """The node plugin is frozen (SIGSTOP) so the controller waits in backup mode at the Copy
+    step; the controller is killed there. PostgreSQL aborts the backup and drops the slot; the
+    node's late copy is never put in place; the restarted controller's retry starts over with
+    the same volume."""
+    log_offset = without_function.log_file.stat().st_size
+    node = cluster.processes["node"]
+    node.send_signal(signal.SIGSTOP)
+    try:
+        cluster.pvc("native-killed", source=cnpg.pvc)
+
+        def copy_asked() -> dict[str, Any] | None:
+            record = record_for_claim(cluster, "native-killed")
+            step = ((record or {}).get("spec", {}).get("backup") or {}).get("step")
+            return record if step == "Copy" else None
+
+        first = wait_for("the controller to ask for the copy", copy_asked, 60)
+        assert slots_and_sessions(without_function) == "1,1"  # in backup mode, holding WAL
+        cluster.processes["controller"].send_signal(signal.SIGKILL)
+        cluster.processes["controller"].wait(30)
+    finally:
+        node.send_signal(signal.SIGCONT)
+    wait_for(
+        "the source to leave backup mode",
+        lambda: slots_and_sessions(without_function) == "0,0",
+        30,
+    )
+    log = without_function.log_file.read_bytes()[log_offset:].decode(errors="replace")
+    assert "aborting backup due to backend exiting before pg_backup_stop was called" in log
+    guid = first["spec"]["guid"]
+    # The node finishes the step it was asked for; nothing takes it further.
+    wait_for(
+        "the node plugin to report the copy",
+        lambda: (
+            (record_for_claim(cluster, "native-killed") or {})
+            .get("status", {})
+            .get("backup", {})
+            .get("done")
+            == "Copy"
+        ),
+        30,
+    )
+    assert not (cluster.prefix / guid).exists()
+    cluster.restart("controller")
+    # csi-provisioner exits when its driver goes away; kubelet would restart its container.
+    provisioner = cluster.processes["csi-provisioner"]
+    if provisioner.poll() is None:
+        wait_for("csi-provisioner to notice", lambda: provisioner.poll() is not None, 30)
+    cluster.restart("csi-provisioner")
+    pv = cluster.wait_bound("native-killed", timeout=90)
+    assert pv.spec.csi.volume_handle == guid  # the same volume, a new attempt
+    record = record_for_claim(cluster, "native-killed")
+    assert record is not None
+    assert record["spec"]["backup"]["attempt"] != first["spec"]["backup"]["attempt"]
+    assert leftovers(cluster) == [] and slots_and_sessions(without_function) == "0,0"
+    boots_with_the_rows(cluster, guid, without_function)
+
+
+def test_node_failure_mid_clone_ends_the_backup_and_names_the_cause(
+    cluster: Cluster, cnpg: CnpgInstance, without_function: PostgresServer
+) -> None:
+    """The source's data directory is not where CNPG keeps it (here: moved away while the
+    clone waits): the node plugin fails the Copy step with the reason, the controller ends the
+    backup at once, and the claim's events say why."""
+    # The source's data directory as the node plugin sees it (its volume's directory).
+    pgdata = cluster.prefix / cnpg.pv.spec.csi.volume_handle / "pgdata"
+    node = cluster.processes["node"]
+    node.send_signal(signal.SIGSTOP)
+    moved = pgdata.with_name("pgdata-elsewhere")
+    try:
+        cluster.pvc("native-lost", source=cnpg.pvc)
+        wait_for(
+            "the controller to ask for the copy",
+            lambda: (
+                ((record_for_claim(cluster, "native-lost") or {}).get("spec", {}))
+                .get("backup", {})
+                .get("step")
+                == "Copy"
+            ),
+            60,
+        )
+        # A bind mount keeps the running server's files where they are for PostgreSQL while
+        # the node plugin sees an empty directory at the data directory's path.
+        moved.mkdir()
+        subprocess.run(["mount", "--bind", str(moved), str(pgdata)], check=True)
+    finally:
+        node.send_signal(signal.SIGCONT)
+    try:
+        wait_for(
+            "the claim's event",
+            lambda: any(
+                "no data directory at" in e
+                for e in cluster.events_for("PersistentVolumeClaim", "native-lost")
+            ),
+            60,
+        )
+        wait_for(
+            "the source to leave backup mode",
+            lambda: slots_and_sessions(without_function) == "0,0",
+            30,
+        )
+    finally:
+        subprocess.run(["umount", str(pgdata)], check=True)
+        os.rmdir(moved)
+    pv = cluster.wait_bound("native-lost", timeout=90)  # the retry, once the path is right
+    assert leftovers(cluster) == []
+    boots_with_the_rows(cluster, pv.spec.csi.volume_handle, without_function)
