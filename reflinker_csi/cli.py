@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -19,15 +20,17 @@ from csi import csi_pb2_grpc
 
 from . import __version__, config, logs
 from .core.errors import ReflinkerError
-from .core.layout import Layout, new_guid
+from .core.layout import STATE_DIR_NAME, Layout, new_guid, require_guid
 from .core.locator import SourceServer
 from .core.volumes import VolumeService
+from .disk.backup import LocalCopier
 from .disk.local import LocalDisk
 from .disk.publish import Publisher
 from .kube import api as kube_api
 from .kube import app
 from .kube.runtime import Runner
 from .metrics import Metrics
+from .pg.backup import native_hot_clone
 from .pg.source import hot_clone
 from .rpc.controller import ControllerServicer
 from .rpc.identity import IdentityServicer, prefix_usable
@@ -196,9 +199,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("node", help="Identity and Node on each Kubernetes node")
     snap = sub.add_parser(
         "snapshot",
-        help="take one hot clone of a running CNPG instance through reflink_snapshot()",
-        description="Connects as streaming_replica over verified TLS, calls "
-        "reflink_snapshot(label) and prints the directory (as the server sees it) and the time.",
+        help="take one hot clone of a running CNPG instance, to test a source by hand",
+        description="Connects as streaming_replica over verified TLS and takes one hot clone: "
+        "by reflink_snapshot(label), or with --pgdata by the native method (pg_backup_start/stop "
+        "in this session, the copy made here from the source's data directory on this host). "
+        "Prints the method, the directory (for the function, as the server sees it) and the time.",
     )
     snap.add_argument("--host", required=True, help="the instance's IP address (pod IP)")
     snap.add_argument("--port", type=int, default=5432)
@@ -212,6 +217,12 @@ def _parser() -> argparse.ArgumentParser:
         "--key", required=True, type=Path, help="tls.key of secret <cluster>-replication"
     )
     snap.add_argument("--label", default="", help="a lowercase UUID (default: a new one)")
+    snap.add_argument(
+        "--pgdata",
+        type=Path,
+        help="native method: the source's data directory as this host sees it; the copy goes "
+        "to .pg-reflinker/<label> beside it, on the same filesystem",
+    )
     snap.add_argument("--connect-timeout", type=float, default=10.0)
     snap.add_argument("--statement-timeout", type=float, default=300.0)
     return parser
@@ -233,10 +244,21 @@ def run_snapshot(args: argparse.Namespace) -> int:
         client_key=key,
     )
     label = args.label or new_guid()
-    result = hot_clone(server, label, args.connect_timeout, args.statement_timeout)
+    if args.pgdata is None:
+        result = hot_clone(server, label, args.connect_timeout, args.statement_timeout)
+        method, directory, seconds = "function", result.directory, result.seconds
+    else:
+        pgdata = Path(os.path.realpath(args.pgdata))
+        area = pgdata.parent / STATE_DIR_NAME
+        area.mkdir(mode=0o700, exist_ok=True)
+        began = time.monotonic()
+        copier = LocalCopier(pgdata, area / require_guid(label, "--label"))
+        native_hot_clone(server, label, copier, args.connect_timeout, args.statement_timeout)
+        method, directory, seconds = "native", str(area / label), time.monotonic() - began
+    print(f"method     {method}")
     print(f"label      {label}")
-    print(f"directory  {result.directory}")
-    print(f"time       {result.seconds:.3f} seconds")
+    print(f"directory  {directory}")
+    print(f"time       {seconds:.3f} seconds")
     return 0
 
 

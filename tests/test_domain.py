@@ -107,6 +107,17 @@ def test_extra_create_metadata_parameters_are_accepted() -> None:
     CreateSpec(name="x" * 128, parameters={"csi.storage.k8s.io/pvc/name": "c"}).validate()
 
 
+def test_clone_method_parameter_takes_three_values_and_names_them_otherwise() -> None:
+    for method in ("auto", "function", "native"):
+        CreateSpec(name="ok", parameters={"cloneMethod": method}).validate()
+    with pytest.raises(errors.InvalidArgument) as err:
+        CreateSpec(name="ok", parameters={"cloneMethod": "Native"}).validate()
+    assert str(err.value) == (
+        "StorageClass parameter cloneMethod is 'Native'; use auto, function, native (auto: "
+        "reflink_snapshot() when the source has it, native otherwise)"
+    )
+
+
 @pytest.mark.parametrize(
     ("exc", "code"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,18 @@ import pytest
 from reflinker_csi.core import errors
 from reflinker_csi.core.layout import Layout
 from reflinker_csi.core.locator import SourceLocation
-from reflinker_csi.core.records import CloneMode, Kind, Phase, VolumeRecord
+from reflinker_csi.core.records import CloneMode, HandOff, Kind, Phase, Step, VolumeRecord
 from reflinker_csi.kube.materializer import host_path_of
-from reflinker_csi.kube.model import Claim, Pod, quantity_bytes, record_name, record_of, to_body
+from reflinker_csi.kube.model import (
+    Claim,
+    Pod,
+    hand_off_body,
+    hand_off_of,
+    quantity_bytes,
+    record_name,
+    record_of,
+    to_body,
+)
 
 SRC = "11111111-2222-4333-8444-555555555555"
 NEW = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee"
@@ -57,6 +67,32 @@ def test_record_round_trips_through_the_custom_resource() -> None:
     )
     meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     assert record_of(obj).phase == Phase.DELETING
+
+
+def test_a_native_clones_hand_off_round_trips_and_counts_only_its_own_attempt() -> None:
+    wanted = HandOff(
+        attempt="a1",
+        step=Step.FINISH,
+        source_dir="/p/src/pgdata",
+        volumes={"/var/lib/postgresql/wal": "/p/wal"},
+        system_id="7714195230706104125",
+        start_lsn="0/2000028",
+        segment_bytes=16 << 20,
+        stop_lsn="0/2001E88",
+        label_file="START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n",
+    )
+    body = {
+        "spec": {"backup": hand_off_body(wanted)},
+        "status": {"backup": {"attempt": "a1", "done": "Copy"}},
+    }
+    assert hand_off_of(body["spec"]["backup"], body["status"]["backup"]) == dataclasses.replace(
+        wanted, done=Step.COPY
+    )
+    # The node's answer for an earlier attempt is not this attempt's.
+    assert hand_off_of(body["spec"]["backup"], {"attempt": "a0", "done": "Finish"}).done is None  # type: ignore[union-attr]
+    # Hostile or partial hand-offs read as none, never as a step to act on.
+    for bad in ({"step": "Copy"}, {"attempt": "a1", "step": "Delete"}, {"attempt": 5, "step": 7}):
+        assert hand_off_of(bad, {}) is None
 
 
 def test_hostile_objects_read_as_empty_fields_not_crashes() -> None:

@@ -98,7 +98,6 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
         settings.driver_name,
         settings.storage_class,
         settings.namespace_path,
-        settings.target_root,
         settings.claim_wait_seconds,
     )
     claim_loop = Controller(

@@ -78,7 +78,6 @@ class ClaimLoop:
         driver_name: str,
         storage_class: str,
         namespace_path: tuple[str, ...],
-        target_root: Path,
         wait_seconds: float = WAIT_SECONDS,
     ) -> None:
         self.kube = kube
@@ -92,7 +91,6 @@ class ClaimLoop:
         self.driver_name = driver_name
         self.storage_class = storage_class
         self.namespace_path = namespace_path
-        self.target_root = target_root
         self._lock = threading.Lock()
         self._waiting: dict[str, set[str]] = {}  # source claim name -> waiting claim keys
         self._failures: dict[str, int] = {}  # claim key -> failed attempts in a row

@@ -1,6 +1,7 @@
-"""Benchmark: hot clone through reflink_snapshot() against the physical floor (a bare
-`cp -a --reflink=always` of the same data directory) and against pg_basebackup, all measured in
-one run on one XFS reflink loop filesystem.
+"""Benchmark: hot clones by both methods (reflink_snapshot() in the server; native:
+pg_backup_start/stop in our session with the copy made here, as the node plugin makes it)
+against the physical floor (a bare `cp -a --reflink=always` of the same data directory) and
+against pg_basebackup, all measured in one run on one XFS reflink loop filesystem.
 
 Run as root: make bench-clone [BENCH_SCALES="50 400"] [BENCH_RUNS=5]
 """
@@ -17,6 +18,8 @@ import uuid
 from collections.abc import Callable
 
 from reflinker_csi.core.locator import SourceServer
+from reflinker_csi.disk.backup import LocalCopier
+from reflinker_csi.pg.backup import native_hot_clone
 from reflinker_csi.pg.source import hot_clone
 from tests.conftest import Filesystem
 from tests.pgserver import (
@@ -69,6 +72,15 @@ def bench_scale(fs: Filesystem, certs: Certificates, scale: int, runs: int) -> d
         remove(area / label)
         return seconds
 
+    def one_native() -> float:
+        label = str(uuid.uuid4())
+        area.mkdir(exist_ok=True)
+        start = time.monotonic()
+        native_hot_clone(endpoint, label, LocalCopier(server.pgdata, area / label))
+        seconds = time.monotonic() - start
+        remove(area / label)
+        return seconds
+
     def one_cp() -> float:
         target = fs.mnt / f"cp-{uuid.uuid4()}"
         seconds = timed(
@@ -89,9 +101,11 @@ def bench_scale(fs: Filesystem, certs: Certificates, scale: int, runs: int) -> d
         return timed(lambda: server.psql("CHECKPOINT"))
 
     one_hot()  # warm-up: first connection, page cache
+    one_native()
     result: dict[str, float] = {"scale": scale, "bytes": size}
     for name, measure in (
         ("hot", one_hot),
+        ("native", one_native),
         ("cp", one_cp),
         ("checkpoint", one_checkpoint),
         ("basebackup", one_basebackup),
@@ -126,14 +140,16 @@ def main() -> int:
         f"median of {runs} runs each"
     )
     print(
-        f"{'scale':>6} {'size GiB':>9} {'hot clone s':>12} {'bare cp s':>10} "
-        f"{'checkpoint s':>13} {'pg_basebackup s':>16} {'hot/cp':>7} {'basebackup/hot':>15}"
+        f"{'scale':>6} {'size GiB':>9} {'function s':>11} {'native s':>9} {'bare cp s':>10} "
+        f"{'checkpoint s':>13} {'pg_basebackup s':>16} {'function/cp':>12} {'native/cp':>10} "
+        f"{'native/function':>16} {'basebackup/function':>20}"
     )
     for r in rows:
         print(
-            f"{r['scale']:>6.0f} {r['bytes'] / 2**30:>9.2f} {r['hot']:>12.3f} {r['cp']:>10.3f} "
-            f"{r['checkpoint']:>13.3f} {r['basebackup']:>16.3f} {r['hot'] / r['cp']:>7.2f} "
-            f"{r['basebackup'] / r['hot']:>15.1f}"
+            f"{r['scale']:>6.0f} {r['bytes'] / 2**30:>9.2f} {r['hot']:>11.3f} "
+            f"{r['native']:>9.3f} {r['cp']:>10.3f} {r['checkpoint']:>13.3f} "
+            f"{r['basebackup']:>16.3f} {r['hot'] / r['cp']:>12.2f} {r['native'] / r['cp']:>10.2f} "
+            f"{r['native'] / r['hot']:>16.2f} {r['basebackup'] / r['hot']:>20.1f}"
         )
     ok = True
     for r in rows:
@@ -143,6 +159,13 @@ def main() -> int:
         print(
             f"target scale {r['scale']:.0f}: hot clone {r['hot']:.3f} s <= 2 x bare cp + "
             f"checkpoint = {budget:.3f} s: {'met' if met else 'MISSED'}"
+        )
+    for r in rows:
+        met = r["native"] <= 1.5 * r["hot"]
+        ok &= met
+        print(
+            f"target scale {r['scale']:.0f}: native {r['native']:.3f} s <= 1.5 x function "
+            f"{r['hot']:.3f} s: {r['native'] / r['hot']:.2f}x: {'met' if met else 'MISSED'}"
         )
     small, large = rows[0], rows[-1]
     speedup = large["basebackup"] / large["hot"]

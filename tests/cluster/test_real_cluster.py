@@ -422,3 +422,59 @@ def test_controller_restart_during_a_clone_ends_bound_without_orphans(
     )
     k8s.kubectl("delete", "pvc", "restart-clone", "-n", NS, "--wait=true", "--timeout=60s")
     k8s.wait("volume restart-clone removed", lambda: guid not in _volume_dirs(), 60)
+
+
+def test_a_cluster_with_only_the_grants_and_a_wal_volume_is_cloned_natively(
+    k8s: OneNodeCluster,
+) -> None:
+    """deploy/examples/source-cluster-native.yaml: no reflink_snapshot(), PGDATA and WAL on two
+    volumes. A new Cluster made from it under pgbench load boots from a native hot clone (the
+    controller ran pg_backup_start/stop, the node plugin copied data and WAL)."""
+    cnpg.ensure_namespace(k8s)
+    k8s.apply(cnpg.example("source-cluster-native.yaml"))
+    cnpg.wait_healthy(k8s, "pg-lean")
+    source = cnpg.primary_pod(k8s, "pg-lean")
+    assert (
+        cnpg.psql(k8s, source, "SELECT to_regproc('reflink_snapshot') IS NULL", db="postgres")
+        == "t"
+    )
+    cnpg.pgbench(k8s, source, "-i", "-s", "5", "-q")
+    load = cnpg.pgbench_background(k8s, source, seconds=20)
+    try:
+        k8s.wait(
+            "pgbench transactions on pg-lean",
+            lambda: int(cnpg.psql(k8s, source, "SELECT count(*) FROM pgbench_history")) > 0,
+            60,
+        )
+        clone_spec = cnpg.example("clone-cluster.yaml", metadata__name="pg-lean-dev")
+        clone_spec["spec"]["bootstrap"]["recovery"]["volumeSnapshots"]["storage"]["name"] = source
+        k8s.apply(clone_spec)
+        cnpg.wait_healthy(k8s, "pg-lean-dev")
+    finally:
+        out, _ = load.communicate(timeout=120)
+    assert load.returncode == 0, f"pgbench on the source failed: {out}"
+    pod = cnpg.primary_pod(k8s, "pg-lean-dev")
+    sums = cnpg.pgbench_sums(k8s, pod)
+    assert len(sums) == 1 and sums != {"0"}, f"pgbench invariant in the clone: {sums}"
+    cnpg.amcheck(k8s, pod)
+    assert int(cnpg.psql(k8s, pod, "SELECT count(*) FROM pgbench_accounts")) == 500000
+
+    pv = _pv_of(k8s, pod)
+    guid = pv["spec"]["csi"]["volumeHandle"]
+    record = _record_for(k8s, guid)
+    assert record["spec"]["cloneMode"] == "hot" and record["spec"]["cloneMethod"] == "native"
+    assert pv["spec"]["csi"]["volumeAttributes"]["pg-reflinker.csi/clone-method"] == "native"
+    # The source's WAL lived on its own volume; the clone's pg_wal is a directory of its own.
+    assert (PREFIX / guid / "pgdata" / "pg_wal").is_dir()
+    assert not (PREFIX / guid / "pgdata" / "pg_wal").is_symlink()
+    assert cnpg.hot_clone_seconds(k8s, guid) is not None
+    assert cnpg.psql(k8s, source, "SELECT count(*) FROM pg_replication_slots", db="postgres") == "0"
+
+    guids = {
+        guid,
+        *(_pv_of(k8s, c)["spec"]["csi"]["volumeHandle"] for c in (source, f"{source}-wal")),
+    }
+    cnpg.delete_cluster(k8s, "pg-lean-dev")
+    cnpg.delete_cluster(k8s, "pg-lean")
+    k8s.wait("the three volumes removed", lambda: not (guids & _volume_dirs()), 120)
+    assert not [p for p in PREFIX.iterdir() if p.name.endswith(".partial")]
