@@ -6,7 +6,6 @@ stamped with the attempt it belongs to; only complete() puts it in place."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import shutil
@@ -20,8 +19,6 @@ from ..core.layout import PARTIAL_SUFFIX
 from . import reflink
 from .local import remove_tree
 from .reflink import Leave
-
-log = logging.getLogger(__name__)
 
 # Directories whose contents a copy leaves out, as pg_basebackup does (pg_wal is filled later).
 EMPTIED = frozenset(
@@ -128,7 +125,7 @@ def _copy_file(src: Path, dst: Path) -> None:
     """A reflink on the same filesystem; the bytes when the WAL lives on another one."""
     st = os.stat(src)
     try:
-        reflink._clone_regular(src, dst, st)
+        reflink.clone_regular(src, dst, st)
         return
     except ReflinkUnsupported:
         with contextlib.suppress(FileNotFoundError):

@@ -8,7 +8,7 @@ import fcntl
 import os
 import stat
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
 
@@ -78,85 +78,105 @@ def copy_tree(
     Ownership, modes and times are kept; symlinks are recreated, never followed. leave(relative
     path) says what to leave out. live: the tree belongs to a running server, so entries that
     vanish while it is copied are skipped (dropped relations, truncated SLRUs; WAL replay
-    recreates what matters). workers: files cloned at once (FICLONE is per-file kernel work).
+    recreates what matters). workers: threads cloning files, each a share of the bytes (FICLONE
+    of a large file is kernel work that runs beside the others; small files are not worth it).
     """
-    count = 0
     src_st = os.lstat(src)
     if not stat.S_ISDIR(src_st.st_mode):
         raise NotADirectoryError(str(src))
     os.mkdir(dst, 0o700)
     stack: list[tuple[Path, Path, os.stat_result, str]] = [(src, dst, src_st, "")]
     dirs_done: list[tuple[Path, os.stat_result]] = []
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
-    pending: list[Future[None]] = []
-
-    def clone(s_path: Path, d_path: Path, st: os.stat_result) -> None:
+    files: list[tuple[Path, Path, os.stat_result]] = []
+    # The directories first (with links), then the files, then the directories' metadata.
+    while stack:
+        s_dir, d_dir, s_st, rel_dir = stack.pop()
         try:
-            _clone_regular(s_path, d_path, st)
+            entries = list(os.scandir(s_dir))
         except FileNotFoundError:
             if not live:
                 raise
-            with contextlib.suppress(FileNotFoundError):
-                d_path.unlink()
-
-    try:
-        while stack:
-            s_dir, d_dir, s_st, rel_dir = stack.pop()
+            entries = []
+        for entry in entries:
+            rel = f"{rel_dir}{entry.name}"
+            what = leave(rel) if leave else Leave.NOTHING
+            if what == Leave.OUT:
+                continue
+            s_path = Path(entry.path)
+            d_path = d_dir / entry.name
+            if what == Leave.CONTENTS:
+                # An empty directory in the copy, even where the source's is a link to another
+                # filesystem (pg_wal on a WAL volume), owned like its parent then.
+                try:
+                    st = os.stat(s_path)
+                except FileNotFoundError:
+                    st = s_st
+                os.mkdir(d_path, 0o700)
+                dirs_done.append((d_path, st if stat.S_ISDIR(st.st_mode) else s_st))
+                continue
             try:
-                entries = list(os.scandir(s_dir))
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 if not live:
                     raise
-                entries = []
-            for entry in entries:
-                rel = f"{rel_dir}{entry.name}"
-                what = leave(rel) if leave else Leave.NOTHING
-                if what == Leave.OUT:
-                    continue
-                s_path = Path(entry.path)
-                d_path = d_dir / entry.name
-                if what == Leave.CONTENTS:
-                    # An empty directory in the copy, even where the source's is a link to
-                    # another filesystem (pg_wal on a WAL volume), owned like its parent then.
-                    try:
-                        st = os.stat(s_path)
-                    except FileNotFoundError:
-                        st = s_st
-                    os.mkdir(d_path, 0o700)
-                    dirs_done.append((d_path, st if stat.S_ISDIR(st.st_mode) else s_st))
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    if not live:
-                        raise
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    os.mkdir(d_path, 0o700)
-                    stack.append((s_path, d_path, st, rel + "/"))
-                elif stat.S_ISREG(st.st_mode):
-                    if pool is not None:
-                        pending.append(pool.submit(clone, s_path, d_path, st))
-                    else:
-                        clone(s_path, d_path, st)
-                    count += 1
-                elif stat.S_ISLNK(st.st_mode):
-                    os.symlink(os.readlink(s_path), d_path)
-                    os.lchown(d_path, st.st_uid, st.st_gid)
-                # sockets, fifos and devices are runtime artefacts; a data directory needs none.
-            dirs_done.append((d_dir, s_st))
-        for done in pending:
-            done.result()
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                os.mkdir(d_path, 0o700)
+                stack.append((s_path, d_path, st, rel + "/"))
+            elif stat.S_ISREG(st.st_mode):
+                files.append((s_path, d_path, st))
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(s_path), d_path)
+                os.lchown(d_path, st.st_uid, st.st_gid)
+            # sockets, fifos and devices are runtime artefacts; a data directory needs none.
+        dirs_done.append((d_dir, s_st))
+
+    def clone_all(share: list[tuple[Path, Path, os.stat_result]]) -> None:
+        for s_path, d_path, st in share:
+            try:
+                clone_regular(s_path, d_path, st)
+            except FileNotFoundError:
+                if not live:
+                    raise
+                with contextlib.suppress(FileNotFoundError):
+                    d_path.unlink()
+
+    shares = _shares(files, workers)
+    if len(shares) > 1:
+        with ThreadPoolExecutor(len(shares)) as pool:
+            for done in [pool.submit(clone_all, share) for share in shares]:
+                done.result()
+    else:
+        clone_all(files)
     # Directory metadata last, so adding entries does not disturb the copied times.
     for d_dir, s_st in reversed(dirs_done):
         _copy_metadata(d_dir, s_st)
-    return count
+    return len(files)
 
 
-def _clone_regular(src: Path, dst: Path, st: os.stat_result) -> None:
+# Below this many bytes per thread, threads cost more than they save.
+_BYTES_PER_WORKER = 256 << 20
+
+
+def _shares(
+    files: list[tuple[Path, Path, os.stat_result]], workers: int
+) -> list[list[tuple[Path, Path, os.stat_result]]]:
+    """Split files into up to `workers` lists of about equal bytes, largest first."""
+    total = sum(st.st_size for _, _, st in files)
+    count = max(1, min(workers, total // _BYTES_PER_WORKER))
+    if count == 1:
+        return [files]
+    shares: list[list[tuple[Path, Path, os.stat_result]]] = [[] for _ in range(count)]
+    sizes = [0] * count
+    for item in sorted(files, key=lambda f: f[2].st_size, reverse=True):
+        least = sizes.index(min(sizes))
+        shares[least].append(item)
+        sizes[least] += item[2].st_size
+    return shares
+
+
+def clone_regular(src: Path, dst: Path, st: os.stat_result) -> None:
+    """Reflink one regular file to dst (which must not exist), with its owner, mode and times."""
     s_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         d_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
