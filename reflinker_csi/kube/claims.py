@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 WAIT_SECONDS = 20.0
 MAX_BACKOFF = 60.0
 REQUEST_PREFIX = "claim-"
+# external-provisioner names volumes <prefix>-<claim UID>; "pvc" unless --volume-name-prefix.
+SIDECAR_PREFIX = "pvc-"
 
 
 class SourceNotFound(NotFound):
@@ -324,18 +326,30 @@ class ClaimLoop:
     # -- orphans ----------------------------------------------------------------------------
 
     def reconcile_record(self, key: str) -> Result:
-        """Delete the record of a claim that went away (or is going) before its PV was made (a
-        claim deleted, or the controller restarted, mid-provisioning): no orphaned directories."""
+        """Delete the record of a claim that went away (or is going) before its volume was made
+        (a claim deleted, or the controller restarted, mid-provisioning): no orphaned directories,
+        hot-clone copies or partial copies. Records of the claim loop (`claim-<uid>`) until their
+        PV exists; records of csi-provisioner (`pvc-<uid>`, with the claim in their context)
+        until they are Ready, after which external-provisioner owns the volume."""
         value = self.records.get(key)
         if value is None:
             return DONE
         record = record_of(value)
-        if not record.name.startswith(REQUEST_PREFIX) or record.phase == Phase.DELETING:
+        if record.phase == Phase.DELETING or CTX_CLAIM not in record.context:
             return DONE
-        if self.pvs.get(record.guid) is not None:
-            return DONE  # bound: external-provisioner deletes it with the claim
-        claim = self._claim(record.context.get(CTX_CLAIM, ""))
-        if claim is not None and not claim.meta.deleting and request_name(claim) == record.name:
+        if record.name.startswith(REQUEST_PREFIX):
+            if self.pvs.get(record.guid) is not None:
+                return DONE  # bound: external-provisioner deletes it with the claim
+        elif record.name.startswith(SIDECAR_PREFIX):
+            if record.phase == Phase.READY or self.pvs.get(record.name) is not None:
+                return DONE
+        else:
+            return DONE
+        claim = self._claim(record.context[CTX_CLAIM])
+        if claim is not None and not claim.meta.deleting and record.name in (
+            request_name(claim),
+            SIDECAR_PREFIX + claim.meta.uid,
+        ):
             return DONE  # still being provisioned or retried
         log.info(
             "removing volume %s: its claim %s is gone", record.guid, record.context.get(CTX_CLAIM)

@@ -198,3 +198,48 @@ def test_node_failure_mid_clone_ends_the_backup_and_names_the_cause(
     pv = cluster.wait_bound("native-lost", timeout=90)  # the retry, once the path is right
     assert leftovers(cluster) == []
     boots_with_the_rows(cluster, pv.spec.csi.volume_handle, without_function)
+
+
+def test_a_claim_deleted_mid_clone_leaves_no_record_no_copy_and_no_backup(
+    cluster: Cluster, cnpg: CnpgInstance, without_function: PostgresServer
+) -> None:
+    """csi-provisioner stops asking once its claim is gone; the controller's sweep removes the
+    record of a volume that was never made, which ends the waiting clone (and so the backup),
+    and the node plugin removes the partial copy."""
+    node = cluster.processes["node"]
+    node.send_signal(signal.SIGSTOP)
+    try:
+        cluster.pvc("native-gone", source=cnpg.pvc)
+        first = wait_for(
+            "the controller to ask for the copy",
+            lambda: (
+                record
+                if ((record := record_for_claim(cluster, "native-gone")) or {})
+                .get("spec", {})
+                .get("backup", {})
+                .get("step")
+                == "Copy"
+                else None
+            ),
+            60,
+        )
+        cluster.core.delete_namespaced_persistent_volume_claim("native-gone", "apps")
+        wait_for(
+            "the record to be deleted",
+            lambda: (
+                (record_for_claim(cluster, "native-gone") or {})
+                .get("metadata", {})
+                .get("deletionTimestamp")
+            ),
+            30,
+        )
+    finally:
+        node.send_signal(signal.SIGCONT)
+    wait_for("the record to be gone", lambda: record_for_claim(cluster, "native-gone") is None, 30)
+    wait_for(
+        "the source to leave backup mode",
+        lambda: slots_and_sessions(without_function) == "0,0",
+        30,
+    )
+    guid = first["spec"]["guid"]
+    assert leftovers(cluster) == [] and not (cluster.prefix / guid).exists()
