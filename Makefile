@@ -122,6 +122,23 @@ $(K8S_TOOLS)/.built: tests/tools/k8s/go.mod tests/tools/k8s/go.sum $(wildcard te
 	cd tests/tools/k8s && CGO_ENABLED=0 go build -trimpath -o $(K8S_TOOLS)/etcd go.etcd.io/etcd/server/v3
 	@touch $@
 
+# Volume snapshots for the same cluster: external-snapshotter's snapshot-controller and
+# csi-snapshotter sidecar, and the snapshot CRDs of its client module, next to the other tools.
+SNAPSHOTTER_VERSION := v8.6.0
+SNAPSHOTTER_KEY := $(shell sha256sum tests/tools/snapshotter/go.sum 2>/dev/null | cut -c1-12)
+SNAPSHOTTER_BUILT := $(K8S_TOOLS)/.snapshotter-$(SNAPSHOTTER_KEY)
+
+$(SNAPSHOTTER_BUILT): tests/tools/snapshotter/go.mod tests/tools/snapshotter/go.sum $(K8S_TOOLS)/.built
+	@echo "building snapshot-controller and csi-snapshotter $(SNAPSHOTTER_VERSION) into $(K8S_TOOLS) (once, ~4 minutes)"
+	cd tests/tools/snapshotter && CGO_ENABLED=0 go build -trimpath -o $(K8S_TOOLS)/ \
+		github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller \
+		github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter
+	mkdir -p $(K8S_TOOLS)/snapshot-crds
+	cd tests/tools/snapshotter && cp "$$(go list -m -f '{{.Dir}}' github.com/kubernetes-csi/external-snapshotter/client/v8)"/config/crd/snapshot.storage.k8s.io_*.yaml $(K8S_TOOLS)/snapshot-crds/
+	cd tests/tools/snapshotter && cp "$$(go list -m -f '{{.Dir}}' github.com/kubernetes-csi/external-snapshotter/v8)"/deploy/kubernetes/snapshot-controller/*.yaml $(K8S_TOOLS)/snapshot-crds/
+	chmod -R u+w $(K8S_TOOLS)/snapshot-crds
+	@touch $@
+
 # The CloudNativePG operator (its manager binary and release manifest) for the real cluster.
 CNPG_VERSION := 1.30.0
 CNPG_TOOLS_KEY := $(shell sha256sum tests/tools/cnpg/go.sum 2>/dev/null | cut -c1-12)
@@ -151,7 +168,7 @@ $(CONFORMANCE_TOOLS)/.built: tests/tools/conformance/go.mod tests/tools/conforma
 TOOLS_ENV := K8S_TOOLS=$(K8S_TOOLS) CNPG_TOOLS=$(CNPG_TOOLS) TOOLS_CACHE=$(TOOLS_CACHE)
 
 .PHONY: k8s-tools
-k8s-tools: $(K8S_TOOLS)/.built $(CNPG_TOOLS)/.built
+k8s-tools: $(K8S_TOOLS)/.built $(SNAPSHOTTER_BUILT) $(CNPG_TOOLS)/.built
 
 # Core and reconciler tests: no root, no loop devices, no PostgreSQL; a real kube-apiserver and
 # etcd for the reconcilers. Seconds, not minutes.

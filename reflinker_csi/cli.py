@@ -151,7 +151,7 @@ def run_controller(cfg: config.Config) -> int:
     started = app.controller(kube_api.connect(), _settings(cfg), metrics)
     metrics.serve(cfg.metrics_port)
     identity = IdentityServicer(cfg.driver_name, started.ready, controller=True)
-    controller = ControllerServicer(started.volumes, snapshots=False)
+    controller = ControllerServicer(started.volumes)
     return _serve(
         cfg,
         "controller",

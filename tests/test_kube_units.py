@@ -172,23 +172,3 @@ def test_returned_path_outside_both_is_refused_naming_it(layout: Layout, returne
     with pytest.raises(errors.FailedPrecondition) as err:
         host_path_of(returned, location(), layout, NEW)
     assert repr(returned) in str(err.value)
-
-
-def test_kubernetes_mode_refuses_snapshot_sources_clearly() -> None:
-    import grpc
-
-    from csi import csi_pb2
-    from reflinker_csi.rpc.controller import ControllerServicer
-    from reflinker_csi.rpc.server import status_of
-    from tests.conftest import MOUNT_RW
-
-    servicer = ControllerServicer(volumes=None, snapshots=False)  # type: ignore[arg-type]
-    request = csi_pb2.CreateVolumeRequest(name="pvc-1", volume_capabilities=[MOUNT_RW])
-    request.volume_content_source.snapshot.snapshot_id = NEW
-    with pytest.raises(errors.InvalidArgument) as err:
-        servicer.CreateVolume(request, None)
-    assert status_of(err.value, "CreateVolume")[0] == grpc.StatusCode.INVALID_ARGUMENT
-    caps = servicer.ControllerGetCapabilities(None, None).capabilities
-    assert csi_pb2.ControllerServiceCapability.RPC.CREATE_DELETE_SNAPSHOT not in [
-        c.rpc.type for c in caps
-    ]

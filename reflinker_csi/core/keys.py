@@ -49,5 +49,6 @@ ANNOTATION_REPORTED_AT = "capacity." + _P + "reported-at"
 
 # -- other components ------------------------------------------------------------------------
 CNPG_CLUSTER_LABEL = "cnpg.io/cluster"
+CNPG_ROLE_LABEL = "cnpg.io/pvcRole"  # on CNPG's claims: PG_DATA, PG_WAL or PG_TABLESPACE
 CLAIM_LOOP_COMPONENT = _P + "claim-loop"
 NODE_COMPONENT = _P + "node"

@@ -77,24 +77,27 @@ class CreateSpec:
                 f"capacity_range limit_bytes {self.limit_bytes} is below required_bytes "
                 f"{self.required_bytes}"
             )
-        unknown = sorted(
-            k
-            for k in self.parameters
-            if not k.startswith(METADATA_PREFIX) and k != PARAM_CLONE_METHOD
+        check_parameters(self.parameters, "StorageClass")
+
+def check_parameters(parameters: dict[str, str], where: str) -> None:
+    """The parameters of a StorageClass or VolumeSnapshotClass: cloneMethod and the sidecars'
+    metadata, nothing else."""
+    unknown = sorted(
+        k for k in parameters if not k.startswith(METADATA_PREFIX) and k != PARAM_CLONE_METHOD
+    )
+    if unknown:
+        raise InvalidArgument(
+            f"unknown {where} parameters {unknown}; pg-reflinker takes only "
+            f"{PARAM_CLONE_METHOD} besides the {METADATA_PREFIX}* metadata; remove them "
+            f"from the {where}"
         )
-        if unknown:
-            raise InvalidArgument(
-                f"unknown StorageClass parameters {unknown}; pg-reflinker takes only "
-                f"{PARAM_CLONE_METHOD} besides the {METADATA_PREFIX}* metadata; remove them "
-                "from the StorageClass"
-            )
-        method = self.parameters.get(PARAM_CLONE_METHOD)
-        if method is not None and method not in set(CloneMethod):
-            raise InvalidArgument(
-                f"StorageClass parameter {PARAM_CLONE_METHOD} is {method[:40]!r}; use "
-                f"{', '.join(CloneMethod)} (auto: reflink_snapshot() when the source has it, "
-                "native otherwise)"
-            )
+    method = parameters.get(PARAM_CLONE_METHOD)
+    if method is not None and method not in set(CloneMethod):
+        raise InvalidArgument(
+            f"{where} parameter {PARAM_CLONE_METHOD} is {method[:40]!r}; use "
+            f"{', '.join(CloneMethod)} (auto: reflink_snapshot() when the source has it, "
+            "native otherwise)"
+        )
 
 
 def _mismatch(record: VolumeRecord, spec: CreateSpec) -> str:
@@ -310,8 +313,18 @@ class VolumeService:
 
     # -- snapshots ------------------------------------------------------------------------
 
-    def create_snapshot(self, name: str, source_volume_id: str) -> VolumeRecord:
-        """A reflink copy of a volume that nothing is using, kept until deleted."""
+    def create_snapshot(
+        self,
+        name: str,
+        source_volume_id: str,
+        parameters: dict[str, str] | None = None,
+        timeout: float = 60,
+    ) -> VolumeRecord:
+        """A self-contained copy of a volume, kept until deleted, on the volume's node: a
+        reflink copy of a volume nothing uses, or a hot clone (backup_label and WAL of its
+        own) of one a database server uses (Kubernetes mode)."""
+        parameters = dict(parameters or {})
+        check_parameters(parameters, "VolumeSnapshotClass")
         if not name:
             raise InvalidArgument("name is required")
         if len(name) > MAX_NAME_LENGTH or not name.isprintable():
@@ -330,22 +343,28 @@ class VolumeService:
                 if existing.phase == Phase.READY:
                     return existing
                 return self._complete(
-                    existing, self._clone_source(existing.source_volume_id, Kind.VOLUME), 60
+                    existing, self._clone_source(existing.source_volume_id, Kind.VOLUME), timeout
                 )
             origin = self._clone_source(source_volume_id, Kind.VOLUME)
             assert origin.record is not None
             source = origin.record
+            mode = _clone_mode(origin.location)
+            context = dict(origin.location.context) if origin.location else {}
+            context[CTX_CLONE_MODE] = str(mode)
             record = VolumeRecord(
                 guid=new_guid(),
                 name=name,
                 node=source.node,
                 required_bytes=source.capacity_bytes,
                 limit_bytes=0,
+                parameters=parameters,
                 source_volume_id=source.guid,
                 kind=Kind.SNAPSHOT,
+                clone_mode=mode,
+                context=context,
             )
             record, _ = self.registry.reserve(record)
-            return self._complete(record, Origin(source, None), 60)
+            return self._complete(record, origin, timeout)
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         if not snapshot_id:

@@ -9,12 +9,12 @@ import binascii
 from pathlib import Path
 
 from ..core.errors import FailedPrecondition, SourceUnavailable
-from ..core.keys import CNPG_CLUSTER_LABEL, CTX_SOURCE_POD, CTX_SOURCE_PVC
+from ..core.keys import CNPG_CLUSTER_LABEL, CNPG_ROLE_LABEL, CTX_SOURCE_POD, CTX_SOURCE_PVC
 from ..core.layout import Layout
 from ..core.locator import SourceLocation, SourceServer
 from ..core.records import VolumeRecord
-from .api import PODS, SECRETS, ApiError, Kube, domain_error
-from .model import PersistentVolume, Pod, obj, text
+from .api import CLAIMS, PODS, SECRETS, ApiError, Kube, domain_error
+from .model import Meta, PersistentVolume, Pod, obj, text
 from .runtime import Informer
 
 
@@ -120,6 +120,13 @@ class KubeSourceLocator:
                 in_use_at=(f"{where}, which is not a CNPG instance",),
                 context=context,
             )
+        role = self._cnpg_role(ns, claim)
+        if role not in ("", "PG_DATA"):
+            raise FailedPrecondition(
+                f"claim {ns}/{claim} holds the {role} volume of CNPG cluster {cluster}, not a data "
+                f"directory; clone or snapshot the instance's PGDATA claim {pod.meta.name}, whose "
+                "copy carries the WAL it needs"
+            )
         if pod.phase != "Running" or not pod.ready or not pod.ip:
             raise SourceUnavailable(
                 f"source {where} (CNPG cluster {cluster}) is not Running and Ready "
@@ -146,6 +153,14 @@ class KubeSourceLocator:
             volumes=self._other_volumes(pod, volume_name),
             context=context,
         )
+
+    def _cnpg_role(self, ns: str, claim: str) -> str:
+        """CNPG's cnpg.io/pvcRole label of the claim (PG_DATA, PG_WAL, PG_TABLESPACE)."""
+        try:
+            value = self.kube.get(CLAIMS, claim, ns)
+        except ApiError as err:
+            raise domain_error(err, f"read claim {ns}/{claim}") from None
+        return Meta.of(value or {}).labels.get(CNPG_ROLE_LABEL, "")
 
     @staticmethod
     def _mount_and_port(pod: Pod, volume_name: str) -> tuple[str, int]:

@@ -95,6 +95,7 @@ class NodeAgent:
     def _make(self, record: VolumeRecord) -> bool:
         if self.disk.data_dir(record).is_dir():
             return True
+        self.disk.data_dir(record).parent.mkdir(mode=0o700, exist_ok=True)  # snapshots/
         if record.hot_clone_dir:
             self.disk.adopt(record, Path(record.hot_clone_dir))
             return True

@@ -29,14 +29,9 @@ def topology(node: str) -> csi_pb2.Topology:
 
 
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
-    def __init__(self, volumes: VolumeService, snapshots: bool = True) -> None:
+    def __init__(self, volumes: VolumeService) -> None:
         self._volumes = volumes
-        self._snapshots = snapshots
-        self._capabilities = [
-            c
-            for c in CAPABILITIES
-            if snapshots or c not in (_RPC.CREATE_DELETE_SNAPSHOT, _RPC.LIST_SNAPSHOTS)
-        ]
+        self._capabilities = list(CAPABILITIES)
 
     def _volume(self, record: VolumeRecord) -> csi_pb2.Volume:
         volume = csi_pb2.Volume(
@@ -70,11 +65,6 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         if request.HasField("volume_content_source"):
             content = request.volume_content_source
             if content.WhichOneof("type") == "snapshot":
-                if not self._snapshots:
-                    raise InvalidArgument(
-                        "volume snapshots are not supported as a content source in Kubernetes "
-                        "mode; use a PersistentVolumeClaim dataSource to clone a volume"
-                    )
                 source_snapshot = content.snapshot.snapshot_id
                 if not source_snapshot:
                     raise InvalidArgument("volume_content_source.snapshot.snapshot_id is required")
@@ -152,14 +142,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         )
 
     def CreateSnapshot(self, request: Any, context: Any) -> csi_pb2.CreateSnapshotResponse:
-        if not self._snapshots:
-            raise NotImplementedError
-        if request.parameters:
-            raise InvalidArgument(
-                f"unknown VolumeSnapshotClass parameters {sorted(request.parameters)}; "
-                "pg-reflinker takes none"
-            )
-        record = self._volumes.create_snapshot(request.name, request.source_volume_id)
+        remaining = context.time_remaining() if context is not None else None
+        record = self._volumes.create_snapshot(
+            request.name,
+            request.source_volume_id,
+            dict(request.parameters),
+            60.0 if remaining is None else remaining,
+        )
         return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot(record))
 
     def DeleteSnapshot(self, request: Any, context: Any) -> csi_pb2.DeleteSnapshotResponse:

@@ -478,3 +478,238 @@ def test_a_cluster_with_only_the_grants_and_a_wal_volume_is_cloned_natively(
     cnpg.delete_cluster(k8s, "pg-lean")
     k8s.wait("the three volumes removed", lambda: not (guids & _volume_dirs()), 120)
     assert not [p for p in PREFIX.iterdir() if p.name.endswith(".partial")]
+
+
+SNAPSHOTS = "snapshot.storage.k8s.io"
+# The pgbench invariant, one sum a query (the boot pod's script quotes nothing).
+SUMS = (
+    "SELECT coalesce(sum(abalance), 0) FROM pgbench_accounts",
+    "SELECT coalesce(sum(bbalance), 0) FROM pgbench_branches",
+    "SELECT coalesce(sum(tbalance), 0) FROM pgbench_tellers",
+    "SELECT coalesce(sum(delta), 0) FROM pgbench_history",
+)
+
+
+def _volume_snapshot(name: str, claim: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{SNAPSHOTS}/v1",
+        "kind": "VolumeSnapshot",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "volumeSnapshotClassName": "pg-reflinker",
+            "source": {"persistentVolumeClaimName": claim},
+        },
+    }
+
+
+def _claim_from_snapshot(name: str, snapshot: str) -> dict[str, Any]:
+    claim = _claim(name, size="8Gi")
+    claim["spec"]["dataSource"] = {
+        "apiGroup": SNAPSHOTS,
+        "kind": "VolumeSnapshot",
+        "name": snapshot,
+    }
+    return claim
+
+
+def _snapshot_ready(k8s: OneNodeCluster, name: str) -> bool:
+    result = k8s.kubectl("get", "volumesnapshot", name, "-n", NS, "-o", "json", check=False)
+    return result.returncode == 0 and bool(
+        json.loads(result.stdout).get("status", {}).get("readyToUse")
+    )
+
+
+def _boot_pod(name: str, claims: list[str]) -> dict[str, Any]:
+    """One pod that starts PostgreSQL on each claim in turn (as CNPG's uid, with no TLS and no
+    archiving), prints the pgbench sums, runs pg_amcheck and stops it."""
+    from tests.e2e import images
+
+    script = (
+        "set -eu; echo 'local all all trust' > /tmp/hba; : > /tmp/ident; "
+        f"for i in $(seq 0 {len(claims) - 1}); do d=/data/$i/pgdata; "
+        "pg_ctl -D $d -w -t 180 -l /tmp/log-$i -o \"-c listen_addresses='' "
+        "-c unix_socket_directories=/tmp -c ssl=off -c archive_mode=off -c hba_file=/tmp/hba "
+        '-c ident_file=/tmp/ident -c logging_collector=off -c log_destination=stderr" start '
+        "|| { cat /tmp/log-$i; exit 1; }; "
+        + "s=; "
+        + "".join(f's="$s$(psql -h /tmp -U postgres -d app -Atc "{q}"),"; ' for q in SUMS)
+        + 'echo "sums $i ${s%,}"; '
+        "pg_amcheck -h /tmp -U postgres --heapallindexed --install-missing -d app; "
+        "pg_ctl -D $d -m fast -w stop; done; echo booted all"
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "securityContext": {"runAsUser": 26, "runAsGroup": 26, "fsGroup": 26},
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [
+                {
+                    "name": "boot",
+                    "image": images.POSTGRES,
+                    "imagePullPolicy": "Never",
+                    "command": ["sh", "-c", script],
+                    "volumeMounts": [
+                        {"name": f"c{i}", "mountPath": f"/data/{i}"} for i in range(len(claims))
+                    ],
+                }
+            ],
+            "volumes": [
+                {"name": f"c{i}", "persistentVolumeClaim": {"claimName": c}}
+                for i, c in enumerate(claims)
+            ],
+        },
+    }
+
+
+def _backups(k8s: OneNodeCluster) -> list[dict[str, Any]]:
+    return list(k8s.get("backups.postgresql.cnpg.io", "-n", NS)["items"])
+
+
+def test_volume_snapshots_of_a_running_cluster_feed_five_volumes_and_cnpg_backups_and_recovery(
+    k8s: OneNodeCluster, source: str
+) -> None:
+    # A VolumeSnapshot of the running instance's PGDATA claim, taken under pgbench load.
+    load = cnpg.pgbench_background(k8s, source, seconds=20)
+    try:
+        k8s.wait(
+            "pgbench transactions on the source",
+            lambda: int(cnpg.psql(k8s, source, "SELECT count(*) FROM pgbench_history")) > 0,
+            60,
+        )
+        k8s.apply(_volume_snapshot("golden", source))
+        k8s.wait("VolumeSnapshot golden readyToUse", lambda: _snapshot_ready(k8s, "golden"), 120)
+    finally:
+        out, _ = load.communicate(timeout=120)
+    assert load.returncode == 0, f"pgbench on the source failed: {out}"
+    golden = k8s.get("volumesnapshot", "golden", "-n", NS)
+    content = k8s.get("volumesnapshotcontent", golden["status"]["boundVolumeSnapshotContentName"])
+    golden_guid = content["status"]["snapshotHandle"]
+    record = _record_for(k8s, golden_guid)
+    assert record["spec"]["kind"] == "snapshot" and record["spec"]["cloneMode"] == "hot"
+    snapshot_dir = PREFIX / ".pg-reflinker" / "snapshots" / golden_guid
+    assert (snapshot_dir / "pgdata" / "backup_label").is_file()
+
+    # Five claims from it at once: all Bound (reflink copies; no database involved), all boot.
+    claims = [f"golden-{i}" for i in range(5)]
+    k8s.apply([_claim_from_snapshot(c, "golden") for c in claims])
+    k8s.wait("five claims Bound", lambda: all(_phase(k8s, c) == "Bound" for c in claims), 120)
+    k8s.apply(_boot_pod("boot-golden", claims))
+    k8s.wait(
+        "the boot pod to finish",
+        lambda: _pod_phase(k8s, "boot-golden") in ("Succeeded", "Failed"),
+        600,
+    )
+    logs = k8s.kubectl("logs", "boot-golden", "-n", NS).stdout
+    assert _pod_phase(k8s, "boot-golden") == "Succeeded", logs[-3000:]
+    sums = [line.split()[2] for line in logs.splitlines() if line.startswith("sums ")]
+    assert len(sums) == 5, logs[-3000:]
+    for each in sums:
+        parts = set(each.split(","))
+        assert len(parts) == 1 and parts != {"0"}, f"pgbench invariant in a clone: {each}"
+    clone_guids = {_pv_of(k8s, c)["spec"]["csi"]["volumeHandle"] for c in claims}
+
+    # CNPG's own volume snapshot backups on our VolumeSnapshotClass (online, the defaults).
+    k8s.kubectl(
+        "patch",
+        "cluster.postgresql.cnpg.io",
+        SOURCE,
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"backup": {"volumeSnapshot": {"className": "pg-reflinker"}}}}),
+    )
+    k8s.apply(
+        {
+            "apiVersion": "postgresql.cnpg.io/v1",
+            "kind": "Backup",
+            "metadata": {"name": "pg-prod-snap", "namespace": NS},
+            "spec": {"method": "volumeSnapshot", "cluster": {"name": SOURCE}},
+        }
+    )
+
+    def backup_phase(name: str) -> str:
+        found = [b for b in _backups(k8s) if b["metadata"]["name"] == name]
+        return str(found[0].get("status", {}).get("phase", "")) if found else ""
+
+    k8s.wait(
+        "Backup pg-prod-snap completed",
+        lambda: backup_phase("pg-prod-snap") in ("completed", "failed"),
+        300,
+    )
+    backup = next(b for b in _backups(k8s) if b["metadata"]["name"] == "pg-prod-snap")
+    assert backup["status"]["phase"] == "completed", backup.get("status")
+    [element] = backup["status"]["snapshotBackupStatus"]["elements"]
+    backup_snapshot = element["name"]
+
+    # A ScheduledBackup makes them on schedule (every 20 s here).
+    k8s.apply(
+        {
+            "apiVersion": "postgresql.cnpg.io/v1",
+            "kind": "ScheduledBackup",
+            "metadata": {"name": "pg-prod-often", "namespace": NS},
+            "spec": {
+                "schedule": "*/20 * * * * *",
+                "method": "volumeSnapshot",
+                "cluster": {"name": SOURCE},
+            },
+        }
+    )
+
+    def scheduled_done() -> int:
+        return len(
+            [
+                b
+                for b in _backups(k8s)
+                if b["metadata"]["name"].startswith("pg-prod-often")
+                and b.get("status", {}).get("phase") == "completed"
+            ]
+        )
+
+    k8s.wait("two scheduled backups completed", lambda: scheduled_done() >= 2, 240)
+    k8s.kubectl("delete", "scheduledbackup.postgresql.cnpg.io", "pg-prod-often", "-n", NS)
+
+    # A new Cluster recovered from the backup's VolumeSnapshot alone (no WAL archive).
+    restored = cnpg.example("clone-cluster.yaml", metadata__name="pg-prod-restored")
+    restored["spec"]["bootstrap"]["recovery"]["volumeSnapshots"]["storage"] = {
+        "name": backup_snapshot,
+        "kind": "VolumeSnapshot",
+        "apiGroup": SNAPSHOTS,
+    }
+    k8s.apply(restored)
+    cnpg.wait_healthy(k8s, "pg-prod-restored")
+    pod = cnpg.primary_pod(k8s, "pg-prod-restored")
+    assert (
+        int(cnpg.psql(k8s, pod, "SELECT count(*) FROM pgbench_accounts")) == PGBENCH_SCALE * 100000
+    )
+    assert len(cnpg.pgbench_sums(k8s, pod)) == 1
+    cnpg.amcheck(k8s, pod)
+    restored_guid = _pv_of(k8s, pod)["spec"]["csi"]["volumeHandle"]
+
+    # Delete the source Cluster, then the snapshots, then the volumes made from them.
+    snapshot_guids = set()
+    for item in k8s.get("volumesnapshot", "-n", NS)["items"]:
+        bound = item.get("status", {}).get("boundVolumeSnapshotContentName")
+        if bound:
+            snapshot_guids.add(k8s.get("volumesnapshotcontent", bound)["status"]["snapshotHandle"])
+    assert golden_guid in snapshot_guids and len(snapshot_guids) >= 4
+    cnpg.delete_cluster(k8s, SOURCE)
+    k8s.kubectl("delete", "backups.postgresql.cnpg.io", "--all", "-n", NS, "--wait=true")
+    k8s.kubectl(
+        "delete", "volumesnapshot", "--all", "-n", NS, "--wait=true", "--timeout=120s", timeout=150
+    )
+    snapshots = PREFIX / ".pg-reflinker" / "snapshots"
+    k8s.wait(
+        "the snapshots' directories removed",
+        lambda: not any((snapshots / g).exists() for g in snapshot_guids),
+        120,
+    )
+    k8s.kubectl("delete", "pod", "boot-golden", "-n", NS, "--wait=true")
+    cnpg.delete_cluster(k8s, "pg-prod-restored")
+    k8s.kubectl("delete", "pvc", *claims, "-n", NS, "--wait=true", "--timeout=120s", timeout=150)
+    gone = clone_guids | {restored_guid}
+    k8s.wait("the volumes removed", lambda: not (gone & _volume_dirs()), 120)
+    assert not [r for r in _records(k8s) if r["spec"]["guid"] in gone | snapshot_guids]

@@ -31,6 +31,8 @@ HERE = Path(__file__).resolve().parent
 PAUSE = "localhost/pause:test"
 PROJECT = "localhost/pg-reflinker:test"
 PROVISIONER = "localhost/csi-provisioner:v6.3.0"
+SNAPSHOTTER = "localhost/csi-snapshotter:v8.6.0"
+SNAPSHOT_CONTROLLER = "localhost/snapshot-controller:v8.6.0"
 REGISTRAR = "localhost/node-driver-registrar-standin:test"
 LIVENESS = "localhost/livenessprobe-standin:test"
 OPERATOR = "localhost/cloudnative-pg:1.30.0"
@@ -295,6 +297,12 @@ def build_all(
         PAUSE: b.single_binary(PAUSE, k8s_tools / "pause", "/pause", {}),
         PROVISIONER: b.single_binary(
             PROVISIONER, k8s_tools / "csi-provisioner", "/csi-provisioner", {}
+        ),
+        SNAPSHOTTER: b.single_binary(
+            SNAPSHOTTER, k8s_tools / "csi-snapshotter", "/csi-snapshotter", {}
+        ),
+        SNAPSHOT_CONTROLLER: b.single_binary(
+            SNAPSHOT_CONTROLLER, k8s_tools / "snapshot-controller", "/snapshot-controller", {}
         ),
         REGISTRAR: b.single_binary(
             REGISTRAR, k8s_tools / "registrar-standin", "/csi-node-driver-registrar", {}

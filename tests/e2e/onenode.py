@@ -716,6 +716,32 @@ def _node_ready(c: OneNodeCluster) -> bool:
     )
 
 
+def snapshot_manifests(k8s_tools: Path) -> str:
+    """What docs/install.md has users install for VolumeSnapshots: the snapshot CRDs and
+    snapshot-controller of external-snapshotter, its Deployment with the locally built image."""
+    directory = k8s_tools / "snapshot-crds"
+    docs: list[dict[str, Any]] = []
+    for path in sorted(directory.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for doc in docs:
+        if doc["kind"] == "Deployment":
+            doc["spec"]["replicas"] = 1  # one node: a second replica would only wait for the lease
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                container["image"] = images.SNAPSHOT_CONTROLLER
+                container["imagePullPolicy"] = "Never"
+    return yaml.safe_dump_all(docs)
+
+
+def _install_snapshots(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
+    def install() -> None:
+        c.kubectl("apply", "--server-side", "-f", "-", input=snapshot_manifests(c.bin))
+        c.wait_rollout("deployment/snapshot-controller", "kube-system")
+
+    c.step("install the snapshot CRDs and snapshot-controller v8.6.0", announce, install)
+
+
 def _deploy_driver(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
     def apply() -> None:
         c.kubectl("apply", "-k", str(OVERLAY))
@@ -833,6 +859,7 @@ def running_cluster(
         _start_node(c, announce)
         c.step("import images into containerd", announce, lambda: import_images(c, archives))
         _start_kubernetes(c, announce)
+        _install_snapshots(c, announce)
         _deploy_driver(c, announce)
         _install_cnpg(c, cnpg_tools, announce)
         yield c

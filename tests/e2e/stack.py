@@ -229,6 +229,19 @@ def running_stack(
         ):
             _apply(admin, load_manifests(DEPLOY / name), dry_run=False)
         wait_for("the ReflinkVolume CRD", lambda: _crd_established(admin), 30)
+        # What docs/install.md has users install for snapshots: external-snapshotter's CRDs
+        # (snapshot-controller runs below as a process), then our VolumeSnapshotClass.
+        for crd in sorted((bin_dir / "snapshot-crds").glob("snapshot.storage.k8s.io_*.yaml")):
+            _apply(admin, load_manifests(crd), dry_run=False)
+        wait_for(
+            "the snapshot CRDs",
+            lambda: all(
+                _crd_established(admin, f"volumesnapshot{k}.snapshot.storage.k8s.io")
+                for k in ("s", "contents", "classes")
+            ),
+            30,
+        )
+        _apply(admin, load_manifests(DEPLOY / "volumesnapshotclass.yaml"), dry_run=False)
         for name in ("controller.yaml", "node.yaml"):
             _apply(admin, load_manifests(DEPLOY / name), dry_run=True)
         core = client.CoreV1Api(admin)
@@ -288,6 +301,33 @@ def running_stack(
             ],
             {"PATH": os.environ["PATH"]},
         )
+        c.spawn(
+            "csi-snapshotter",
+            [
+                str(bin_dir / "csi-snapshotter"),
+                f"--csi-address={c.controller_socket}",
+                f"--kubeconfig={controller_kc}",
+                "--extra-create-metadata",
+                "--leader-election=false",
+                "--timeout=60s",
+                "--retry-interval-start=1s",
+                "--retry-interval-max=4s",
+                "--v=3",
+            ],
+            {"PATH": os.environ["PATH"]},
+        )
+        c.spawn(
+            "snapshot-controller",
+            [
+                str(bin_dir / "snapshot-controller"),
+                f"--kubeconfig={plane.admin_kubeconfig}",
+                "--leader-election=false",
+                "--retry-interval-start=1s",
+                "--retry-interval-max=4s",
+                "--v=3",
+            ],
+            {"PATH": os.environ["PATH"]},
+        )
         wait_for("the default service account in apps", lambda: _has_sa(core, NS), 60)
         yield c
     finally:
@@ -310,10 +350,11 @@ def running_stack(
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _crd_established(api: client.ApiClient) -> bool:
-    crd = client.ApiextensionsV1Api(api).read_custom_resource_definition(
-        "reflinkvolumes.pg-reflinker.csi"
-    )
+def _crd_established(api: client.ApiClient, name: str = "reflinkvolumes.pg-reflinker.csi") -> bool:
+    try:
+        crd = client.ApiextensionsV1Api(api).read_custom_resource_definition(name)
+    except client.exceptions.ApiException:
+        return False
     return any(
         c.type == "Established" and c.status == "True" for c in (crd.status.conditions or [])
     )
