@@ -79,6 +79,7 @@ class CreateSpec:
             )
         check_parameters(self.parameters, "StorageClass")
 
+
 def check_parameters(parameters: dict[str, str], where: str) -> None:
     """The parameters of a StorageClass or VolumeSnapshotClass: cloneMethod and the sidecars'
     metadata, nothing else."""

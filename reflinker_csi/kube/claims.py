@@ -346,9 +346,14 @@ class ClaimLoop:
         else:
             return DONE
         claim = self._claim(record.context[CTX_CLAIM])
-        if claim is not None and not claim.meta.deleting and record.name in (
-            request_name(claim),
-            SIDECAR_PREFIX + claim.meta.uid,
+        if (
+            claim is not None
+            and not claim.meta.deleting
+            and record.name
+            in (
+                request_name(claim),
+                SIDECAR_PREFIX + claim.meta.uid,
+            )
         ):
             return DONE  # still being provisioned or retried
         log.info(

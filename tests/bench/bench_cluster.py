@@ -97,19 +97,24 @@ def remove_cluster(k8s: OneNodeCluster, name: str) -> None:
     )
 
 
-def claim_and_pod(k8s: OneNodeCluster, source_claim: str) -> tuple[float, float, float | None]:
-    """Seconds from creating a clone claim to Bound and to a pod on it Running; hot clone s."""
-    claim = {
+def bench_claim(name: str, source: dict[str, str]) -> dict[str, Any]:
+    """A claim of our StorageClass made from source (a claim or a VolumeSnapshot)."""
+    return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "bench-claim", "namespace": NS},
+        "metadata": {"name": name, "namespace": NS},
         "spec": {
             "storageClassName": "pg-reflinker",
             "accessModes": ["ReadWriteOnce"],
             "resources": {"requests": {"storage": "64Gi"}},
-            "dataSource": {"kind": "PersistentVolumeClaim", "name": source_claim},
+            "dataSource": source,
         },
     }
+
+
+def claim_and_pod(k8s: OneNodeCluster, source_claim: str) -> tuple[float, float, float | None]:
+    """Seconds from creating a clone claim to Bound and to a pod on it Running; hot clone s."""
+    claim = bench_claim("bench-claim", {"kind": "PersistentVolumeClaim", "name": source_claim})
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -147,6 +152,38 @@ def claim_and_pod(k8s: OneNodeCluster, source_claim: str) -> tuple[float, float,
     k8s.kubectl("delete", "pod", "bench-pod", "-n", NS, "--wait=true", "--timeout=60s")
     k8s.kubectl("delete", "pvc", "bench-claim", "-n", NS, "--wait=true", "--timeout=120s")
     return bound, running, hot
+
+
+def snapshot_and_clone(k8s: OneNodeCluster, source_claim: str) -> tuple[float, float]:
+    """Seconds from creating a VolumeSnapshot of the running instance's claim to readyToUse, and
+    from creating a claim from that snapshot to Bound."""
+    snapshot = {
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshot",
+        "metadata": {"name": "bench-snap", "namespace": NS},
+        "spec": {
+            "volumeSnapshotClassName": "pg-reflinker",
+            "source": {"persistentVolumeClaimName": source_claim},
+        },
+    }
+    claim = bench_claim(
+        "bench-from-snap",
+        {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "bench-snap"},
+    )
+    snapped = _until(k8s, snapshot, "volumesnapshot", "{.status.readyToUse}", "true")
+    cloned = _until(k8s, claim, "pvc", "{.status.phase}", "Bound")
+    k8s.kubectl("delete", "pvc", "bench-from-snap", "-n", NS, "--wait=true", "--timeout=120s")
+    k8s.kubectl("delete", "volumesnapshot", "bench-snap", "-n", NS, "--wait=true")
+    return snapped, cloned
+
+
+def _until(k8s: OneNodeCluster, doc: dict[str, Any], kind: str, path: str, value: str) -> float:
+    """Seconds from applying doc until its field at path reads value."""
+    name = doc["metadata"]["name"]
+    start = time.monotonic()
+    k8s.apply(doc)
+    k8s.wait(f"{kind} {name}: {value}", lambda: _jsonpath(k8s, kind, name, path) == value, 300)
+    return time.monotonic() - start
 
 
 def _jsonpath(k8s: OneNodeCluster, kind: str, name: str, path: str) -> str:
@@ -208,6 +245,7 @@ def bench() -> int:
             samples: dict[str, list[float]] = {}
             for run in range(runs):
                 bound, running, hot = claim_and_pod(k8s, pod)
+                snapped, from_snapshot = snapshot_and_clone(k8s, pod)
                 copied, walked = bare_copy_and_walk(pgdata)
                 measured = {
                     "bound": bound,
@@ -215,6 +253,8 @@ def bench() -> int:
                     "hot": hot if hot is not None else float("nan"),
                     "cp": copied,
                     "walk": walked,
+                    "snapshot": snapped,
+                    "from_snapshot": from_snapshot,
                     "reflink_cluster": cluster_from_claim(k8s, volume),
                     "basebackup_cluster": cluster_from_basebackup(k8s, volume),
                 }
@@ -265,14 +305,16 @@ def write_report(rows: list[dict[str, Any]], runs: int, seconds: float) -> None:
         "",
         "| pgbench scale | size GiB | new Cluster, pg_basebackup s | new Cluster, pg-reflinker s "
         "| claim to Bound s | claim to pod Running s | hot clone s | bare reflink cp s "
-        "| fsGroup walk avoided s | pg_basebackup / pg-reflinker | hot / cp |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| fsGroup walk avoided s | VolumeSnapshot to readyToUse s "
+        "| claim from snapshot to Bound s | pg_basebackup / pg-reflinker | hot / cp |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['scale']} | {r['bytes'] / 2**30:.2f} | {r['basebackup_cluster']:.1f} | "
             f"{r['reflink_cluster']:.1f} | {r['bound']:.2f} | {r['running']:.2f} | "
             f"{r['hot']:.3f} | {r['cp']:.3f} | {r['walk']:.3f} | "
+            f"{r['snapshot']:.2f} | {r['from_snapshot']:.2f} | "
             f"{r['basebackup_cluster'] / r['reflink_cluster']:.1f}x | {r['hot'] / r['cp']:.2f} |"
         )
     lines += [
@@ -282,7 +324,9 @@ def write_report(rows: list[dict[str, Any]], runs: int, seconds: float) -> None:
         "copy itself is the difference. The claim-to-pod time is for a pod with `fsGroup: 26`",
         "(as CNPG's); \"fsGroup walk avoided\" is what kubelet's recursive ownership change",
         "would add to every such mount without the driver's VOLUME_MOUNT_GROUP capability",
-        "(measured on a reflink copy of the data directory). Reproduce: `make bench` as root",
+        "(measured on a reflink copy of the data directory). The VolumeSnapshot is of the",
+        "running instance's claim (hot, through snapshot-controller and csi-snapshotter); the",
+        "claim from it is a reflink copy that touches no database. Reproduce: `make bench` as root",
         "(BENCH_SIZES in GiB, BENCH_RUNS).",
     ]
     write_section("cluster", lines)
