@@ -135,11 +135,11 @@ def test_controller_killed_while_the_node_copies_then_the_retry_binds(
     )
     assert not (cluster.prefix / guid).exists()
     cluster.restart("controller")
-    # csi-provisioner exits when its driver goes away; kubelet would restart its container.
-    provisioner = cluster.processes["csi-provisioner"]
-    if provisioner.poll() is None:
-        wait_for("csi-provisioner to notice", lambda: provisioner.poll() is not None, 30)
-    cluster.restart("csi-provisioner")
+    # The sidecars exit when their driver goes away (kubelet restarts their containers); here
+    # they are restarted with it, so the tests after this one find them connected.
+    for sidecar in ("csi-provisioner", "csi-snapshotter"):
+        cluster.stop_process(sidecar)
+        cluster.restart(sidecar)
     pv = cluster.wait_bound("native-killed", timeout=90)
     assert pv.spec.csi.volume_handle == guid  # the same volume, a new attempt
     record = record_for_claim(cluster, "native-killed")
