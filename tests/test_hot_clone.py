@@ -510,13 +510,18 @@ def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source, meth
         remove(standby.volume)
 
 
+def add_tablespace(src: Source, name: str) -> None:
+    """A tablespace outside the data directory, on the source's filesystem."""
+    location = src.fs.mnt / f"tablespace-{name}"
+    location.mkdir()
+    chown_postgres(location)
+    src.server.psql(f"CREATE TABLESPACE {name} LOCATION '{location}'")
+
+
 def test_a_source_with_a_tablespace_is_refused_naming_it_and_left_as_it_was(
     source: Source,
 ) -> None:
-    location = source.fs.mnt / "tablespace-archive"
-    location.mkdir()
-    chown_postgres(location)
-    source.server.psql(f"CREATE TABLESPACE archive LOCATION '{location}'")
+    add_tablespace(source, "archive")
     try:
         with pytest.raises(errors.FailedPrecondition) as err:
             hot_clone(source.endpoint, str(uuid.uuid4()))
@@ -591,10 +596,7 @@ def test_native_without_a_grant_names_it_and_leaves_the_source_untouched(
 
 
 def test_native_refuses_tablespaces_by_name(source: Source) -> None:
-    location = source.fs.mnt / "tablespace-cold"
-    location.mkdir()
-    chown_postgres(location)
-    source.server.psql(f"CREATE TABLESPACE cold LOCATION '{location}'")
+    add_tablespace(source, "cold")
     try:
         with pytest.raises(errors.FailedPrecondition) as err:
             take(source, "native")

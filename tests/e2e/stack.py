@@ -285,35 +285,30 @@ def running_stack(
             lambda: c.node_socket.exists() and c.controller_socket.exists(),
             30,
         )
+        # The flags both controller sidecars share: our controller's socket, its service
+        # account, one instance each, quick retries.
+        sidecar_flags = [
+            f"--csi-address={c.controller_socket}",
+            f"--kubeconfig={controller_kc}",
+            "--leader-election=false",
+            "--timeout=60s",
+            "--retry-interval-start=1s",
+            "--retry-interval-max=4s",
+            "--v=3",
+        ]
         c.spawn(
             "csi-provisioner",
             [
                 str(bin_dir / "csi-provisioner"),
-                f"--csi-address={c.controller_socket}",
-                f"--kubeconfig={controller_kc}",
+                *sidecar_flags,
                 "--extra-create-metadata",
                 "--feature-gates=Topology=true",
-                "--leader-election=false",
-                "--timeout=60s",
-                "--retry-interval-start=1s",
-                "--retry-interval-max=4s",
-                "--v=3",
             ],
             {"PATH": os.environ["PATH"]},
         )
         c.spawn(
             "csi-snapshotter",
-            [
-                str(bin_dir / "csi-snapshotter"),
-                f"--csi-address={c.controller_socket}",
-                f"--kubeconfig={controller_kc}",
-                "--extra-create-metadata",
-                "--leader-election=false",
-                "--timeout=60s",
-                "--retry-interval-start=1s",
-                "--retry-interval-max=4s",
-                "--v=3",
-            ],
+            [str(bin_dir / "csi-snapshotter"), *sidecar_flags, "--extra-create-metadata"],
             {"PATH": os.environ["PATH"]},
         )
         c.spawn(

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from reflinker_csi.kube.api import REFLINKVOLUMES
 from tests.e2e.stack import NS, Cluster, CnpgInstance, wait_for
+from tests.e2e.test_kubernetes import record_of
 from tests.pgserver import PostgresServer, boot_clone
 
 pytestmark = pytest.mark.integration
@@ -73,12 +73,7 @@ def claim_from_snapshot(cluster: Cluster, name: str, snap: str) -> None:
 
 
 def record(cluster: Cluster, guid: str) -> dict[str, Any]:
-    items = cluster.custom.list_cluster_custom_object(
-        REFLINKVOLUMES.group,
-        REFLINKVOLUMES.version,
-        REFLINKVOLUMES.plural,
-        label_selector=f"pg-reflinker.csi/guid={guid}",
-    )["items"]
+    items = record_of(cluster, guid)
     assert len(items) == 1, f"{len(items)} records for {guid}"
     return dict(items[0])
 
