@@ -13,8 +13,11 @@ TOOLS_CACHE ?= $(HOME)/.cache/pg-reflinker
 CSI_SANITY_VERSION := v5.4.0
 CSI_SANITY := $(TOOLS_CACHE)/csi-sanity-$(CSI_SANITY_VERSION)/csi-sanity
 DEBIAN_PACKAGES := xfsprogs util-linux coreutils openssl postgresql postgresql-contrib \
-	containerd runc containernetworking-plugins buildah debootstrap iptables iproute2
+	containerd runc containernetworking-plugins buildah debootstrap iptables iproute2 busybox-static procps
 PYTEST_ARGS ?=
+# Wall time of each set-up step and test stage, printed at the end of `make test`.
+TIMINGS := $(CURDIR)/$(STAMPS)/timings
+TIMER := TIMINGS=$(TIMINGS) tests/tools/timer.sh
 
 .PHONY: help
 help:
@@ -37,28 +40,30 @@ help:
 
 $(STAMPS)/system: Makefile
 	@mkdir -p $(STAMPS)
-	@missing=""; \
-	for cmd in mkfs.xfs losetup mount runuser openssl containerd runc buildah debootstrap iptables ip; do \
-		command -v $$cmd >/dev/null || missing=1; done; \
-	test -x /usr/lib/cni/bridge || missing=1; \
-	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing=1; \
-	ls /usr/lib/postgresql/*/bin/pg_amcheck >/dev/null 2>&1 || missing=1; \
+	@$(TIMER) start "Debian packages"
+	@missing=$$(dpkg-query -W -f '$${db:Status-Abbrev} $${Package}\n' $(DEBIAN_PACKAGES) 2>&1 \
+		| awk '$$1 != "ii" {print $$NF}'); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
 	fi
+	@$(TIMER) end "Debian packages"
 	@touch $@
 
 $(STAMPS)/venv: pyproject.toml requirements.lock
 	@mkdir -p $(STAMPS)
+	@$(TIMER) start "Python venv"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@$(TIMER) end "Python venv"
 	@touch $@
 
 $(CSI_SANITY):
 	@echo "building csi-sanity $(CSI_SANITY_VERSION) (once, into $(TOOLS_CACHE))"
+	@$(TIMER) start "build csi-sanity"
 	GOBIN=$(dir $@) GOFLAGS=-mod=mod go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$(CSI_SANITY_VERSION)
+	@$(TIMER) end "build csi-sanity"
 
 .PHONY: deps
 deps: $(STAMPS)/system $(STAMPS)/venv $(CSI_SANITY)
@@ -66,9 +71,23 @@ deps: $(STAMPS)/system $(STAMPS)/venv $(CSI_SANITY)
 # -- checks -------------------------------------------------------------------------------
 
 .PHONY: test
-test: deps k8s-tools conformance-tools
-	CSI_SANITY=$(CSI_SANITY) $(TOOLS_ENV) $(PY) -m pytest -ra $(PYTEST_ARGS)
-	$(TOOLS_ENV) CONFORMANCE_TOOLS=$(CONFORMANCE_TOOLS) $(PY) -m tests.conformance.run
+test:
+	@$(TIMER) reset && $(TIMER) start "make test"
+	@status=0; \
+	$(MAKE) --no-print-directory deps k8s-tools conformance-tools || status=$$?; \
+	if [ $$status = 0 ]; then \
+		$(TIMER) start "pytest"; \
+		CSI_SANITY=$(CSI_SANITY) TIMINGS=$(TIMINGS) $(TOOLS_ENV) $(PY) -m pytest -ra $(PYTEST_ARGS) \
+			|| status=$$?; \
+		$(TIMER) end "pytest"; \
+	fi; \
+	if [ $$status = 0 ]; then \
+		$(TIMER) start "conformance"; \
+		TIMINGS=$(TIMINGS) $(TOOLS_ENV) CONFORMANCE_TOOLS=$(CONFORMANCE_TOOLS) $(PY) -m tests.conformance.run \
+			|| status=$$?; \
+		$(TIMER) end "conformance"; \
+	fi; \
+	$(TIMER) end "make test"; $(TIMER) report; exit $$status
 
 .PHONY: sanity
 sanity: deps
@@ -108,6 +127,7 @@ $(K8S_TOOLS)/.built: tests/tools/k8s/go.mod tests/tools/k8s/go.sum $(wildcard te
 	@echo "building the one-node cluster (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,"
 	@echo "kube-proxy, kubelet, kubectl), csi-provisioner and the test stand-ins into $(K8S_TOOLS)"
 	@echo "(once per go.sum; the first build takes 15-25 minutes on 2 cores)"
+	@$(TIMER) start "build the cluster's Go tools"
 	mkdir -p $(K8S_TOOLS)
 	cd tests/tools/k8s && CGO_ENABLED=0 go build -v -trimpath -ldflags "$(K8S_LDFLAGS)" -o $(K8S_TOOLS)/ \
 		k8s.io/kubernetes/cmd/kube-apiserver \
@@ -120,6 +140,7 @@ $(K8S_TOOLS)/.built: tests/tools/k8s/go.mod tests/tools/k8s/go.sum $(wildcard te
 		./cmd/pause ./cmd/registrar-standin ./cmd/livenessprobe-standin 2>&1 \
 		| awk '/^#|\.go:[0-9]+:/ {print; next} NR % 100 == 0 {printf "  ... %d packages compiled\n", NR; fflush()}'
 	cd tests/tools/k8s && CGO_ENABLED=0 go build -trimpath -o $(K8S_TOOLS)/etcd go.etcd.io/etcd/server/v3
+	@$(TIMER) end "build the cluster's Go tools"
 	@touch $@
 
 # Volume snapshots for the same cluster: external-snapshotter's snapshot-controller and
@@ -130,6 +151,7 @@ SNAPSHOTTER_BUILT := $(K8S_TOOLS)/.snapshotter-$(SNAPSHOTTER_KEY)
 
 $(SNAPSHOTTER_BUILT): tests/tools/snapshotter/go.mod tests/tools/snapshotter/go.sum $(K8S_TOOLS)/.built
 	@echo "building snapshot-controller and csi-snapshotter $(SNAPSHOTTER_VERSION) into $(K8S_TOOLS) (once, ~4 minutes)"
+	@$(TIMER) start "build external-snapshotter"
 	cd tests/tools/snapshotter && CGO_ENABLED=0 go build -trimpath -o $(K8S_TOOLS)/ \
 		github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller \
 		github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter
@@ -137,6 +159,7 @@ $(SNAPSHOTTER_BUILT): tests/tools/snapshotter/go.mod tests/tools/snapshotter/go.
 	cd tests/tools/snapshotter && cp "$$(go list -m -f '{{.Dir}}' github.com/kubernetes-csi/external-snapshotter/client/v8)"/config/crd/snapshot.storage.k8s.io_*.yaml $(K8S_TOOLS)/snapshot-crds/
 	cd tests/tools/snapshotter && cp "$$(go list -m -f '{{.Dir}}' github.com/kubernetes-csi/external-snapshotter/v8)"/deploy/kubernetes/snapshot-controller/*.yaml $(K8S_TOOLS)/snapshot-crds/
 	chmod -R u+w $(K8S_TOOLS)/snapshot-crds
+	@$(TIMER) end "build external-snapshotter"
 	@touch $@
 
 # The CloudNativePG operator (its manager binary and release manifest) for the real cluster.
@@ -146,10 +169,12 @@ CNPG_TOOLS := $(TOOLS_CACHE)/cnpg-$(CNPG_TOOLS_KEY)
 
 $(CNPG_TOOLS)/.built: tests/tools/cnpg/go.mod tests/tools/cnpg/go.sum
 	@echo "building the CloudNativePG operator $(CNPG_VERSION) into $(CNPG_TOOLS) (once, ~3 minutes)"
+	@$(TIMER) start "build the CloudNativePG operator"
 	mkdir -p $(CNPG_TOOLS)
 	cd tests/tools/cnpg && CGO_ENABLED=0 go build -trimpath -o $(CNPG_TOOLS)/manager \
 		github.com/cloudnative-pg/cloudnative-pg/cmd/manager
 	cd tests/tools/cnpg && cp "$$(go list -m -f '{{.Dir}}' github.com/cloudnative-pg/cloudnative-pg)/releases/cnpg-$(CNPG_VERSION).yaml" $(CNPG_TOOLS)/
+	@$(TIMER) end "build the CloudNativePG operator"
 	@touch $@
 
 # The Kubernetes storage e2e suites (make conformance): e2e.test, ginkgo and agnhost.
@@ -158,11 +183,13 @@ CONFORMANCE_TOOLS := $(TOOLS_CACHE)/conformance-$(CONFORMANCE_TOOLS_KEY)
 
 $(CONFORMANCE_TOOLS)/.built: tests/tools/conformance/go.mod tests/tools/conformance/go.sum
 	@echo "building e2e.test, ginkgo and agnhost into $(CONFORMANCE_TOOLS) (once, ~10 minutes)"
+	@$(TIMER) start "build e2e.test, ginkgo and agnhost"
 	mkdir -p $(CONFORMANCE_TOOLS)
 	cd tests/tools/conformance && CGO_ENABLED=0 go test -c -trimpath -ldflags "$(K8S_LDFLAGS)" \
 		-o $(CONFORMANCE_TOOLS)/e2e.test k8s.io/kubernetes/test/e2e
 	cd tests/tools/conformance && CGO_ENABLED=0 go build -trimpath -o $(CONFORMANCE_TOOLS)/ \
 		k8s.io/kubernetes/test/images/agnhost github.com/onsi/ginkgo/v2/ginkgo
+	@$(TIMER) end "build e2e.test, ginkgo and agnhost"
 	@touch $@
 
 TOOLS_ENV := K8S_TOOLS=$(K8S_TOOLS) CNPG_TOOLS=$(CNPG_TOOLS) TOOLS_CACHE=$(TOOLS_CACHE)
@@ -173,7 +200,7 @@ k8s-tools: $(K8S_TOOLS)/.built $(SNAPSHOTTER_BUILT) $(CNPG_TOOLS)/.built
 # Core and reconciler tests: no root, no loop devices, no PostgreSQL; a real kube-apiserver and
 # etcd for the reconcilers. Seconds, not minutes.
 UNIT_TESTS := tests/test_domain.py tests/test_config.py tests/test_kube_units.py \
-	tests/test_layout_rules.py tests/test_proto.py tests/test_docs.py tests/kube
+	tests/test_layout_rules.py tests/test_proto.py tests/test_docs.py tests/test_host_programs.py tests/kube
 
 .PHONY: unit
 unit: $(STAMPS)/venv $(K8S_TOOLS)/.built

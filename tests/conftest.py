@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from csi import csi_pb2, csi_pb2_grpc
+from tests import timings
 
 ROOT = Path(__file__).resolve().parent.parent
 REFLINKER = [sys.executable, "-m", "reflinker_csi.cli"]
@@ -236,3 +237,21 @@ def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
     if call.excinfo is not None and isinstance(call.excinfo.value, subprocess.CalledProcessError):
         err = call.excinfo.value
         report.sections.append(("subprocess stderr", str(err.stderr)))
+
+
+_module_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    module = report.nodeid.split("::")[0]
+    _module_seconds[module] = _module_seconds.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    """Each test module's wall time (set-up, tests and teardown), also for `make test`'s summary."""
+    if not _module_seconds:
+        return
+    terminalreporter.write_sep("-", "wall time per test module")
+    for module, seconds in _module_seconds.items():
+        terminalreporter.write_line(f"{seconds:8.1f} s  {module}")
+        timings.record(f"pytest {module}", seconds)

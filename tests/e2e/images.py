@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests import timings
 from tests.conftest import ROOT
 
 HERE = Path(__file__).resolve().parent
@@ -139,7 +140,9 @@ class Builder:
         self.announce(f"build image {what}")
         start = time.monotonic()
         build()
-        print(f"     built image {what} in {time.monotonic() - start:.1f} s", flush=True)
+        seconds = time.monotonic() - start
+        print(f"     built image {what} in {seconds:.1f} s", flush=True)
+        timings.record(f"build image {what}", seconds)
 
     def single_binary(
         self, name: str, binary: Path, path: str, links: dict[str, str], cmd: str = ""

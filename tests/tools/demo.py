@@ -6,7 +6,10 @@ Cluster on a pg-reflinker volume with about 1 GB of pgbench data, then a second 
 from the running first one (deploy/examples/clone-cluster.yaml), row counts side by side.
 
 Settings: DEMO_SCALE (pgbench scale, default 70: about 1 GB), DEMO_KEEP=1 (keep everything
-running at the end and print how to connect; Ctrl-C tears it down)."""
+running at the end and print how to connect; Ctrl-C or SIGTERM tears it down).
+
+Ctrl-C (SIGINT) or SIGTERM at any step ends the demo the same way: everything is torn down and
+the host restored; a second signal during the teardown is ignored so that it can finish."""
 
 from __future__ import annotations
 
@@ -32,6 +35,16 @@ HINTS = {
     "load pgbench": "free space on the XFS loop filesystem",
     "create the clone": "kubectl -n apps describe pvc pg-prod-dev-1; the controller's log",
 }
+
+
+class Stopped(Exception):
+    """A signal asked the demo to stop; raised in the main thread wherever it is."""
+
+
+def _stop(signum: int, _frame: object) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signal.Signals(signum).name)
 
 
 class Story:
@@ -69,6 +82,8 @@ def main() -> int:
     size = f"{max(4, scale * 15 * 2 // 1024 + 4)}Gi"
     story = Story()
     summary: list[str] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
     try:
         with running_cluster(k8s_tools, cnpg_tools, disk=disk, announce=story.step) as k8s:
             story.step("create the source: CNPG Cluster apps/pg-prod on StorageClass pg-reflinker")
@@ -128,16 +143,21 @@ def main() -> int:
                     f"  {k8s.bin / 'kubectl'} --kubeconfig={k8s.kubeconfig} exec -it -n apps "
                     f"{clone} -c postgres -- psql app"
                 )
-                print("Press Ctrl-C to tear everything down.")
-                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+                print("Press Ctrl-C (or send SIGTERM) to tear everything down.", flush=True)
+                while True:
+                    signal.pause()
             story.step("tear everything down and restore the host")
         story.finish()
+    except Stopped as stop:
+        print(f"\n{stop} received at step {story.number} ({story.name}): torn down, host restored")
+        if not (keep and summary):
+            return 130
     except Exception as err:
         print(f"\ndemo failed at step {story.number} ({story.name}): {err}", file=sys.stderr)
         traceback.print_exc(limit=3)
         print(f"check: {story.hint()}", file=sys.stderr)
         return 1
-    print(f"\ndemo finished in {time.monotonic() - story.t0:.1f} s")
+    print(f"\ndemo finished in {time.monotonic() - story.t0:.1f} s", flush=True)
     for line in summary:
         print(line)
     return 0 if summary and "equal" in summary[-1] else 1
