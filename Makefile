@@ -162,6 +162,20 @@ $(SNAPSHOTTER_BUILT): tests/tools/snapshotter/go.mod tests/tools/snapshotter/go.
 	@$(TIMER) end "build external-snapshotter"
 	@touch $@
 
+# The ReferenceGrant CRD of the Gateway API (a source namespace's consent to clones into another
+# namespace), from its Go module, next to the other tools.
+GATEWAY_API_VERSION := v1.4.1
+GATEWAY_CRD := $(K8S_TOOLS)/gateway-crds/referencegrants-$(GATEWAY_API_VERSION).yaml
+
+$(GATEWAY_CRD):
+	@$(TIMER) start "fetch the ReferenceGrant CRD"
+	mkdir -p $(dir $@)
+	dir=$$(GOFLAGS=-mod=mod go mod download -json sigs.k8s.io/gateway-api@$(GATEWAY_API_VERSION) \
+		| sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p'); \
+	cp "$$dir/config/crd/standard/gateway.networking.k8s.io_referencegrants.yaml" $@.partial
+	mv $@.partial $@
+	@$(TIMER) end "fetch the ReferenceGrant CRD"
+
 # The CloudNativePG operator (its manager binary and release manifest) for the real cluster.
 CNPG_VERSION := 1.30.0
 CNPG_TOOLS_KEY := $(shell sha256sum tests/tools/cnpg/go.sum 2>/dev/null | cut -c1-12)
@@ -195,7 +209,7 @@ $(CONFORMANCE_TOOLS)/.built: tests/tools/conformance/go.mod tests/tools/conforma
 TOOLS_ENV := K8S_TOOLS=$(K8S_TOOLS) CNPG_TOOLS=$(CNPG_TOOLS) TOOLS_CACHE=$(TOOLS_CACHE)
 
 .PHONY: k8s-tools
-k8s-tools: $(K8S_TOOLS)/.built $(SNAPSHOTTER_BUILT) $(CNPG_TOOLS)/.built
+k8s-tools: $(K8S_TOOLS)/.built $(SNAPSHOTTER_BUILT) $(CNPG_TOOLS)/.built $(GATEWAY_CRD)
 
 # Core and reconciler tests: no root, no loop devices, no PostgreSQL; a real kube-apiserver and
 # etcd for the reconcilers. Seconds, not minutes.
@@ -203,7 +217,7 @@ UNIT_TESTS := tests/test_domain.py tests/test_config.py tests/test_kube_units.py
 	tests/test_layout_rules.py tests/test_proto.py tests/test_docs.py tests/test_host_programs.py tests/kube
 
 .PHONY: unit
-unit: $(STAMPS)/venv $(K8S_TOOLS)/.built
+unit: $(STAMPS)/venv $(K8S_TOOLS)/.built $(GATEWAY_CRD)
 	K8S_TOOLS=$(K8S_TOOLS) $(PY) -m pytest -ra -p no:cacheprovider $(UNIT_TESTS) $(PYTEST_ARGS)
 
 .PHONY: e2e

@@ -667,3 +667,59 @@ def test_killed_mid_clone_leaves_no_backup_no_slot_and_the_retry_succeeds(
     finally:
         clone.stop()
         remove(target)
+
+
+def test_a_source_cannot_shadow_what_the_driver_calls(source: Source) -> None:
+    """A source server's own functions in public, first on the role's search_path, are never
+    what the driver calls: the copy is checked against the real system identifier, and the
+    real pg_backup_start/stop run (the clone boots with the rows)."""
+    real = source.server.psql("SELECT system_identifier FROM pg_control_system()")
+    source.server.psql(
+        "CREATE FUNCTION public.pg_control_system(OUT pg_control_version integer, "
+        "OUT catalog_version_no integer, OUT system_identifier bigint, "
+        "OUT pg_control_last_modified timestamptz) LANGUAGE sql "
+        "AS $$ SELECT 1, 1, 42::bigint, now() $$; "
+        "CREATE FUNCTION public.pg_backup_stop(boolean, OUT lsn pg_lsn, OUT labelfile text, "
+        "OUT spcmapfile text) LANGUAGE sql AS $$ SELECT '0/0'::pg_lsn, 'forged', '' $$; "
+        "GRANT EXECUTE ON FUNCTION public.pg_control_system(), public.pg_backup_stop(boolean) "
+        "TO streaming_replica; "
+        "ALTER ROLE streaming_replica SET search_path = public, pg_catalog"
+    )
+    try:
+        # The trap works for a session that does not fix its search_path.
+        assert (
+            source.server.psql(
+                "SET ROLE streaming_replica; SET search_path = public, pg_catalog; "
+                "SELECT system_identifier FROM pg_control_system()"
+            ).splitlines()[-1]
+            == "42"
+        )
+        directory = take(source, "native")
+    finally:
+        source.server.psql(
+            "ALTER ROLE streaming_replica RESET search_path; "
+            "DROP FUNCTION public.pg_control_system(); DROP FUNCTION public.pg_backup_stop(boolean)"
+        )
+    label = (directory / "pgdata" / "backup_label").read_text()
+    assert "forged" not in label and "START WAL LOCATION" in label
+    assert real != "42"
+    clone = check_clone(source, directory)
+    try:
+        assert counts(clone)["pgbench_accounts"] == str(SCALE * 100000)
+    finally:
+        clone.stop()
+        remove(directory)
+
+
+def test_a_session_cannot_choose_where_the_function_writes(source: Source, tmp_path: Path) -> None:
+    """pg_reflinker.hostpath_prefix comes from the server's configuration files only."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    chown_postgres(elsewhere)
+    label = str(uuid.uuid4())
+    out = source.server.psql(
+        f"SET pg_reflinker.hostpath_prefix = '{elsewhere}'; SELECT reflink_snapshot('{label}')"
+    )
+    assert out.splitlines()[-1] == str(source.clone_area / label)
+    assert list(elsewhere.iterdir()) == []
+    remove(source.clone_area / label)

@@ -172,3 +172,37 @@ def test_returned_path_outside_both_is_refused_naming_it(layout: Layout, returne
     with pytest.raises(errors.FailedPrecondition) as err:
         host_path_of(returned, location(), layout, NEW)
     assert repr(returned) in str(err.value)
+
+
+def test_a_reference_grant_consents_only_to_claims_of_the_namespace_it_names() -> None:
+    from reflinker_csi.kube.model import grants_clone
+
+    def grant(from_: list[dict[str, str]], to: list[dict[str, str]]) -> dict[str, object]:
+        return {"spec": {"from": from_, "to": to}}
+
+    pvc_from = {"group": "", "kind": "PersistentVolumeClaim", "namespace": "tenant"}
+    all_pvcs = {"group": "", "kind": "PersistentVolumeClaim"}
+    assert grants_clone(grant([pvc_from], [all_pvcs]), "tenant", "pg-prod-1")
+    assert grants_clone(
+        grant([pvc_from], [{**all_pvcs, "name": "pg-prod-1"}]), "tenant", "pg-prod-1"
+    )
+    assert not grants_clone(
+        grant([pvc_from], [{**all_pvcs, "name": "other"}]), "tenant", "pg-prod-1"
+    )
+    assert not grants_clone(grant([pvc_from], [all_pvcs]), "evil", "pg-prod-1")
+    # Other kinds and groups are other consents (a Gateway's HTTPRoute, a VolumeSnapshot).
+    assert not grants_clone(
+        grant(
+            [{**pvc_from, "kind": "HTTPRoute", "group": "gateway.networking.k8s.io"}], [all_pvcs]
+        ),
+        "tenant",
+        "pg-prod-1",
+    )
+    assert not grants_clone(
+        grant([pvc_from], [{"group": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot"}]),
+        "tenant",
+        "pg-prod-1",
+    )
+    # Hostile shapes read as no consent.
+    assert not grants_clone({"spec": {"from": "tenant", "to": None}}, "tenant", "pg-prod-1")
+    assert not grants_clone({}, "tenant", "pg-prod-1")

@@ -12,8 +12,10 @@
 -- Where the copy lands (same filesystem as the data directory, so reflinks work):
 --   * default: <parent of data_directory>/.pg-reflinker/<label>, i.e. inside the volume that
 --     holds PGDATA (what an unmodified CloudNativePG pod can write);
---   * <pg_reflinker.hostpath_prefix>/<label> when that setting is set, e.g.
+--   * <pg_reflinker.hostpath_prefix>/<label> when that setting is set in the server's
+--     configuration files (a SET in the calling session is ignored), e.g.
 --     ALTER SYSTEM SET pg_reflinker.hostpath_prefix = '/var/lib/pg-reflinker';
+--     SELECT pg_reload_conf();
 --
 -- The copy is taken between pg_backup_start(label, true) and pg_backup_stop(false) in one call.
 -- backup_label and tablespace_map are written byte for byte from pg_backup_stop; pg_wal is
@@ -58,7 +60,11 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     datadir  text := current_setting('data_directory');
-    prefix   text := nullif(current_setting('pg_reflinker.hostpath_prefix', true), '');
+    -- Read from the configuration files (postgresql.conf, ALTER SYSTEM), never from the
+    -- session: a caller's SET must not choose where the copy lands.
+    prefix   text := (SELECT nullif(f.setting, '') FROM pg_catalog.pg_file_settings f
+                      WHERE f.name = 'pg_reflinker.hostpath_prefix' AND f.applied
+                      ORDER BY f.seqno DESC LIMIT 1);
     base     text;
     target   text;
     partial  text;

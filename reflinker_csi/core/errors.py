@@ -53,6 +53,12 @@ class FailedPrecondition(ReflinkerError):
     code = "FAILED_PRECONDITION"
 
 
+class PermissionDenied(ReflinkerError):
+    """The owner of the data has not allowed this copy (no ReferenceGrant)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class OutOfRange(ReflinkerError):
     """A requested size cannot be satisfied."""
 
@@ -111,6 +117,7 @@ FAMILIES: tuple[type[ReflinkerError], ...] = (
     AlreadyExists,
     Aborted,
     FailedPrecondition,
+    PermissionDenied,
     OutOfRange,
     ResourceExhausted,
     Unavailable,

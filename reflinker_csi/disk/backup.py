@@ -93,9 +93,11 @@ def copy_data(source: Path, partial: Path, attempt: str, system_id: str) -> int:
             "the instance's volume"
         ) from None
     if found != system_id:
+        # Neither identifier nor path: the message reaches the claim's namespace.
         raise FailedPrecondition(
-            f"the data directory at {source} belongs to database system {found}, not to the "
-            f"source server ({system_id}); the source volume is not the one its pod mounts"
+            "the data directory in the source volume is not the one the source server runs "
+            "(their database system identifiers differ); CNPG runs PGDATA from pgdata on the "
+            "instance's own volume"
         )
     remove_tree(partial)
     os.mkdir(partial, 0o700)

@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from ..core.errors import FailedPrecondition, VolumeInUse
@@ -149,8 +150,11 @@ class LocalDisk:
                 f"{self.layout.prefix} or {', '.join(map(str, self.source_roots)) or '-'}; "
                 "it cannot be moved into place"
             )
-        if not (real / "pgdata").is_dir():
-            raise FailedPrecondition(f"hot clone directory {moved_from} has no pgdata inside")
+        pgdata = real / "pgdata"
+        if pgdata.is_symlink() or not pgdata.is_dir():
+            raise FailedPrecondition(
+                f"hot clone directory {moved_from} has no pgdata directory inside"
+            )
         try:
             os.rename(real, final)
             return
@@ -163,16 +167,39 @@ class LocalDisk:
         os.rename(partial, final)
         remove_tree(real)
 
-    def source_dir(self, path: Path) -> Path:
-        """A source's directory named by a record: only under the prefix or a source root
-        (kubelet's directory), never through a link that leads elsewhere."""
-        real = Path(os.path.realpath(path))
-        inside = self.layout.contains(real) or any(r in real.parents for r in self.source_roots)
-        if not inside or not real.is_dir():
+    def source_dir(self, path: Path, volume: Path) -> Path:
+        """A source's directory named by a record, within the source volume's own directory
+        (under the prefix or a source root, kubelet's directory). No symbolic link is followed
+        on the way from the volume to it: one could lead into another tenant's volume. Errors
+        name only what the record named, never where a link points."""
+        root = Path(os.path.realpath(volume))
+        inside = self.layout.contains(root) or any(r in root.parents for r in self.source_roots)
+        try:
+            relative = path.relative_to(volume)
+        except ValueError:
+            relative = None
+        if not inside or relative is None or ".." in relative.parts or not root.is_dir():
             raise FailedPrecondition(
-                f"source directory {path} is not a directory under {self.layout.prefix} or "
-                f"{', '.join(map(str, self.source_roots)) or '-'}; it cannot be copied"
+                f"source directory {path} is not inside a volume directory under "
+                f"{self.layout.prefix} or {', '.join(map(str, self.source_roots)) or '-'}; "
+                "it cannot be copied"
             )
+        real = root
+        for part in relative.parts:
+            real = real / part
+            try:
+                mode = os.lstat(real).st_mode
+            except OSError as err:
+                raise FailedPrecondition(
+                    f"source directory {path}: {part} is missing ({err.strerror})"
+                ) from None
+            if stat.S_ISLNK(mode):
+                raise FailedPrecondition(
+                    f"source directory {path}: {part} is a symbolic link; a source is read "
+                    f"only within its own volume ({volume}), so it cannot be copied"
+                )
+            if not stat.S_ISDIR(mode):
+                raise FailedPrecondition(f"source directory {path}: {part} is not a directory")
         return real
 
     def remove(self, record: VolumeRecord) -> None:

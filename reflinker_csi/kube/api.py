@@ -55,6 +55,11 @@ EVENTS = Resource("", "v1", "events", "Event", True)
 CSINODES = Resource("storage.k8s.io", "v1", "csinodes", "CSINode", False)
 STORAGECLASSES = Resource("storage.k8s.io", "v1", "storageclasses", "StorageClass", False)
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", True)
+# The consent of a source namespace to cross-namespace clones (the Gateway API's ReferenceGrant,
+# which external-provisioner also honours for dataSourceRef.namespace).
+REFERENCEGRANTS = Resource(
+    "gateway.networking.k8s.io", "v1beta1", "referencegrants", "ReferenceGrant", True
+)
 REFLINKVOLUMES = Resource("pg-reflinker.csi", "v1alpha1", "reflinkvolumes", "ReflinkVolume", False)
 
 

@@ -22,6 +22,7 @@ from ..core.errors import (
     FailedPrecondition,
     NotFound,
     OperationInProgress,
+    PermissionDenied,
     ReflinkerError,
     VolumeInUse,
 )
@@ -44,10 +45,18 @@ from ..core.layout import Layout
 from ..core.locator import SourceLocation
 from ..core.records import Phase, VolumeRecord
 from ..core.volumes import CreateSpec, VolumeService
-from .api import JSON, STORAGECLASSES, VOLUMES, ApiError, Kube, domain_error
+from .api import JSON, REFERENCEGRANTS, STORAGECLASSES, VOLUMES, ApiError, Kube, domain_error
 from .events import record_event
 from .locator import KubeSourceLocator
-from .model import Claim, PersistentVolume, key_of, quantity_bytes, record_of, text
+from .model import (
+    Claim,
+    PersistentVolume,
+    grants_clone,
+    key_of,
+    quantity_bytes,
+    record_of,
+    text,
+)
 from .runtime import DONE, Informer, Requeue, Result
 
 log = logging.getLogger(__name__)
@@ -188,6 +197,8 @@ class ClaimLoop:
         """Clone the claim's source through VolumeService and bind a new PV to the claim."""
         assert claim.source is not None
         source_ns, source = self._find_source(claim)
+        if source_ns != claim.meta.namespace:
+            self._check_consent(claim, source_ns, source.meta.name)
         pv = self._pv(source.volume_name) if source.volume_name else None
         if pv is None:
             raise FailedPrecondition(
@@ -238,6 +249,31 @@ class ClaimLoop:
             f"source claim {name!r} not found in namespaces {', '.join(searched)}; "
             "create it there or add its namespace to NAMESPACE_PATH"
         )
+
+    def _check_consent(self, claim: Claim, source_ns: str, source: str) -> None:
+        """A copy of another namespace's data needs that namespace's ReferenceGrant, read on
+        every attempt (a grant deleted stops the next clone). The error names the grant to
+        create and nothing of the source (no pod, node or path)."""
+        what = (
+            f"a ReferenceGrant in namespace {source_ns} from PersistentVolumeClaims of namespace "
+            f"{claim.meta.namespace} to PersistentVolumeClaim {source} (or to all of them)"
+        )
+        try:
+            grants, _ = self.kube.list(REFERENCEGRANTS, source_ns)
+        except ApiError as err:
+            if err.status == 404:
+                raise PermissionDenied(
+                    f"cloning claim {source_ns}/{source} into namespace {claim.meta.namespace} "
+                    f"needs {what}, and the ReferenceGrant CRD (gateway.networking.k8s.io) is "
+                    "not installed; install it, then create the grant"
+                ) from None
+            raise domain_error(err, f"list ReferenceGrants in namespace {source_ns}") from None
+        if not any(grants_clone(g, claim.meta.namespace, source) for g in grants):
+            raise PermissionDenied(
+                f"cloning claim {source_ns}/{source} into namespace {claim.meta.namespace} "
+                f"needs {what}; the owner of namespace {source_ns} creates it "
+                "(docs/cloning-cnpg.md#sources-in-other-namespaces)"
+            )
 
     def _locate_foreign(self, ns: str, claim: str, pv: PersistentVolume) -> SourceLocation:
         """A source on another driver is cloned only hot, through the CNPG instance using it."""

@@ -169,6 +169,24 @@ class SourceRef:
     namespace: str  # "" when the claim's own namespace is meant
 
 
+def grants_clone(grant: JSON, claim_namespace: str, source_claim: str) -> bool:
+    """A ReferenceGrant (in the source claim's namespace) lets claims of claim_namespace use
+    source_claim as their data source: a `from` entry for PersistentVolumeClaims of that
+    namespace and a `to` entry for PersistentVolumeClaims, all or this one by name."""
+    spec = obj(grant, "spec")
+    claims_from = any(
+        text(f, "group") == "" and text(f, "kind") == "PersistentVolumeClaim"
+        and text(f, "namespace") == claim_namespace
+        for f in objs(spec, "from")
+    )  # fmt: skip
+    claims_to = any(
+        text(t, "group") == "" and text(t, "kind") == "PersistentVolumeClaim"
+        and text(t, "name") in ("", source_claim)
+        for t in objs(spec, "to")
+    )  # fmt: skip
+    return claims_from and claims_to
+
+
 @dataclass(frozen=True)
 class Claim:
     meta: Meta

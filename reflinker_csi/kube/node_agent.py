@@ -125,7 +125,10 @@ class NodeAgent:
         if hand_off.done == hand_off.step:
             return False  # done; the controller's next step brings the record back
         partial = self._partial(record)
-        source = self.disk.source_dir(Path(hand_off.source_dir))
+        # source_dir is <the source volume's directory on this node>/pgdata (the controller's
+        # reading of the PV, not the source server's answer).
+        named = Path(hand_off.source_dir)
+        source = self.disk.source_dir(named, named.parent)
         if hand_off.step == Step.COPY:
             self.disk.check_room(self.node_id)
             began = time.monotonic()
@@ -168,7 +171,7 @@ class NodeAgent:
             node_path = volumes[mount]
             if target == mount or target.startswith(mount.rstrip("/") + "/"):
                 inside = target[len(mount) :].lstrip("/")
-                return self.disk.source_dir(Path(node_path) / inside)
+                return self.disk.source_dir(Path(node_path) / inside, Path(node_path))
         raise FailedPrecondition(
             f"pg_wal in {source} links to {target}, which is on none of the server pod's "
             f"volumes ({', '.join(sorted(volumes)) or 'none'}); the WAL cannot be copied"

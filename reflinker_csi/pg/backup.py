@@ -44,10 +44,13 @@ def check_source(conn: psycopg.Connection[tuple[object, ...]], server: SourceSer
     """What the native method needs, checked before anything changes on the source: the two
     grants, REPLICATION, and no tablespaces (they live outside the data directory)."""
     row = conn.execute(
-        "SELECT has_function_privilege('pg_backup_start(text, boolean)', 'EXECUTE'), "
-        "has_function_privilege('pg_backup_stop(boolean)', 'EXECUTE'), "
-        "(SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), "
-        "(SELECT string_agg(quote_ident(spcname), ', ' ORDER BY spcname) FROM pg_tablespace "
+        "SELECT pg_catalog.has_function_privilege('pg_catalog.pg_backup_start(text, boolean)', "
+        "'EXECUTE'), "
+        "pg_catalog.has_function_privilege('pg_catalog.pg_backup_stop(boolean)', 'EXECUTE'), "
+        "(SELECT rolreplication OR rolsuper FROM pg_catalog.pg_roles "
+        " WHERE rolname = current_user), "
+        "(SELECT pg_catalog.string_agg(pg_catalog.quote_ident(spcname), ', ' ORDER BY spcname) "
+        "FROM pg_catalog.pg_tablespace "
         " WHERE spcname NOT IN ('pg_default', 'pg_global'))"
     ).fetchone()
     assert row is not None
@@ -86,7 +89,9 @@ def native_clone(
     slot = slot_name(label)
     step = "create replication slot"
     try:
-        conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (slot,))
+        conn.execute(
+            "SELECT pg_catalog.pg_create_physical_replication_slot(%s, true, true)", (slot,)
+        )
     except psycopg.errors.DuplicateObject:
         raise OperationInProgress(
             f"a copy named {label} is already being taken on {server.where} (replication slot "
@@ -98,9 +103,9 @@ def native_clone(
     try:
         step = "pg_backup_start"
         row = conn.execute(
-            "SELECT pg_backup_start(%s, true)::text, "
-            "(SELECT system_identifier::text FROM pg_control_system()), "
-            "pg_size_bytes(current_setting('wal_segment_size'))",
+            "SELECT pg_catalog.pg_backup_start(%s, true)::text, "
+            "(SELECT system_identifier::text FROM pg_catalog.pg_control_system()), "
+            "pg_catalog.pg_size_bytes(pg_catalog.current_setting('wal_segment_size'))",
             (label,),
         ).fetchone()
         assert row is not None
@@ -108,14 +113,15 @@ def native_clone(
         copier.copy(start)
         step = "pg_backup_stop"
         row = conn.execute(
-            "SELECT lsn::text, labelfile, coalesce(spcmapfile, '') FROM pg_backup_stop(false)"
+            "SELECT lsn::text, labelfile, coalesce(spcmapfile, '') "
+            "FROM pg_catalog.pg_backup_stop(false)"
         ).fetchone()
         assert row is not None
         in_backup = time.monotonic() - began
         copier.finish(start, BackupStop(str(row[0]), str(row[1]), str(row[2])))
         # Succeeds only while this session (and so the slot) lived through the WAL copy.
         step = "drop replication slot"
-        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        conn.execute("SELECT pg_catalog.pg_drop_replication_slot(%s)", (slot,))
     except psycopg.Error as err:
         copier.abandon()
         timed_out = time.monotonic() - began >= statement_timeout

@@ -167,7 +167,11 @@ def session(
                 gssencmode="disable",
                 connect_timeout=max(2, math.ceil(connect_timeout)),
                 application_name="pg-reflinker",
-                options=f"-c statement_timeout={int(statement_timeout * 1000)}",
+                # Names resolve in pg_catalog first whatever the role's search_path says (the
+                # connection's options outrank ALTER ROLE ... SET), and every call below is
+                # schema-qualified besides: a source cannot shadow what we call.
+                options=f"-c statement_timeout={int(statement_timeout * 1000)} "
+                "-c search_path=pg_catalog",
                 autocommit=True,
             )
         except psycopg.OperationalError as err:
@@ -179,8 +183,8 @@ def session(
 def has_function(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
     """reflink_snapshot(text) exists in database postgres and this role may run it."""
     row = conn.execute(
-        "SELECT to_regprocedure('public.reflink_snapshot(text)') IS NOT NULL AND "
-        "has_function_privilege('public.reflink_snapshot(text)', 'EXECUTE')"
+        "SELECT pg_catalog.to_regprocedure('public.reflink_snapshot(text)') IS NOT NULL AND "
+        "pg_catalog.has_function_privilege('public.reflink_snapshot(text)', 'EXECUTE')"
     ).fetchone()
     return bool(row and row[0])
 
@@ -206,7 +210,7 @@ def call_function(
     """SELECT reflink_snapshot(label) in an open session."""
     started = time.monotonic()
     try:
-        row = conn.execute("SELECT reflink_snapshot(%s)", (label,)).fetchone()
+        row = conn.execute("SELECT public.reflink_snapshot(%s)", (label,)).fetchone()
     except psycopg.Error as err:
         timed_out = time.monotonic() - started >= statement_timeout
         raise _query_error(err, server, timed_out) from None

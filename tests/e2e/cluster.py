@@ -20,6 +20,16 @@ from tests.pgserver import free_port
 ADMIN_TOKEN = "pg-reflinker-e2e-admin-token"
 
 
+def reference_grant_crd(bin_dir: Path) -> Path:
+    """The Gateway API's ReferenceGrant CRD, which `make k8s-tools` puts beside the binaries."""
+    found = sorted((bin_dir / "gateway-crds").glob("referencegrants-*.yaml"))
+    if not found:
+        raise FileNotFoundError(
+            f"no ReferenceGrant CRD in {bin_dir}/gateway-crds: run make k8s-tools"
+        )
+    return found[-1]
+
+
 class ControlPlane:
     # Controllers that need a real node or a cloud are off unless a real node is there.
     WITHOUT_NODE = "*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-route,-service"

@@ -33,7 +33,7 @@ from kubernetes import client
 
 from tests.conftest import ROOT, Filesystem
 from tests.e2e import images
-from tests.e2e.cluster import ControlPlane
+from tests.e2e.cluster import ControlPlane, reference_grant_crd
 from tests.pgserver import free_port
 
 NODE = "pg-reflinker-test-node"
@@ -740,6 +740,11 @@ def _install_snapshots(c: OneNodeCluster, announce: Callable[[str], None]) -> No
         c.wait_rollout("deployment/snapshot-controller", "kube-system")
 
     c.step("install the snapshot CRDs and snapshot-controller v8.6.0", announce, install)
+    c.step(
+        "install the ReferenceGrant CRD",
+        announce,
+        lambda: c.kubectl("apply", "--server-side", "-f", str(reference_grant_crd(c.bin))),
+    )
 
 
 def _deploy_driver(c: OneNodeCluster, announce: Callable[[str], None]) -> None:

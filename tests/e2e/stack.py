@@ -28,7 +28,7 @@ from kubernetes import client, dynamic
 from csi import csi_pb2, csi_pb2_grpc
 from reflinker_csi import TOPOLOGY_KEY
 from tests.conftest import MOUNT_RW, ROOT, Filesystem
-from tests.e2e.cluster import ControlPlane, load_manifests
+from tests.e2e.cluster import ControlPlane, load_manifests, reference_grant_crd
 from tests.pgserver import Certificates, PostgresServer, chown_postgres, free_port
 
 DEPLOY = ROOT / "deploy"
@@ -242,6 +242,13 @@ def running_stack(
             30,
         )
         _apply(admin, load_manifests(DEPLOY / "volumesnapshotclass.yaml"), dry_run=False)
+        # What docs/install.md has users install for clones across namespaces.
+        _apply(admin, load_manifests(reference_grant_crd(bin_dir)), dry_run=False)
+        wait_for(
+            "the ReferenceGrant CRD",
+            lambda: _crd_established(admin, "referencegrants.gateway.networking.k8s.io"),
+            30,
+        )
         for name in ("controller.yaml", "node.yaml"):
             _apply(admin, load_manifests(DEPLOY / name), dry_run=True)
         core = client.CoreV1Api(admin)

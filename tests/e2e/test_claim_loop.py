@@ -103,6 +103,22 @@ def template(cluster: Cluster) -> Iterator[Template]:
         str(directory),
         server.port,
     )
+    # The templates namespace lets claims of apps clone its claims.
+    cluster.custom.create_namespaced_custom_object(
+        "gateway.networking.k8s.io",
+        "v1beta1",
+        TEMPLATES,
+        "referencegrants",
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1beta1",
+            "kind": "ReferenceGrant",
+            "metadata": {"name": "clones-for-apps"},
+            "spec": {
+                "from": [{"group": "", "kind": "PersistentVolumeClaim", "namespace": NS}],
+                "to": [{"group": "", "kind": "PersistentVolumeClaim"}],
+            },
+        },
+    )
     yield Template(server, directory)
     server.stop("immediate")
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from reflinker_csi.kube.api import REFLINKVOLUMES
-from tests.e2e.stack import Cluster, CnpgInstance, wait_for
-from tests.pgserver import PostgresServer, boot_clone
+from tests.e2e.stack import NS, Cluster, CnpgInstance, create_cnpg_objects, wait_for
+from tests.pgserver import Certificates, PostgresServer, boot_clone, chown_postgres, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -243,3 +244,80 @@ def test_a_claim_deleted_mid_clone_leaves_no_record_no_copy_and_no_backup(
     )
     guid = first["spec"]["guid"]
     assert leftovers(cluster) == [] and not (cluster.prefix / guid).exists()
+
+
+def test_a_source_whose_pgdata_links_into_another_volume_is_refused_and_nothing_is_copied(
+    cluster: Cluster, cnpg: CnpgInstance, without_function: PostgresServer
+) -> None:
+    """The redirect attack: a tenant runs its own "CNPG instance" (a pod labelled
+    cnpg.io/cluster, its own CA and replication secrets, its own PostgreSQL with the two
+    grants) whose volume's pgdata is a link to another tenant's data directory, and whose
+    server answers that directory's system identifier (a pg_control_system() of its own in
+    public, first on its role's search_path). A clone of the tenant's claim must copy nothing
+    of the other volume, and its events must name neither that volume's path nor its
+    identifier."""
+    victim_guid = cnpg.pv.spec.csi.volume_handle
+    victim_pgdata = cluster.prefix / victim_guid / "pgdata"
+    victim_id = without_function.psql("SELECT system_identifier FROM pg_control_system()")
+    cluster.pvc("evil-1")
+    pv = cluster.wait_bound("evil-1")
+    target = cluster.publish(pv, str(uuid.uuid4()))
+    chown_postgres(target)
+    certs = Certificates.create(cluster.plane.work / "certs-evil", "evil", NS)
+    os.chmod(certs.directory, 0o755)
+    server = PostgresServer(
+        volume=target / "own", port=free_port(), socket_dir=cluster.plane.work / "sock", certs=certs
+    )
+    server.initdb()
+    server.start()
+    try:
+        server.psql(
+            "CREATE ROLE streaming_replica LOGIN REPLICATION; "
+            "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO streaming_replica; "
+            "GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO streaming_replica; "
+            "CREATE FUNCTION public.pg_control_system(OUT pg_control_version integer, "
+            "OUT catalog_version_no integer, OUT system_identifier bigint, "
+            "OUT pg_control_last_modified timestamptz) LANGUAGE sql "
+            f"AS $$ SELECT 1, 1, {victim_id}::bigint, now() $$; "
+            "ALTER ROLE streaming_replica SET search_path = public, pg_catalog"
+        )
+        (target / "pgdata").symlink_to(victim_pgdata)
+        create_cnpg_objects(
+            cluster.core, NS, "evil", "evil-1", "evil-1", certs, str(target), server.port
+        )
+        cluster.pvc("stolen", source="evil-1")
+        refused = wait_for(
+            "the refusal",
+            lambda: [
+                e
+                for e in cluster.events_for("PersistentVolumeClaim", "stolen")
+                if "pgdata is a symbolic link" in e
+            ],
+            90,
+        )
+        events = "\n".join(cluster.events_for("PersistentVolumeClaim", "stolen"))
+        assert victim_guid not in events and victim_id not in events, events
+        assert "own volume" in refused[0]
+        record = record_for_claim(cluster, "stolen")
+        assert record is not None
+        guid = record["spec"]["guid"]
+        claim = cluster.core.read_namespaced_persistent_volume_claim("stolen", NS)
+        assert claim.status.phase == "Pending"
+        assert not (cluster.prefix / guid).exists() and leftovers(cluster) == []
+        # The server the tenant runs was left as it was: no backup, no slot.
+        wait_for(
+            "the tenant's server to leave backup mode",
+            lambda: slots_and_sessions(server) == "0,0",
+            30,
+        )
+    finally:
+        cluster.core.delete_namespaced_persistent_volume_claim("stolen", NS)
+        cluster.core.delete_namespaced_pod("evil-1", NS, grace_period_seconds=0)
+        for secret in ("evil-ca", "evil-replication"):
+            cluster.core.delete_namespaced_secret(secret, NS)
+        server.stop("immediate")
+        (target / "pgdata").unlink(missing_ok=True)
+        cluster.unpublish(pv, target)
+        cluster.core.delete_namespaced_persistent_volume_claim("evil-1", NS)
+    # The victim's data directory is untouched and still the victim's.
+    assert without_function.psql("SELECT system_identifier FROM pg_control_system()") == victim_id

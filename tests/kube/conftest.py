@@ -22,7 +22,7 @@ from reflinker_csi.disk.local import NO_FLOOR, LocalDisk
 from reflinker_csi.kube import app
 from reflinker_csi.kube.api import CSINODES, JSON, NODES, Kube, Resource
 from reflinker_csi.metrics import Metrics
-from tests.e2e.cluster import ControlPlane
+from tests.e2e.cluster import ControlPlane, reference_grant_crd
 from tests.e2e.stack import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,15 +55,19 @@ def plane() -> Iterator[ControlPlane]:
 @pytest.fixture(scope="session")
 def admin(plane: ControlPlane) -> Kube:
     kube = Kube(plane.api_client())
-    crd = yaml.safe_load((ROOT / "deploy" / "crd-reflinkvolume.yaml").read_text())
-    kube.create(CRDS, crd)
+    # Ours, and the ReferenceGrant CRD the claim loop reads for cross-namespace consent.
+    for path in (ROOT / "deploy" / "crd-reflinkvolume.yaml", reference_grant_crd(tools_dir())):
+        crd = yaml.safe_load(path.read_text())
+        kube.create(CRDS, crd)
 
-    def established() -> bool:
-        value = kube.get(CRDS, crd["metadata"]["name"]) or {}
-        conditions = (value.get("status") or {}).get("conditions") or []  # type: ignore[union-attr]
-        return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+        def established(name: str = crd["metadata"]["name"]) -> bool:
+            value = kube.get(CRDS, name) or {}
+            conditions = (value.get("status") or {}).get("conditions") or []  # type: ignore[union-attr]
+            return any(
+                c.get("type") == "Established" and c.get("status") == "True" for c in conditions
+            )
 
-    wait_for("the ReflinkVolume CRD", established)
+        wait_for(f"the CRD {crd['metadata']['name']}", established)
     return kube
 
 

@@ -8,7 +8,15 @@ import uuid
 
 from reflinker_csi import DRIVER_NAME
 from reflinker_csi.core.keys import FINALIZER, LABEL_GUID, LABEL_NODE
-from reflinker_csi.kube.api import CLAIMS, EVENTS, JSON, REFLINKVOLUMES, VOLUMES, Kube
+from reflinker_csi.kube.api import (
+    CLAIMS,
+    EVENTS,
+    JSON,
+    REFERENCEGRANTS,
+    REFLINKVOLUMES,
+    VOLUMES,
+    Kube,
+)
 from reflinker_csi.kube.model import Meta, obj, record_of, text
 from tests.kube.conftest import NAMESPACES, Mode, wait_for
 
@@ -90,11 +98,80 @@ def source_volume(admin: Kube, mode: Mode, ns: str, node: str) -> str:
     return guid
 
 
+def grant(admin: Kube, source_ns: str, claims_of: str, source: str = "", name: str = "g") -> None:
+    """The source namespace's consent: a ReferenceGrant from claims of claims_of."""
+    to: JSON = {"group": "", "kind": "PersistentVolumeClaim"}
+    if source:
+        to["name"] = source
+    admin.create(
+        REFERENCEGRANTS,
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1beta1",
+            "kind": "ReferenceGrant",
+            "metadata": {"name": name},
+            "spec": {
+                "from": [{"group": "", "kind": "PersistentVolumeClaim", "namespace": claims_of}],
+                "to": [to],
+            },
+        },
+        source_ns,
+    )
+
+
+def test_no_clone_of_another_namespace_without_its_reference_grant(
+    admin: Kube, mode: Mode, namespace: str
+) -> None:
+    """NAMESPACE_PATH says where to look, not who may copy: the source namespace consents with
+    a ReferenceGrant, read on every attempt; the refusal names the grant and nothing of the
+    source (no pod, node or path), and no volume is reserved."""
+    other = f"{namespace}-src"
+    admin.create(NAMESPACES, {"metadata": {"name": other}})
+    source_volume(admin, mode, other, node=f"{namespace}-far")
+    needs = (
+        f"Warning ProvisioningFailed: cloning claim {other}/src into namespace {namespace} needs "
+        f"a ReferenceGrant in namespace {other} from PersistentVolumeClaims of namespace "
+        f"{namespace} to PersistentVolumeClaim src (or to all of them); the owner of namespace "
+        f"{other} creates it (docs/cloning-cnpg.md#sources-in-other-namespaces)"
+    )
+    admin.create(CLAIMS, claim("steal", source="src"), namespace)
+    first = wait_for("the refusal", lambda: events(admin, namespace, "steal"))
+    assert first[0] == needs + " (retrying in 2 s)"
+    # A grant for other claims of the namespace, or from another namespace, is no consent.
+    grant(admin, other, claims_of=namespace, source="not-src", name="other-claim")
+    grant(admin, other, claims_of=f"{namespace}-x", name="other-namespace")
+
+    def mine() -> list[JSON]:
+        return [
+            v
+            for v in admin.list(REFLINKVOLUMES)[0]
+            if record_of(v).context.get("pg-reflinker.csi/claim") == f"{namespace}/steal"
+        ]
+
+    wait_for(
+        "a second refusal",
+        lambda: len([e for e in events(admin, namespace, "steal") if e.startswith(needs)]) >= 2,
+    )
+    assert mine() == []
+    # Consent: the clone goes ahead.
+    grant(admin, other, claims_of=namespace, source="src", name="consent")
+    wait_for("the clone to start", lambda: mine())
+    assert f"Normal Provisioning: cloning source claim {other}/src" in events(
+        admin, namespace, "steal"
+    )
+    # Consent withdrawn: the next claim is refused again.
+    admin.delete(REFERENCEGRANTS, "consent", other)
+    admin.create(CLAIMS, claim("again", source="src"), namespace)
+    again = wait_for("the refusal of a new claim", lambda: events(admin, namespace, "again"))
+    assert again[0].startswith(needs)
+    assert all("node" not in e and "pod" not in e for e in first + again)
+
+
 def test_a_clone_waiting_for_its_node_holds_up_no_other_claim_and_goes_with_its_claim(
     admin: Kube, mode: Mode, namespace: str
 ) -> None:
     other = f"{namespace}-src"
     admin.create(NAMESPACES, {"metadata": {"name": other}})
+    grant(admin, other, claims_of=namespace)
     source = source_volume(admin, mode, other, node=f"{namespace}-far")
     # The clone of "slow" is reserved on the source's node, whose node plugin never answers.
     admin.create(CLAIMS, claim("slow", source="src"), namespace)
