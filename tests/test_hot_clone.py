@@ -132,7 +132,9 @@ def take(
     if method == "function":
         return Path(hot_clone(endpoint, label).directory)
     target = src.clone_area / label
-    src.clone_area.mkdir(exist_ok=True)
+    if not src.clone_area.exists():
+        src.clone_area.mkdir()
+        chown_postgres(src.clone_area)  # the function's copies land here too
     copier = LocalCopier((server or src.server).pgdata, target)
     native_hot_clone(endpoint, label, copier)
     return target
