@@ -6,9 +6,9 @@ stamped with the attempt it belongs to; only complete() puts it in place."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
-import shutil
 import stat
 import uuid
 from pathlib import Path
@@ -123,18 +123,32 @@ def _write(path: Path, data: str, owner: os.stat_result) -> None:
     os.chown(path, owner.st_uid, owner.st_gid)
 
 
-def _copy_file(src: Path, dst: Path) -> None:
-    """A reflink on the same filesystem; the bytes when the WAL lives on another one."""
-    st = os.stat(src)
+def _copy_file(wal_fd: int, name: str, dst: Path) -> None:
+    """One WAL file, opened relative to the WAL directory's descriptor and never through a
+    link: a reflink on the same filesystem, the bytes when the WAL lives on another one."""
+    fd = reflink.open_regular(name, wal_fd)
     try:
-        reflink.clone_regular(src, dst, st)
-        return
-    except ReflinkUnsupported:
-        with contextlib.suppress(FileNotFoundError):
-            dst.unlink()
-    shutil.copyfile(src, dst, follow_symlinks=False)
-    os.chown(dst, st.st_uid, st.st_gid)
-    os.chmod(dst, stat.S_IMODE(st.st_mode))
+        st = os.fstat(fd)
+        try:
+            reflink.clone_fd(fd, dst, st, name)
+            return
+        except ReflinkUnsupported:
+            with contextlib.suppress(FileNotFoundError):
+                dst.unlink()
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            offset = 0
+            while offset < st.st_size:
+                sent = os.sendfile(out, fd, offset, st.st_size - offset)
+                if sent == 0:
+                    break
+                offset += sent
+            os.fchown(out, st.st_uid, st.st_gid)
+            os.fchmod(out, stat.S_IMODE(st.st_mode))
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
 
 
 def finish(
@@ -163,14 +177,31 @@ def finish(
     first = start_lsn // segment_bytes
     last = max(first, (stop_lsn - 1) // segment_bytes)
     seen: set[int] = set()
-    copied = 0
     try:
-        names = sorted(os.listdir(wal_dir))
+        wal_fd = reflink.open_dir(wal_dir)
     except OSError as err:
         raise FailedPrecondition(
             f"cannot read the source's WAL at {wal_dir}: {err.strerror}"
         ) from None
-    for name in names:
+    try:
+        copied = _copy_wal(wal_fd, pgdata / "pg_wal", first, last, segment_bytes, seen)
+    finally:
+        os.close(wal_fd)
+    missing = [n for n in range(first, last + 1) if n not in seen]
+    if missing:
+        raise FailedPrecondition(
+            f"{len(missing)} WAL segment(s) the backup needs are gone from {wal_dir}; "
+            "the clone starts over"
+        )
+    return copied
+
+
+def _copy_wal(
+    wal_fd: int, into: Path, first: int, last: int, segment_bytes: int, seen: set[int]
+) -> int:
+    """Segments first..last and history files; the segments copied are added to seen."""
+    copied = 0
+    for name in sorted(os.listdir(wal_fd)):
         if _SEGMENT.match(name):
             number = _segment_number(name, segment_bytes)
             if not first <= number <= last:
@@ -178,18 +209,16 @@ def finish(
         elif not _HISTORY.match(name):
             continue
         try:
-            _copy_file(wal_dir / name, pgdata / "pg_wal" / name)
-        except FileNotFoundError:
-            continue  # removed meanwhile: the check below says whether it mattered
+            _copy_file(wal_fd, name, into / name)
+        except OSError as err:
+            # Removed meanwhile, or a link (never followed): the caller's check says whether
+            # a segment the backup needs is missing.
+            if err.errno in (errno.ENOENT, errno.ELOOP):
+                continue
+            raise
         if _SEGMENT.match(name):
             seen.add(_segment_number(name, segment_bytes))
         copied += 1
-    missing = [n for n in range(first, last + 1) if n not in seen]
-    if missing:
-        raise FailedPrecondition(
-            f"{len(missing)} WAL segment(s) the backup needs are gone from {wal_dir}; "
-            "the clone starts over"
-        )
     return copied
 
 

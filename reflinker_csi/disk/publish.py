@@ -189,31 +189,50 @@ def apply_group(directory: Path, gid: int) -> None:
     volume's top directory already has the group (a clone mounted by the same kind of pod as its
     source, e.g. CNPG's 26), nothing below it is touched; otherwise every file and directory gets
     the group and group read/write (directories also setgid), as kubelet's walk would do.
-    Symbolic links are not followed."""
+    The walk goes through directory descriptors (os.fwalk) and changes each entry through a
+    descriptor opened without following links, so an entry swapped for a link while it runs
+    changes nothing outside the volume."""
     st = directory.stat()
     if st.st_gid != gid:
-        for root, dirs, files in os.walk(directory):
+        for _, dirs, files, dir_fd in os.fwalk(directory, follow_symlinks=False):
             for name in dirs + files:
-                _group_entry(os.path.join(root, name), gid)
+                _group_entry(name, dir_fd, gid)
         os.chown(directory, -1, gid)
     mode = stat.S_IMODE(st.st_mode) | stat.S_IRWXG | stat.S_ISGID
     if stat.S_IMODE(directory.stat().st_mode) != mode:
         os.chmod(directory, mode)
 
 
-def _group_entry(path: str, gid: int) -> None:
-    st = os.lstat(path)
-    if st.st_gid != gid:
-        os.lchown(path, -1, gid)
-    if stat.S_ISLNK(st.st_mode):
-        return
-    mode = stat.S_IMODE(st.st_mode)
-    if stat.S_ISDIR(st.st_mode):
-        wanted = mode | stat.S_IRWXG | stat.S_ISGID
-    else:
-        wanted = mode | stat.S_IRGRP | stat.S_IWGRP | (stat.S_IXGRP if mode & stat.S_IXUSR else 0)
-    if wanted != mode:
-        os.chmod(path, wanted)
+def _group_entry(name: str, dir_fd: int, gid: int) -> None:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode) or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            if st.st_gid != gid:  # the link (or socket, fifo) itself, never its target
+                os.chown(name, -1, gid, dir_fd=dir_fd, follow_symlinks=False)
+            return
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError as err:
+        if err.errno in (errno.ENOENT, errno.ELOOP):
+            return  # gone, or swapped for a link since it was listed
+        raise
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return
+        if st.st_gid != gid:
+            os.fchown(fd, -1, gid)
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            wanted = mode | stat.S_IRWXG | stat.S_ISGID
+        else:
+            execute = stat.S_IXGRP if mode & stat.S_IXUSR else 0
+            wanted = mode | stat.S_IRGRP | stat.S_IWGRP | execute
+        if wanted != mode:
+            os.fchmod(fd, wanted)
+    finally:
+        os.close(fd)
 
 
 def _require(**fields: str) -> None:

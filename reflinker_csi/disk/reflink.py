@@ -66,6 +66,31 @@ class Leave(Enum):
     CONTENTS = "contents"  # a directory: in the copy, empty
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_dir(name: str | Path, dir_fd: int | None = None) -> int:
+    """A directory's descriptor, never through a symbolic link (ELOOP or ENOTDIR instead)."""
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def open_regular(name: str, dir_fd: int, expected: os.stat_result | None = None) -> int:
+    """A regular file's descriptor relative to its directory's, never through a link; when
+    expected is given, the file must still be that one (a swap in between is FileNotFound)."""
+    fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (
+        expected is not None and (st.st_ino, st.st_dev) != (expected.st_ino, expected.st_dev)
+    ):
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "replaced while it was copied", name)
+    return fd
+
+
+_File = tuple[int, str, Path, os.stat_result]  # source directory's descriptor, name, dst, stat
+
+
 def copy_tree(
     src: Path,
     dst: Path,
@@ -75,24 +100,43 @@ def copy_tree(
 ) -> int:
     """Reflink-copy the tree at src to dst (which must not exist); return the number of files.
 
-    Ownership, modes and times are kept; symlinks are recreated, never followed. leave(relative
+    Ownership, modes and times are kept; symlinks are recreated, never followed. The walk goes
+    through directory descriptors (each opened without following a link, each file opened
+    relative to its directory's descriptor and checked to be the file the walk saw), so a
+    directory swapped for a link while the copy runs cannot lead it out of src. leave(relative
     path) says what to leave out. live: the tree belongs to a running server, so entries that
     vanish while it is copied are skipped (dropped relations, truncated SLRUs; WAL replay
     recreates what matters). workers: threads cloning files, each a share of the bytes (FICLONE
     of a large file is kernel work that runs beside the others; small files are not worth it).
     """
-    src_st = os.lstat(src)
-    if not stat.S_ISDIR(src_st.st_mode):
-        raise NotADirectoryError(str(src))
+    top = open_dir(src)
+    fds = [top]
+    try:
+        return _copy_from(top, src, dst, leave, live, workers, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _copy_from(
+    top: int,
+    src: Path,
+    dst: Path,
+    leave: Callable[[str], Leave] | None,
+    live: bool,
+    workers: int,
+    fds: list[int],
+) -> int:
+    top_st = os.fstat(top)
     os.mkdir(dst, 0o700)
-    stack: list[tuple[Path, Path, os.stat_result, str]] = [(src, dst, src_st, "")]
+    stack: list[tuple[int, Path, os.stat_result, str]] = [(top, dst, top_st, "")]
     dirs_done: list[tuple[Path, os.stat_result]] = []
-    files: list[tuple[Path, Path, os.stat_result]] = []
+    files: list[_File] = []
     # The directories first (with links), then the files, then the directories' metadata.
     while stack:
-        s_dir, d_dir, s_st, rel_dir = stack.pop()
+        s_fd, d_dir, s_st, rel_dir = stack.pop()
         try:
-            entries = list(os.scandir(s_dir))
+            entries = list(os.scandir(s_fd))
         except FileNotFoundError:
             if not live:
                 raise
@@ -102,15 +146,13 @@ def copy_tree(
             what = leave(rel) if leave else Leave.NOTHING
             if what == Leave.OUT:
                 continue
-            s_path = Path(entry.path)
             d_path = d_dir / entry.name
             if what == Leave.CONTENTS:
                 # An empty directory in the copy, even where the source's is a link to another
-                # filesystem (pg_wal on a WAL volume), owned like its parent then.
-                try:
-                    st = os.stat(s_path)
-                except FileNotFoundError:
-                    st = s_st
+                # filesystem (pg_wal on a WAL volume): owned like its parent then.
+                st = s_st
+                with contextlib.suppress(OSError):
+                    st = os.stat(entry.name, dir_fd=s_fd, follow_symlinks=False)
                 os.mkdir(d_path, 0o700)
                 dirs_done.append((d_path, st if stat.S_ISDIR(st.st_mode) else s_st))
                 continue
@@ -121,25 +163,45 @@ def copy_tree(
                     raise
                 continue
             if stat.S_ISDIR(st.st_mode):
+                try:
+                    sub = open_dir(entry.name, s_fd)
+                except OSError as err:
+                    # Swapped for a link or a file since it was listed: never followed.
+                    if err.errno in (errno.ELOOP, errno.ENOTDIR) or (
+                        live and err.errno == errno.ENOENT
+                    ):
+                        continue
+                    raise
+                fds.append(sub)
                 os.mkdir(d_path, 0o700)
-                stack.append((s_path, d_path, st, rel + "/"))
+                stack.append((sub, d_path, st, rel + "/"))
             elif stat.S_ISREG(st.st_mode):
-                files.append((s_path, d_path, st))
+                files.append((s_fd, entry.name, d_path, st))
             elif stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(s_path), d_path)
+                try:
+                    target = os.readlink(entry.name, dir_fd=s_fd)
+                except OSError:
+                    if not live:
+                        raise
+                    continue
+                os.symlink(target, d_path)
                 os.lchown(d_path, st.st_uid, st.st_gid)
             # sockets, fifos and devices are runtime artefacts; a data directory needs none.
         dirs_done.append((d_dir, s_st))
 
-    def clone_all(share: list[tuple[Path, Path, os.stat_result]]) -> None:
-        for s_path, d_path, st in share:
+    def clone_all(share: list[_File]) -> None:
+        for s_dir, name, d_path, st in share:
             try:
-                clone_regular(s_path, d_path, st)
-            except FileNotFoundError:
-                if not live:
-                    raise
-                with contextlib.suppress(FileNotFoundError):
-                    d_path.unlink()
+                s_fd = open_regular(name, s_dir, st)
+            except OSError as err:
+                # Swapped for a link since it was listed (never followed), or gone.
+                if err.errno == errno.ELOOP or (live and err.errno == errno.ENOENT):
+                    continue
+                raise
+            try:
+                clone_fd(s_fd, d_path, st, f"{src}/{name}")
+            finally:
+                os.close(s_fd)
 
     shares = _shares(files, workers)
     if len(shares) > 1:
@@ -158,45 +220,39 @@ def copy_tree(
 _BYTES_PER_WORKER = 256 << 20
 
 
-def _shares(
-    files: list[tuple[Path, Path, os.stat_result]], workers: int
-) -> list[list[tuple[Path, Path, os.stat_result]]]:
+def _shares(files: list[_File], workers: int) -> list[list[_File]]:
     """Split files into up to `workers` lists of about equal bytes, largest first."""
-    total = sum(st.st_size for _, _, st in files)
+    total = sum(f[3].st_size for f in files)
     count = max(1, min(workers, total // _BYTES_PER_WORKER))
     if count == 1:
         return [files]
-    shares: list[list[tuple[Path, Path, os.stat_result]]] = [[] for _ in range(count)]
+    shares: list[list[_File]] = [[] for _ in range(count)]
     sizes = [0] * count
-    for item in sorted(files, key=lambda f: f[2].st_size, reverse=True):
+    for item in sorted(files, key=lambda f: f[3].st_size, reverse=True):
         least = sizes.index(min(sizes))
         shares[least].append(item)
-        sizes[least] += item[2].st_size
+        sizes[least] += item[3].st_size
     return shares
 
 
-def clone_regular(src: Path, dst: Path, st: os.stat_result) -> None:
-    """Reflink one regular file to dst (which must not exist), with its owner, mode and times."""
-    s_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+def clone_fd(s_fd: int, dst: Path, st: os.stat_result, what: str | Path) -> None:
+    """Reflink the open file s_fd to dst (which must not exist), with owner, mode and times."""
+    d_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        d_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            if st.st_size:
-                try:
-                    clone_file(s_fd, d_fd)
-                except OSError as err:
-                    if err.errno in _NO_REFLINK:
-                        raise _unsupported(src, err) from None
-                    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise ResourceExhausted(f"no space left to reflink {src}: {err}") from None
-                    raise
-            os.fchown(d_fd, st.st_uid, st.st_gid)
-            os.fchmod(d_fd, stat.S_IMODE(st.st_mode))
-            os.utime(d_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-        finally:
-            os.close(d_fd)
+        if st.st_size:
+            try:
+                clone_file(s_fd, d_fd)
+            except OSError as err:
+                if err.errno in _NO_REFLINK:
+                    raise _unsupported(Path(what), err) from None
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ResourceExhausted(f"no space left to reflink {what}: {err}") from None
+                raise
+        os.fchown(d_fd, st.st_uid, st.st_gid)
+        os.fchmod(d_fd, stat.S_IMODE(st.st_mode))
+        os.utime(d_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
     finally:
-        os.close(s_fd)
+        os.close(d_fd)
 
 
 def _copy_metadata(path: Path, st: os.stat_result) -> None:
