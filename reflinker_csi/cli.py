@@ -140,6 +140,7 @@ def _settings(cfg: config.Config) -> app.Settings:
         workers=cfg.reconcile_workers,
         pg_connect_timeout=cfg.pg_connect_timeout_seconds,
         pg_statement_timeout=cfg.pg_statement_timeout_seconds,
+        backup_mode_limit=cfg.backup_mode_limit_seconds,
         usage_interval=cfg.usage_interval_seconds,
     )
 

@@ -82,6 +82,7 @@ class Config:
     shutdown_grace_seconds: float
     pg_connect_timeout_seconds: float
     pg_statement_timeout_seconds: float
+    backup_mode_limit_seconds: float
     free_space_floor: SpaceFloor
     cow_extent_size: int
     metrics_port: int
@@ -300,6 +301,13 @@ def load(env: Mapping[str, str] | None = None, mode: str = "standalone") -> Conf
             env,
             "PG_STATEMENT_TIMEOUT",
             "300",
+            "a number of seconds greater than 0",
+            _positive_seconds,
+        ),
+        backup_mode_limit_seconds=_parse(
+            env,
+            "BACKUP_MODE_LIMIT",
+            "60",
             "a number of seconds greater than 0",
             _positive_seconds,
         ),

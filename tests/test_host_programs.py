@@ -130,7 +130,7 @@ def shell_uses(path: Path, text: str, recipes_only: bool = False) -> Iterator[Us
         line = re.sub(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'', "QUOTED", line)
         for segment in re.split(r"\|\||&&|\||;|\$\(|`", line):
             words = segment.split()
-            if words[:1] in (["for"], ["case"], ["select"]) or words[:1] and words[0].endswith(")"):
+            if words[:1] in (["for"], ["case"], ["select"]) or (words and words[0].endswith(")")):
                 continue  # a loop variable, a case pattern
             # Skip keywords and VAR=value prefixes.
             while words and (words[0] in SHELL_WORDS or re.match(r"^\w+=", words[0])):

@@ -36,6 +36,7 @@ class Settings:
     workers: int = 4
     pg_connect_timeout: float = 10.0
     pg_statement_timeout: float = 300.0
+    backup_mode_limit: float = 60.0
     claim_wait_seconds: float = 20.0
     report_period: float = 60.0
     usage_interval: float = 300.0
@@ -71,6 +72,7 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
         layout,
         settings.pg_connect_timeout,
         settings.pg_statement_timeout,
+        settings.backup_mode_limit,
     )
     locator = KubeSourceLocator(kube, pvs, layout, settings.driver_name, settings.target_root)
     volumes = VolumeService(layout, registry, locator, settings.node_id, materializer, metrics)

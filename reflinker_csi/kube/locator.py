@@ -185,6 +185,13 @@ class KubeSourceLocator:
         try:
             secret = self.kube.get(SECRETS, name, ns)
         except ApiError as err:
+            if err.status == 403:
+                raise FailedPrecondition(
+                    f"namespace {ns} is not enabled as a source of clones: the controller may "
+                    f"not read secret {ns}/{name}; an admin enables it with: kubectl create "
+                    f"rolebinding pg-reflinker-source -n {ns} --clusterrole=pg-reflinker-source "
+                    "--serviceaccount=pg-reflinker:pg-reflinker-controller"
+                ) from None
             raise domain_error(err, f"read secret {ns}/{name}") from None
         if secret is None:
             raise FailedPrecondition(

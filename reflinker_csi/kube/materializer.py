@@ -4,11 +4,14 @@ come from what each node plugin reports on its Node."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from ..core.backup import BackupStart, BackupStop
@@ -99,7 +102,10 @@ class NodeReports:
 
 
 class KubeMaterializer:
-    """Reserve -> (hot clone) -> wait for the node agent to report Ready."""
+    """Reserve -> (hot clone) -> wait for the node agent to report Ready.
+
+    A source instance serves one backup at a time (the others wait for it, up to their own
+    deadline), and none stays in backup mode longer than backup_limit seconds."""
 
     def __init__(
         self,
@@ -108,12 +114,16 @@ class KubeMaterializer:
         layout: Layout,
         connect_timeout: float,
         statement_timeout: float,
+        backup_limit: float = 60.0,
     ) -> None:
         self.registry = registry
         self.reports = reports
         self.layout = layout
         self.connect_timeout = connect_timeout
         self.statement_timeout = statement_timeout
+        self.backup_limit = backup_limit
+        self._gates_lock = threading.Lock()
+        self._gates: dict[str, threading.Lock] = {}
 
     def placeable_nodes(self, required_bytes: int) -> list[str]:
         free = self.reports.free()
@@ -144,8 +154,10 @@ class KubeMaterializer:
             )
         if location is not None and location.server is not None and not current.hot_clone_dir:
             self._check_room(record.node)
-            budget = min(self.statement_timeout, max(1.0, deadline - time.monotonic()))
-            made = self._hot_clone(record, location, budget, deadline)
+            with self._one_backup_at_a_time(location, deadline):
+                left = max(1.0, deadline - time.monotonic())
+                budget = min(self.statement_timeout, self.backup_limit, left)
+                made = self._hot_clone(record, location, budget, deadline)
             if made is not None:
                 return made
         elif record.clone_mode == CloneMode.HOT and not current.hot_clone_dir:
@@ -168,6 +180,25 @@ class KubeMaterializer:
             f"volume {record.guid} is not ready yet: waiting for the pg-reflinker node plugin on "
             f"node {record.node}; the request is retried"
         )
+
+    @contextlib.contextmanager
+    def _one_backup_at_a_time(self, location: SourceLocation, deadline: float) -> Iterator[None]:
+        """The source instance's gate: every request for a copy of it waits here until the one
+        in backup mode is done (an immediate checkpoint each, never several at once)."""
+        server = location.server
+        assert server is not None
+        key = f"{server.namespace}/{server.pod}"
+        with self._gates_lock:
+            gate = self._gates.setdefault(key, threading.Lock())
+        if not gate.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise OperationInProgress(
+                f"another copy of {location.context.get(CTX_SOURCE_PVC) or key} is being taken; "
+                "a source instance serves one backup at a time, this request is retried"
+            )
+        try:
+            yield
+        finally:
+            gate.release()
 
     def _hot_clone(
         self, record: VolumeRecord, location: SourceLocation, budget: float, deadline: float
@@ -197,7 +228,8 @@ class KubeMaterializer:
                     "hot clone taken", extra={"fields": {**fields, "s": round(result.seconds, 3)}}
                 )
                 return None
-            copier = RecordCopier(self.registry, record, location, deadline)
+            limit = began + self.backup_limit
+            copier = RecordCopier(self.registry, record, location, min(deadline, limit), limit)
             in_backup = native_clone(conn, server, record.guid, copier, budget)
         fields.update(s=round(time.monotonic() - began, 3), backup_s=round(in_backup, 3))
         log.info("hot clone taken", extra={"fields": fields})
@@ -235,11 +267,13 @@ class RecordCopier:
         record: VolumeRecord,
         location: SourceLocation,
         deadline: float,
+        backup_limit_at: float = float("inf"),
     ) -> None:
         self.registry = registry
         self.record = record
         self.location = location
         self.deadline = deadline
+        self.backup_limit_at = backup_limit_at
         self.hand_off: HandOff | None = None
         self.ready: VolumeRecord | None = None
 
@@ -302,6 +336,12 @@ class RecordCopier:
             return None
 
         current = self.registry.informer.wait_until(answered, self.deadline)
+        if current is None and self.deadline >= self.backup_limit_at:
+            raise DeadlineExceeded(
+                f"hot clone {self.record.guid} reached BACKUP_MODE_LIMIT (the longest a source "
+                f"stays in backup mode) at step {hand_off.step} on node {self.record.node}; the "
+                "backup was ended and the clone starts over on the next attempt"
+            )
         if current is None:
             raise DeadlineExceeded(
                 f"the pg-reflinker node plugin on node {self.record.node} did not finish step "

@@ -133,7 +133,8 @@ def _query_error(
     ):
         return DeadlineExceeded(
             f"{what} on {server.where} ran past the statement timeout: {_first_line(err)}; "
-            "raise PG_STATEMENT_TIMEOUT or retry when the instance is less busy"
+            "raise PG_STATEMENT_TIMEOUT (and BACKUP_MODE_LIMIT, which bounds it for clones) or "
+            "retry when the instance is less busy"
         )
     if isinstance(err, pg_errors.ObjectInUse | pg_errors.LockNotAvailable):
         return OperationInProgress(f"{_first_line(err)} ({server.where}); retry later")

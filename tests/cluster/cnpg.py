@@ -17,6 +17,11 @@ from tests.e2e.onenode import OneNodeCluster
 EXAMPLES = ROOT / "deploy" / "examples"
 FUNCTION_SQL = ROOT / "deploy" / "postgres" / "reflink_snapshot.sql"
 NS = "apps"
+# docs/install.md#enable-a-namespace-as-a-source, without the leading `kubectl`.
+ENABLE_SOURCE = (
+    "create rolebinding pg-reflinker-source -n {ns} --clusterrole=pg-reflinker-source "
+    "--serviceaccount=pg-reflinker:pg-reflinker-controller"
+)
 
 
 def example(name: str, **changes: Any) -> dict[str, Any]:
@@ -29,8 +34,11 @@ def example(name: str, **changes: Any) -> dict[str, Any]:
 
 
 def ensure_namespace(k8s: OneNodeCluster, ns: str = NS) -> None:
+    """The namespace, enabled as a source of clones the way docs/install.md says."""
     if k8s.kubectl("get", "namespace", ns, check=False).returncode != 0:
         k8s.kubectl("create", "namespace", ns)
+    if k8s.kubectl("get", "rolebinding", "-n", ns, "pg-reflinker-source", check=False).returncode:
+        k8s.kubectl(*ENABLE_SOURCE.format(ns=ns).split())
         k8s.wait(f"service account default in {ns}", lambda: _has_default_sa(k8s, ns), 60)
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import mount_unavailable
 from tests.e2e.stack import Cluster, CnpgInstance, running_stack, start_cnpg
+from tests.pgserver import PostgresServer
 
 _timings: list[tuple[str, float, str]] = []
 
@@ -51,3 +52,15 @@ def cnpg(cluster: Cluster) -> Iterator[CnpgInstance]:
     yield instance
     instance.server.stop("immediate")
     cluster.unpublish(instance.pv, instance.target)
+
+
+@pytest.fixture
+def without_function(cnpg: CnpgInstance) -> Iterator[PostgresServer]:
+    """The source as CNPG makes it plus the two grants of deploy/postgres/native-grants.sql:
+    no reflink_snapshot()."""
+    server = cnpg.server
+    server.psql("ALTER FUNCTION reflink_snapshot(text) RENAME TO reflink_snapshot_away")
+    try:
+        yield server
+    finally:
+        server.psql("ALTER FUNCTION reflink_snapshot_away(text) RENAME TO reflink_snapshot")

@@ -253,6 +253,7 @@ def running_stack(
             _apply(admin, load_manifests(DEPLOY / name), dry_run=True)
         core = client.CoreV1Api(admin)
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NS)))
+        enable_source_namespace(admin, NS)
         # kubelet and node-driver-registrar's part: the Node and its CSINode entry.
         core.create_node(
             client.V1Node(
@@ -446,6 +447,29 @@ def set_pod_ready(core: client.CoreV1Api, ns: str, pod: str, ready: bool) -> Non
                 "podIPs": [{"ip": "127.0.0.1"}],
                 "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
             }
+        },
+    )
+
+
+def enable_source_namespace(api: client.ApiClient, ns: str) -> None:
+    """What docs/install.md has admins run for each source namespace: a RoleBinding that lets
+    the controller read Secrets there."""
+    client.RbacAuthorizationV1Api(api).create_namespaced_role_binding(
+        ns,
+        {
+            "metadata": {"name": "pg-reflinker-source"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "pg-reflinker-source",
+            },
+            "subjects": [
+                {
+                    "kind": "ServiceAccount",
+                    "name": "pg-reflinker-controller",
+                    "namespace": "pg-reflinker",
+                }
+            ],
         },
     )
 

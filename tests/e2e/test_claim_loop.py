@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from tests.e2e.stack import NS, Cluster, create_cnpg_objects, wait_for
+from tests.e2e.stack import NS, Cluster, create_cnpg_objects, enable_source_namespace, wait_for
 from tests.pgserver import Certificates, PostgresServer, boot_clone, chown_postgres, free_port
 
 pytestmark = pytest.mark.integration
@@ -79,6 +79,7 @@ def claim_from(cluster: Cluster, name: str, source: str, namespace: str = NS) ->
 def template(cluster: Cluster) -> Iterator[Template]:
     """A CNPG instance in namespace templates on a hostPath PV (not a pg-reflinker volume)."""
     cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=TEMPLATES)))
+    enable_source_namespace(cluster.plane.api_client(), TEMPLATES)
     directory = cluster.prefix / "hostpath" / "pg-tmpl-1"
     directory.mkdir(parents=True)
     chown_postgres(directory)

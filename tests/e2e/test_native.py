@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,18 +18,6 @@ from tests.e2e.stack import NS, Cluster, CnpgInstance, create_cnpg_objects, wait
 from tests.pgserver import Certificates, PostgresServer, boot_clone, chown_postgres, free_port
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def without_function(cnpg: CnpgInstance) -> Iterator[PostgresServer]:
-    """The source as CNPG makes it plus the two grants of deploy/postgres/native-grants.sql:
-    no reflink_snapshot()."""
-    server = cnpg.server
-    server.psql("ALTER FUNCTION reflink_snapshot(text) RENAME TO reflink_snapshot_away")
-    try:
-        yield server
-    finally:
-        server.psql("ALTER FUNCTION reflink_snapshot_away(text) RENAME TO reflink_snapshot")
 
 
 def records(cluster: Cluster) -> list[dict[str, Any]]:

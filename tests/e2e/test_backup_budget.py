@@ -1,0 +1,119 @@
+"""Backup mode is a budget the driver keeps for the source: one backup per instance at a time,
+however many claims ask at once, and none longer than BACKUP_MODE_LIMIT."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.stack import Cluster, CnpgInstance, wait_for
+from tests.e2e.test_native import boots_with_the_rows, record_for_claim, slots_and_sessions
+from tests.pgserver import PostgresServer
+
+pytestmark = pytest.mark.integration
+CLAIMS = 8
+
+
+def restart_controller(cluster: Cluster, env: dict[str, str]) -> None:
+    """The controller with another environment; its sidecars exit with it, so they restart."""
+    cluster.stop_process("controller")
+    args, _ = cluster.commands["controller"]
+    cluster.spawn("controller", args, env)
+    for sidecar in ("csi-provisioner", "csi-snapshotter"):
+        cluster.stop_process(sidecar)
+        cluster.restart(sidecar)
+
+
+@pytest.fixture
+def limit_of_three_seconds(cluster: Cluster) -> Iterator[None]:
+    original = dict(cluster.commands["controller"][1])
+    restart_controller(cluster, {**original, "BACKUP_MODE_LIMIT": "3"})
+    try:
+        yield
+    finally:
+        restart_controller(cluster, original)
+
+
+def test_many_claims_of_one_source_take_one_backup_at_a_time(
+    cluster: Cluster, cnpg: CnpgInstance
+) -> None:
+    names = [f"crowd-{i}" for i in range(CLAIMS)]
+    peak = 0
+    seen = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak, seen
+        while not stop.is_set():
+            sessions = int(
+                cnpg.server.psql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg-reflinker'"
+                )
+            )
+            peak = max(peak, sessions)
+            seen += sessions > 0
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        for name in names:
+            cluster.pvc(name, source=cnpg.pvc)
+        guids = [cluster.wait_bound(n, timeout=240).spec.csi.volume_handle for n in names]
+    finally:
+        stop.set()
+        sampler.join(10)
+    assert len(set(guids)) == CLAIMS
+    assert seen, "the sampler never saw a backup session"
+    assert peak == 1, f"{peak} sessions of pg-reflinker were in backup mode on the source at once"
+    for name in names:
+        cluster.core.delete_namespaced_persistent_volume_claim(name, "apps")
+
+
+def test_a_backup_that_reaches_the_limit_is_ended_and_the_claim_says_so(
+    cluster: Cluster,
+    cnpg: CnpgInstance,
+    without_function: PostgresServer,
+    limit_of_three_seconds: None,
+) -> None:
+    """The node plugin is frozen, so the native clone's Copy step never finishes: the source
+    leaves backup mode at BACKUP_MODE_LIMIT (3 s here), not at the CreateVolume deadline (60 s),
+    and the claim's events name the limit; once the node plugin runs again the claim binds."""
+    node = cluster.processes["node"]
+    node.send_signal(signal.SIGSTOP)
+    try:
+        cluster.pvc("over-limit", source=cnpg.pvc)
+        wait_for(
+            "the controller to ask for the copy",
+            lambda: (
+                (
+                    ((record_for_claim(cluster, "over-limit") or {}).get("spec", {}).get("backup"))
+                    or {}
+                ).get("step")
+                == "Copy"
+            ),
+            60,
+        )
+        asked = time.monotonic()
+        wait_for(
+            "the source to leave backup mode",
+            lambda: slots_and_sessions(without_function) == "0,0",
+            30,
+        )
+        in_backup = time.monotonic() - asked
+        assert in_backup < 10, f"the source stayed in backup mode for {in_backup:.1f} s"
+        wait_for(
+            "the claim's event naming the limit",
+            lambda: any(
+                "reached BACKUP_MODE_LIMIT" in e
+                for e in cluster.events_for("PersistentVolumeClaim", "over-limit")
+            ),
+            30,
+        )
+    finally:
+        node.send_signal(signal.SIGCONT)
+    pv = cluster.wait_bound("over-limit", timeout=120)
+    boots_with_the_rows(cluster, pv.spec.csi.volume_handle, without_function)
