@@ -197,8 +197,17 @@ class ControlPlane:
         cfg.api_key = {"authorization": f"Bearer {token}"}
         return client.ApiClient(cfg)
 
-    def service_account_kubeconfig(self, namespace: str, name: str) -> Path:
+    def service_account_kubeconfig(
+        self, namespace: str, name: str, pod: client.V1Pod | None = None
+    ) -> Path:
+        """A token of the service account; bound to pod when given, as a projected token in
+        that pod is (the API server then adds the pod's node name to the token's user)."""
         core = client.CoreV1Api(self.api_client())
+        bound = None
+        if pod is not None:
+            bound = client.V1BoundObjectReference(
+                api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid
+            )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -206,7 +215,9 @@ class ControlPlane:
                     name,
                     namespace,
                     client.AuthenticationV1TokenRequest(
-                        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=7200)
+                        spec=client.V1TokenRequestSpec(
+                            audiences=[], expiration_seconds=7200, bound_object_ref=bound
+                        )
                     ),
                 )
                 break

@@ -224,6 +224,7 @@ def running_stack(
             "namespace.yaml",
             "crd-reflinkvolume.yaml",
             "rbac.yaml",
+            "admission-policy.yaml",
             "csidriver.yaml",
             "storageclass.yaml",
         ):
@@ -276,7 +277,21 @@ def running_stack(
         )
         announce("start reflinker-csi node and controller, and csi-provisioner")
         controller_kc = plane.service_account_kubeconfig("pg-reflinker", "pg-reflinker-controller")
-        node_kc = plane.service_account_kubeconfig("pg-reflinker", "pg-reflinker-node")
+        # The node plugin's pod, as the DaemonSet would make it on this node (nothing runs in
+        # it: the plugin runs as a process here), so its token names the node as kubelet's
+        # projected token does; deploy/admission-policy.yaml relies on that.
+        node_pod = core.create_namespaced_pod(
+            "pg-reflinker",
+            client.V1Pod(
+                metadata=client.V1ObjectMeta(name=f"pg-reflinker-node-{NODE}"),
+                spec=client.V1PodSpec(
+                    node_name=NODE,
+                    service_account_name="pg-reflinker-node",
+                    containers=[client.V1Container(name="node", image="pg-reflinker")],
+                ),
+            ),
+        )
+        node_kc = plane.service_account_kubeconfig("pg-reflinker", "pg-reflinker-node", node_pod)
         reflinker = [sys.executable, "-m", "reflinker_csi.cli"]
         c.spawn(
             "node",

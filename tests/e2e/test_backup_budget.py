@@ -1,10 +1,10 @@
-"""Backup mode is a budget the driver keeps for the source: one backup per instance at a time,
-however many claims ask at once, and none longer than BACKUP_MODE_LIMIT."""
+"""Backup mode is a budget the driver keeps for the source: none longer than BACKUP_MODE_LIMIT.
+(One backup per instance at a time: tests/e2e/test_claim_loop.py, where several workers take
+claims of one source at once.)"""
 
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
 
@@ -15,7 +15,6 @@ from tests.e2e.test_native import boots_with_the_rows, record_for_claim, slots_a
 from tests.pgserver import PostgresServer
 
 pytestmark = pytest.mark.integration
-CLAIMS = 8
 
 
 def restart_controller(cluster: Cluster, env: dict[str, str]) -> None:
@@ -36,41 +35,6 @@ def limit_of_three_seconds(cluster: Cluster) -> Iterator[None]:
         yield
     finally:
         restart_controller(cluster, original)
-
-
-def test_many_claims_of_one_source_take_one_backup_at_a_time(
-    cluster: Cluster, cnpg: CnpgInstance
-) -> None:
-    names = [f"crowd-{i}" for i in range(CLAIMS)]
-    peak = 0
-    seen = 0
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak, seen
-        while not stop.is_set():
-            sessions = int(
-                cnpg.server.psql(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg-reflinker'"
-                )
-            )
-            peak = max(peak, sessions)
-            seen += sessions > 0
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        for name in names:
-            cluster.pvc(name, source=cnpg.pvc)
-        guids = [cluster.wait_bound(n, timeout=240).spec.csi.volume_handle for n in names]
-    finally:
-        stop.set()
-        sampler.join(10)
-    assert len(set(guids)) == CLAIMS
-    assert seen, "the sampler never saw a backup session"
-    assert peak == 1, f"{peak} sessions of pg-reflinker were in backup mode on the source at once"
-    for name in names:
-        cluster.core.delete_namespaced_persistent_volume_claim(name, "apps")
 
 
 def test_a_backup_that_reaches_the_limit_is_ended_and_the_claim_says_so(

@@ -3,11 +3,13 @@ or on another driver, which external-provisioner cannot clone."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -334,3 +336,46 @@ def test_claim_deleted_while_its_clone_fails_leaves_no_record(
         return not any(r["metadata"]["name"] == f"claim-{uid}" for r in items)
 
     wait_for("the orphaned record to be removed", gone, 90)
+
+
+CALL = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) \S+ \[\d+\] LOG:  duration: ([\d.]+) ms  "
+    r"(?:statement|execute <unnamed>): SELECT public\.reflink_snapshot",
+    re.M,
+)
+
+
+def backups_in_log(text: str) -> list[tuple[float, float]]:
+    """(start, end) of each reflink_snapshot() call the server logged: the line's time (when
+    the statement ended) less its duration."""
+    found = []
+    for when, ms in CALL.findall(text):
+        end = datetime.strptime(when, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        found.append((end - float(ms) / 1000, end))
+    return sorted(found)
+
+
+def test_many_claims_of_one_source_take_one_backup_at_a_time(
+    cluster: Cluster, template: Template
+) -> None:
+    """The claim loop's workers take several claims at once; the source instance still serves
+    one backup at a time (here each backup is one reflink_snapshot() statement, whose end and
+    duration the server logs, so overlapping backups cannot hide between samples)."""
+    names = [f"crowd-{i}" for i in range(8)]
+    server = template.server
+    offset = server.log_file.stat().st_size
+    server.psql("ALTER ROLE streaming_replica SET log_min_duration_statement = 0")
+    try:
+        for name in names:
+            claim_from(cluster, name, "pg-tmpl-1")
+        guids = {cluster.wait_bound(n, timeout=240).spec.csi.volume_handle for n in names}
+    finally:
+        server.psql("ALTER ROLE streaming_replica RESET log_min_duration_statement")
+    assert len(guids) == len(names)
+    log = server.log_file.read_bytes()[offset:].decode(errors="replace")
+    backups = backups_in_log(log)
+    assert len(backups) >= len(names), log[-3000:]
+    overlaps = [(a, b) for a, b in itertools.pairwise(backups) if b[0] < a[1] - 0.002]
+    assert not overlaps, f"{len(overlaps)} of {len(backups)} backups began before the last ended"
+    for name in names:
+        cluster.core.delete_namespaced_persistent_volume_claim(name, NS)

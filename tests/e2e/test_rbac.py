@@ -1,9 +1,11 @@
-"""Least privilege with the real API server and the RBAC of deploy/: the controller reads
-Secrets only in namespaces an admin enabled as sources (docs/install.md), and says how to
-enable one when it may not."""
+"""Least privilege with the real API server and the RBAC and admission policies of deploy/: the
+controller reads Secrets only in namespaces an admin enabled as sources (docs/install.md), and
+says how to enable one when it may not; it creates only PersistentVolumes of this driver; a node
+plugin changes only its own Node and the records of its own node."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,9 @@ from kubernetes import client, config
 
 from reflinker_csi.core.errors import FailedPrecondition
 from reflinker_csi.core.layout import Layout
-from reflinker_csi.kube.api import SECRETS, ApiError, Kube
+from reflinker_csi.kube.api import NODES, REFLINKVOLUMES, SECRETS, VOLUMES, ApiError, Kube
 from reflinker_csi.kube.locator import KubeSourceLocator
-from tests.e2e.stack import NS, Cluster
+from tests.e2e.stack import NODE, NS, Cluster
 
 pytestmark = pytest.mark.integration
 
@@ -52,3 +54,79 @@ def test_the_controller_reads_secrets_only_in_enabled_namespaces(cluster: Cluste
     )
     for ns in ("closed", NS):
         cluster.core.delete_namespaced_secret("pg-x-ca", ns)
+
+
+def as_node_plugin(cluster: Cluster) -> Kube:
+    """The node plugin's credentials: a token bound to its pod on NODE."""
+    pod = cluster.core.read_namespaced_pod(f"pg-reflinker-node-{NODE}", "pg-reflinker")
+    path = cluster.plane.service_account_kubeconfig("pg-reflinker", "pg-reflinker-node", pod)
+    return Kube(config.new_client_from_config(str(path)))
+
+
+def record(name: str, node: str) -> dict[str, object]:
+    """A ReflinkVolume of node (no node label: no node agent acts on it)."""
+    return {
+        "apiVersion": "pg-reflinker.csi/v1alpha1",
+        "kind": "ReflinkVolume",
+        "metadata": {"name": name},
+        "spec": {"guid": str(uuid.uuid4()), "requestName": name, "nodeName": node},
+    }
+
+
+def test_the_controller_creates_only_volumes_of_this_driver(cluster: Cluster) -> None:
+    controller = as_controller(cluster)
+    root_on_a_node = {
+        "metadata": {"name": "rbac-hostpath"},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "hostPath": {"path": "/"},
+        },
+    }
+    with pytest.raises(ApiError) as denied:
+        controller.create(VOLUMES, root_on_a_node)
+    assert denied.value.status == 403
+    assert "may only create or change PersistentVolumes of driver pg-reflinker.csi" in str(
+        denied.value
+    )
+    ours = {
+        "metadata": {"name": "rbac-ours"},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "csi": {"driver": "pg-reflinker.csi", "volumeHandle": str(uuid.uuid4())},
+        },
+    }
+    controller.create(VOLUMES, ours)
+    controller.delete(VOLUMES, "rbac-ours")
+
+
+def test_a_node_plugin_changes_only_its_own_node_and_records(cluster: Cluster) -> None:
+    admin = Kube(cluster.plane.api_client())
+    other = "node-rbac-other"
+    admin.create(NODES, {"metadata": {"name": other}})
+    admin.create(REFLINKVOLUMES, record("rbac-own", NODE))
+    admin.create(REFLINKVOLUMES, record("rbac-other", other))
+    node = as_node_plugin(cluster)
+    try:
+        note = {"metadata": {"annotations": {"capacity.pg-reflinker.csi/free-bytes": "1"}}}
+        node.merge_patch(NODES, NODE, {"metadata": {"annotations": {"rbac-test": "ok"}}})
+        for attempt in (
+            lambda: node.merge_patch(NODES, other, note),
+            lambda: node.merge_patch(NODES, NODE, {"metadata": {"labels": {"steer": "me"}}}),
+            lambda: node.merge_patch(
+                REFLINKVOLUMES, "rbac-other", {"metadata": {"labels": {"x": "y"}}}
+            ),
+            lambda: node.merge_patch(
+                REFLINKVOLUMES, "rbac-other", {"status": {"phase": "Failed"}}, status=True
+            ),
+        ):
+            with pytest.raises(ApiError) as denied:
+                attempt()
+            assert denied.value.status == 403, denied.value
+        node.merge_patch(REFLINKVOLUMES, "rbac-own", {"metadata": {"labels": {"x": "y"}}})
+    finally:
+        admin.merge_patch(NODES, NODE, {"metadata": {"annotations": {"rbac-test": None}}})
+        admin.delete(REFLINKVOLUMES, "rbac-own")
+        admin.delete(REFLINKVOLUMES, "rbac-other")
+        admin.delete(NODES, other)
