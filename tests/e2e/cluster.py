@@ -120,6 +120,9 @@ class ControlPlane:
                 # exec, logs and port-forward reach kubelet at the node's IP, not its name.
                 "--kubelet-preferred-address-types=InternalIP",
                 "--enable-priority-and-fairness=false",
+                # Keeps dataSourceRef.namespace on claims (alpha; the claim loop honours it
+                # with the source namespace's ReferenceGrant).
+                "--feature-gates=CrossNamespaceVolumeDataSource=true",
                 "--v=1",
             ],
         )

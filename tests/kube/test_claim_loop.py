@@ -21,7 +21,7 @@ from reflinker_csi.kube.model import Meta, obj, record_of, text
 from tests.kube.conftest import NAMESPACES, Mode, wait_for
 
 
-def claim(name: str, source: str = "", volume: str = "") -> JSON:
+def claim(name: str, source: str = "", volume: str = "", source_ns: str = "") -> JSON:
     spec: JSON = {
         "accessModes": ["ReadWriteOnce"],
         "storageClassName": "pg-reflinker",
@@ -29,6 +29,8 @@ def claim(name: str, source: str = "", volume: str = "") -> JSON:
     }
     if source:
         spec["dataSourceRef"] = {"apiGroup": "", "kind": "PersistentVolumeClaim", "name": source}
+        if source_ns:
+            spec["dataSourceRef"]["namespace"] = source_ns  # type: ignore[index]
     if volume:
         spec["volumeName"] = volume
         spec["storageClassName"] = ""
@@ -118,6 +120,19 @@ def grant(admin: Kube, source_ns: str, claims_of: str, source: str = "", name: s
     )
 
 
+def forget(admin: Kube, namespace: str, *names: str) -> None:
+    """Delete the claims and their records, so the loops of later tests find nothing of them
+    (no node plugin runs on the far nodes to remove the records' finalizers)."""
+    for name in names:
+        admin.delete(CLAIMS, name, namespace)
+    for value in admin.list(REFLINKVOLUMES)[0]:
+        claim_key = record_of(value).context.get("pg-reflinker.csi/claim", "")
+        if claim_key in {f"{namespace}/{n}" for n in names}:
+            name = Meta.of(value).name
+            admin.merge_patch(REFLINKVOLUMES, name, {"metadata": {"finalizers": []}})
+            admin.delete(REFLINKVOLUMES, name)
+
+
 def test_no_clone_of_another_namespace_without_its_reference_grant(
     admin: Kube, mode: Mode, namespace: str
 ) -> None:
@@ -164,6 +179,38 @@ def test_no_clone_of_another_namespace_without_its_reference_grant(
     again = wait_for("the refusal of a new claim", lambda: events(admin, namespace, "again"))
     assert again[0].startswith(needs)
     assert all("node" not in e and "pod" not in e for e in first + again)
+    forget(admin, namespace, "steal", "again")
+
+
+def test_a_source_named_by_data_source_ref_namespace_needs_the_grant_too(
+    admin: Kube, mode: Mode, namespace: str
+) -> None:
+    elsewhere = f"{namespace}-far-ns"  # not on NAMESPACE_PATH: named by the claim itself
+    admin.create(NAMESPACES, {"metadata": {"name": elsewhere}})
+    source_volume(admin, mode, elsewhere, node=f"{namespace}-far")
+    admin.create(CLAIMS, claim("named", source="src", source_ns=elsewhere), namespace)
+    first = wait_for("the refusal", lambda: events(admin, namespace, "named"))
+    assert first[0].startswith(
+        f"Warning ProvisioningFailed: cloning claim {elsewhere}/src into namespace {namespace} "
+        f"needs a ReferenceGrant in namespace {elsewhere}"
+    )
+    grant(admin, elsewhere, claims_of=namespace)
+    wait_for(
+        "the clone to start",
+        lambda: (
+            f"Normal Provisioning: cloning source claim {elsewhere}/src"
+            in events(admin, namespace, "named")
+        ),
+    )
+    wait_for(
+        "the clone's record",
+        lambda: [
+            v
+            for v in admin.list(REFLINKVOLUMES)[0]
+            if record_of(v).context.get("pg-reflinker.csi/claim") == f"{namespace}/named"
+        ],
+    )
+    forget(admin, namespace, "named")
 
 
 def test_a_clone_waiting_for_its_node_holds_up_no_other_claim_and_goes_with_its_claim(
