@@ -209,14 +209,7 @@ def test_clones_taken_under_write_load_boot_and_pass_amcheck(source: Source, met
             rows = history_rows(clone)
             assert committed > before, "the clone should be taken under the write load"
             assert rows >= committed, "a transaction committed before the clone is missing"
-            sums = clone.psql(
-                "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ',' ||"
-                " (SELECT sum(bbalance) FROM pgbench_branches) || ',' ||"
-                " (SELECT sum(tbalance) FROM pgbench_tellers) || ',' ||"
-                " (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
-                db="app",
-            )
-            assert len(set(sums.split(","))) == 1, f"pgbench invariant broken: {sums}"
+            pgbench_invariant(clone)
             clone.amcheck()
         finally:
             clone.stop()
@@ -474,10 +467,38 @@ def test_a_source_with_wal_on_another_filesystem_clones_with_every_row(method: s
         wal.close()
 
 
+def pgbench_invariant(clone: PostgresServer) -> None:
+    sums = clone.psql(
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ',' ||"
+        " (SELECT sum(bbalance) FROM pgbench_branches) || ',' ||"
+        " (SELECT sum(tbalance) FROM pgbench_tellers) || ',' ||"
+        " (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
+        db="app",
+    )
+    assert len(set(sums.split(","))) == 1, f"pgbench invariant broken: {sums}"
+
+
+def copied_after(directory: Path) -> list[str]:
+    """The files of a copy whose inode changed after global/pg_control's (a copy's files are
+    made and stamped when copied; pg_control must come after every other file)."""
+    control = (directory / "global" / "pg_control").stat().st_ctime_ns
+    return [
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.is_file()
+        and not p.is_symlink()
+        and p.stat().st_ctime_ns > control
+        and p.relative_to(directory).parts[0] not in ("pg_wal", "backup_label", "tablespace_map")
+    ]
+
+
 @METHODS
 def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source, method: str) -> None:
     """CNPG's prefer-standby: the backup is taken on a streaming replica (no write stalls on the
-    primary); the clone reaches consistency and opens as a primary."""
+    primary) while the primary takes writes; the clone reaches consistency, opens as a primary,
+    keeps pgbench's invariant and passes amcheck, and its global/pg_control was copied after
+    every other file of the data directory (recovery from a standby's backup takes the backup's
+    end from it, as from pg_basebackup's copy)."""
     standby = PostgresServer(
         volume=source.fs.mnt / "volume-standby",
         port=free_port(),
@@ -489,21 +510,35 @@ def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source, meth
     source.server.basebackup(standby.pgdata, standby=True)
     standby.start()
     try:
-        source.server.pgbench("-c", "2", "-t", "200")
+        source.server.pgbench("-n", "-c", "2", "-t", "200")
         target = source.server.psql("SELECT pg_current_wal_lsn()")
         deadline = time.monotonic() + 60
         while standby.psql(f"SELECT pg_last_wal_replay_lsn() >= '{target}'") != "t":
             assert time.monotonic() < deadline, "the standby did not catch up in 60 s"
             time.sleep(0.1)
         assert standby.psql("SELECT pg_is_in_recovery()") == "t"
-        directory = take(
-            source, method, endpoint=replace(source.endpoint, port=standby.port), server=standby
-        )
+        replayed = history_rows(standby)
+        bench = source.server.pgbench_background("-n", "-c", "2", "-j", "2", "-T", "8")
+        try:
+            deadline = time.monotonic() + 60
+            while history_rows(standby) == replayed and bench.poll() is None:
+                assert time.monotonic() < deadline, "the standby replayed no write in 60 s"
+                time.sleep(0.1)
+            committed = history_rows(standby)
+            directory = take(
+                source, method, endpoint=replace(source.endpoint, port=standby.port), server=standby
+            )
+        finally:
+            out, _ = bench.communicate(timeout=120)
+        assert bench.returncode == 0, out
+        assert committed > replayed, "the clone should be taken under the write load"
         label = (directory / "pgdata" / "backup_label").read_text()
         assert "BACKUP FROM: standby" in label
+        assert copied_after(directory / "pgdata") == []
         clone = check_clone(source, directory)  # a primary, not in recovery
         try:
-            assert counts(clone) == counts(standby) == counts(source.server)
+            assert history_rows(clone) >= committed
+            pgbench_invariant(clone)
             clone.amcheck()
         finally:
             clone.stop()

@@ -130,13 +130,17 @@ BEGIN
     start_lsn := pg_backup_start(label, true);
 
     -- Files may vanish while they are copied (dropped relations, truncated SLRUs); WAL replay
-    -- recreates what matters, so only "No such file" errors are tolerated.
+    -- recreates what matters, so only "No such file" errors are tolerated. global/pg_control is
+    -- copied again after every other file, as pg_basebackup sends it last: recovery from a
+    -- standby's backup takes the backup's end from it.
     PERFORM reflinker.run(format(
         'rm -rf -- %3$s; mkdir -p -m 700 -- %3$s/base; cd %1$s; '
         'err=$( { printf ''%%s\0'' %2$s; for d in base/*; do printf ''%%s\0'' "$d"; done; } '
         '| xargs -0 -P 4 -I{} cp -a --reflink=always -- {} %3$s/{} 2>&1 ) || '
         'if printf ''%%s\n'' "$err" | grep -v ''No such file or directory'' | grep -q .; '
         'then printf ''%%s\n'' "$err" >&2; exit 1; fi; '
+        'rm -f -- %3$s/global/pg_control; '
+        'cp -a --reflink=always -- global/pg_control %3$s/global/pg_control || exit 1; '
         'cd %3$s; for d in %4$s; do mkdir -m 700 "$d"; done; mkdir -m 700 pg_wal/archive_status; '
         'rm -rf base/pgsql_tmp',
         reflinker.sh_quote(datadir), entries, reflinker.sh_quote(dst),

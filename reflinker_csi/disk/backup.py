@@ -59,6 +59,8 @@ def _leave(rel: str) -> Leave:
     name = rel.rsplit("/", 1)[-1]
     if name.startswith("pgsql_tmp") or name == "pg_internal.init":
         return Leave.OUT
+    if rel == "global/pg_control":
+        return Leave.LAST
     return Leave.NOTHING
 
 

@@ -64,6 +64,9 @@ class Leave(Enum):
     NOTHING = "nothing"  # copy the entry
     OUT = "out"  # not in the copy at all
     CONTENTS = "contents"  # a directory: in the copy, empty
+    # A file copied after every other one: a backup's global/pg_control, which recovery from a
+    # standby's backup reads for the backup's end (pg_basebackup sends it last too).
+    LAST = "last"
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -132,6 +135,7 @@ def _copy_from(
     stack: list[tuple[int, Path, os.stat_result, str]] = [(top, dst, top_st, "")]
     dirs_done: list[tuple[Path, os.stat_result]] = []
     files: list[_File] = []
+    last: list[_File] = []
     # The directories first (with links), then the files, then the directories' metadata.
     while stack:
         s_fd, d_dir, s_st, rel_dir = stack.pop()
@@ -176,7 +180,7 @@ def _copy_from(
                 os.mkdir(d_path, 0o700)
                 stack.append((sub, d_path, st, rel + "/"))
             elif stat.S_ISREG(st.st_mode):
-                files.append((s_fd, entry.name, d_path, st))
+                (last if what == Leave.LAST else files).append((s_fd, entry.name, d_path, st))
             elif stat.S_ISLNK(st.st_mode):
                 try:
                     target = os.readlink(entry.name, dir_fd=s_fd)
@@ -210,10 +214,11 @@ def _copy_from(
                 done.result()
     else:
         clone_all(files)
+    clone_all(last)
     # Directory metadata last, so adding entries does not disturb the copied times.
     for d_dir, s_st in reversed(dirs_done):
         _copy_metadata(d_dir, s_st)
-    return len(files)
+    return len(files) + len(last)
 
 
 # Below this many bytes per thread, threads cost more than they save.
