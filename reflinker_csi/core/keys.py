@@ -17,6 +17,8 @@ CTX_SOURCE_VOLUME = _P + "source-volume"
 CTX_SOURCE_SNAPSHOT = _P + "source-snapshot"
 CTX_SOURCE_PVC = _P + "source-pvc"  # namespace/name of the source claim
 CTX_SOURCE_POD = _P + "source-pod"  # namespace/name of the CNPG instance that was cloned hot
+# A fenced CNPG instance's PGDATA on its node: the cold copy checks that its PostgreSQL is down.
+CTX_SOURCE_FENCED = _P + "source-fenced-pgdata"
 CTX_CLONE_MODE = _P + "clone-mode"  # hot or cold
 CTX_CLONE_METHOD = _P + "clone-method"  # a hot clone's: function or native
 CTX_CLAIM = _P + "claim"  # namespace/name of the new claim
@@ -50,5 +52,10 @@ ANNOTATION_REPORTED_AT = "capacity." + _P + "reported-at"
 # -- other components ------------------------------------------------------------------------
 CNPG_CLUSTER_LABEL = "cnpg.io/cluster"
 CNPG_ROLE_LABEL = "cnpg.io/pvcRole"  # on CNPG's claims: PG_DATA, PG_WAL or PG_TABLESPACE
+# On a CNPG Cluster: a JSON list of its fenced instances ("*": all). A fenced instance's
+# PostgreSQL is shut down and stays down, its pod kept (CNPG's offline backups fence).
+CNPG_FENCED_ANNOTATION = "cnpg.io/fencedInstances"
+# Where CNPG mounts an instance's PGDATA volume (PGDATA is pgdata inside it).
+CNPG_DATA_MOUNT = "/var/lib/postgresql/data"
 CLAIM_LOOP_COMPONENT = _P + "claim-loop"
 NODE_COMPONENT = _P + "node"

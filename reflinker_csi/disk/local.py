@@ -11,7 +11,8 @@ import shutil
 import stat
 from pathlib import Path
 
-from ..core.errors import FailedPrecondition, VolumeInUse
+from ..core.errors import FailedPrecondition, SourceUnavailable, VolumeInUse
+from ..core.keys import CTX_SOURCE_POD
 from ..core.layout import DELETING_SUFFIX, PARTIAL_SUFFIX, Layout, is_guid
 from ..core.records import Kind, VolumeRecord
 from ..core.space import SpaceFloor, check_room
@@ -33,6 +34,36 @@ def remove_tree(path: Path) -> None:
     # On Linux rmtree works through directory file descriptors and never follows symlinks
     # (shutil.rmtree.avoids_symlink_attacks).
     shutil.rmtree(path)
+
+
+# pg_control's DBState values of a cleanly stopped server: DB_SHUTDOWNED (a primary) and
+# DB_SHUTDOWNED_IN_RECOVERY (a standby); the field follows the system identifier and two
+# version numbers in every major.
+SHUT_DOWN = (1, 2)
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _control_state(pgdata_fd: int) -> int:
+    """The state field of global/pg_control, read through descriptors (no link followed)."""
+    global_fd = reflink.open_dir("global", pgdata_fd)
+    try:
+        fd = reflink.open_regular("pg_control", global_fd)
+    finally:
+        os.close(global_fd)
+    try:
+        head = os.pread(fd, 20, 0)
+    finally:
+        os.close(fd)
+    if len(head) < 20:
+        return -1
+    return int.from_bytes(head[16:20], "little")
 
 
 class LocalDisk:
@@ -100,8 +131,12 @@ class LocalDisk:
         if not os.path.lexists(final):
             final.mkdir(mode=0o750)
 
-    def reflink_copy(self, source: VolumeRecord, record: VolumeRecord) -> None:
-        """Cold copy: reflink the source tree into <dir>.partial, then rename it into place."""
+    def reflink_copy(
+        self, source: VolumeRecord, record: VolumeRecord, stopped: Path | None = None
+    ) -> None:
+        """Cold copy: reflink the source tree into <dir>.partial, then rename it into place.
+        stopped: the PGDATA of the fenced CNPG instance the source belongs to; the source may
+        be mounted by its pod, as long as that PostgreSQL is down before and after the copy."""
         final = self.data_dir(record)
         if os.path.lexists(final):
             return
@@ -111,7 +146,10 @@ class LocalDisk:
                 f"the directory {src} of source {source.kind} {source.guid} is missing on "
                 f"node {source.node}; the source is lost, delete it"
             )
-        if source.kind != Kind.SNAPSHOT and self.publishers(source):
+        instance = record.context.get(CTX_SOURCE_POD, "the source's CNPG instance")
+        if stopped is not None:
+            self.check_stopped(stopped, instance)
+        elif source.kind != Kind.SNAPSHOT and self.publishers(source):
             raise VolumeInUse(
                 f"source volume {source.guid} is in use on node {source.node} "
                 f"(mounted at {', '.join(self.publishers(source))}); a running database is "
@@ -123,6 +161,8 @@ class LocalDisk:
         remove_tree(partial)
         try:
             files = reflink.copy_tree(src, partial)
+            if stopped is not None:
+                self.check_stopped(stopped, instance)  # and it stayed down throughout
             os.rename(partial, final)
         except BaseException:
             remove_tree(partial)
@@ -166,6 +206,24 @@ class LocalDisk:
         reflink.copy_tree(real, partial)
         os.rename(partial, final)
         remove_tree(real)
+
+    def check_stopped(self, pgdata: Path, instance: str) -> None:
+        """The PostgreSQL of a fenced instance is down: no postmaster.pid in its PGDATA, and its
+        control file says it was shut down (as a primary or as a standby). SourceUnavailable
+        otherwise: CNPG stops it after fencing, and the copy is retried."""
+        real = self.source_dir(pgdata, pgdata.parent)
+        top = reflink.open_dir(real)
+        try:
+            running = _exists(top, "postmaster.pid")
+            state = _control_state(top)
+        finally:
+            os.close(top)
+        if running or state not in SHUT_DOWN:
+            raise SourceUnavailable(
+                f"{instance} is fenced, but its PostgreSQL has not shut down yet "
+                f"({'postmaster.pid present' if running else f'control file state {state}'}); "
+                "the cold copy is retried once it has"
+            )
 
     def source_dir(self, path: Path, volume: Path) -> Path:
         """A source's directory named by a record, within the source volume's own directory

@@ -60,6 +60,8 @@ LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", True)
 REFERENCEGRANTS = Resource(
     "gateway.networking.k8s.io", "v1beta1", "referencegrants", "ReferenceGrant", True
 )
+# CloudNativePG's Cluster: read for its fenced instances.
+CNPG_CLUSTERS = Resource("postgresql.cnpg.io", "v1", "clusters", "Cluster", True)
 REFLINKVOLUMES = Resource("pg-reflinker.csi", "v1alpha1", "reflinkvolumes", "ReflinkVolume", False)
 
 

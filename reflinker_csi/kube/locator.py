@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from pathlib import Path
 
 from ..core.errors import FailedPrecondition, SourceUnavailable
-from ..core.keys import CNPG_CLUSTER_LABEL, CNPG_ROLE_LABEL, CTX_SOURCE_POD, CTX_SOURCE_PVC
+from ..core.keys import (
+    CNPG_CLUSTER_LABEL,
+    CNPG_DATA_MOUNT,
+    CNPG_FENCED_ANNOTATION,
+    CNPG_ROLE_LABEL,
+    CTX_SOURCE_FENCED,
+    CTX_SOURCE_POD,
+    CTX_SOURCE_PVC,
+)
 from ..core.layout import Layout
 from ..core.locator import SourceLocation, SourceServer
 from ..core.records import VolumeRecord
-from .api import CLAIMS, PODS, SECRETS, ApiError, Kube, domain_error
+from .api import CLAIMS, CNPG_CLUSTERS, PODS, SECRETS, ApiError, Kube, domain_error
 from .model import Meta, PersistentVolume, Pod, obj, text
 from .runtime import Informer
 
@@ -121,6 +130,24 @@ class KubeSourceLocator:
                 context=context,
             )
         role = self._cnpg_role(ns, claim)
+        if self._fenced(ns, cluster, pod.meta.name):
+            # A stopped database: each of its claims is copied cold, once the node sees its
+            # PostgreSQL down (CNPG's offline backups fence the instance, then snapshot it).
+            if role in ("", "PG_DATA"):
+                pgdata = host_path / "pgdata"
+            else:
+                data = self._other_volumes(pod, volume_name).get(CNPG_DATA_MOUNT)
+                if data is None:
+                    raise FailedPrecondition(
+                        f"claim {ns}/{claim} holds the {role} volume of fenced CNPG instance "
+                        f"{where}, whose PGDATA volume is not mounted at {CNPG_DATA_MOUNT}; "
+                        "its claims cannot be copied while it is fenced"
+                    )
+                pgdata = Path(data) / "pgdata"
+            context[CTX_SOURCE_FENCED] = str(pgdata)
+            return SourceLocation(
+                node=pod.node_name or default_node, host_path=host_path, context=context
+            )
         if role not in ("", "PG_DATA"):
             raise FailedPrecondition(
                 f"claim {ns}/{claim} holds the {role} volume of CNPG cluster {cluster}, not a data "
@@ -154,6 +181,27 @@ class KubeSourceLocator:
             context=context,
         )
 
+    def _fenced(self, ns: str, cluster: str, instance: str) -> bool:
+        """Whether CNPG fenced the instance (the Cluster's cnpg.io/fencedInstances lists it, or
+        "*"). No Cluster, or no CNPG API on this cluster: not fenced."""
+        try:
+            value = self.kube.get(CNPG_CLUSTERS, cluster, ns)
+        except ApiError as err:
+            if err.status == 404:
+                return False
+            if err.status == 403:
+                raise self._not_enabled(ns, f"cluster {ns}/{cluster}") from None
+            raise domain_error(err, f"read CNPG cluster {ns}/{cluster}") from None
+        raw = Meta.of(value or {}).annotations.get(CNPG_FENCED_ANNOTATION, "")
+        try:
+            fenced = json.loads(raw) if raw else []
+        except ValueError:
+            raise FailedPrecondition(
+                f"CNPG cluster {ns}/{cluster} has an annotation {CNPG_FENCED_ANNOTATION} that is "
+                f"not a JSON list ({raw[:80]!r}); fix or remove it"
+            ) from None
+        return isinstance(fenced, list) and ("*" in fenced or instance in fenced)
+
     def _cnpg_role(self, ns: str, claim: str) -> str:
         """CNPG's cnpg.io/pvcRole label of the claim (PG_DATA, PG_WAL, PG_TABLESPACE)."""
         try:
@@ -181,17 +229,21 @@ class KubeSourceLocator:
             )
         return mount_path, port
 
+    @staticmethod
+    def _not_enabled(ns: str, what: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"namespace {ns} is not enabled as a source of clones: the controller may not read "
+            f"{what}; an admin enables it with: kubectl create rolebinding pg-reflinker-source "
+            f"-n {ns} --clusterrole=pg-reflinker-source "
+            "--serviceaccount=pg-reflinker:pg-reflinker-controller"
+        )
+
     def _secret_key(self, ns: str, name: str, key: str) -> bytes:
         try:
             secret = self.kube.get(SECRETS, name, ns)
         except ApiError as err:
             if err.status == 403:
-                raise FailedPrecondition(
-                    f"namespace {ns} is not enabled as a source of clones: the controller may "
-                    f"not read secret {ns}/{name}; an admin enables it with: kubectl create "
-                    f"rolebinding pg-reflinker-source -n {ns} --clusterrole=pg-reflinker-source "
-                    "--serviceaccount=pg-reflinker:pg-reflinker-controller"
-                ) from None
+                raise self._not_enabled(ns, f"secret {ns}/{name}") from None
             raise domain_error(err, f"read secret {ns}/{name}") from None
         if secret is None:
             raise FailedPrecondition(

@@ -18,6 +18,7 @@ from ..core.keys import (
     ANNOTATION_FLOOR_BYTES,
     ANNOTATION_FREE_BYTES,
     ANNOTATION_REPORTED_AT,
+    CTX_SOURCE_FENCED,
     FINALIZER,
     NODE_COMPONENT,
 )
@@ -112,7 +113,8 @@ class NodeAgent:
             raise FailedPrecondition(
                 f"source {record.source_id} of volume {record.guid} no longer exists"
             )
-        self.disk.reflink_copy(source, record)
+        fenced = record.context.get(CTX_SOURCE_FENCED)
+        self.disk.reflink_copy(source, record, Path(fenced) if fenced else None)
         return True
 
     def _partial(self, record: VolumeRecord) -> Path:
@@ -172,9 +174,11 @@ class NodeAgent:
             if target == mount or target.startswith(mount.rstrip("/") + "/"):
                 inside = target[len(mount) :].lstrip("/")
                 return self.disk.source_dir(Path(node_path) / inside, Path(node_path))
+        # Not the link's target: it may name another volume's directory on this node.
         raise FailedPrecondition(
-            f"pg_wal in {source} links to {target}, which is on none of the server pod's "
-            f"volumes ({', '.join(sorted(volumes)) or 'none'}); the WAL cannot be copied"
+            f"pg_wal in {source} links to a path on none of the server pod's volumes "
+            f"({', '.join(sorted(volumes)) or 'none'}); a source's WAL is read only from its "
+            "own volumes, so it cannot be copied"
         )
 
     def _remove(self, record: VolumeRecord, value: dict[str, object]) -> Result:

@@ -70,6 +70,78 @@ def test_source_cluster_runs_on_a_pg_reflinker_volume_with_the_function(
     )
 
 
+TENANT = "tenant"
+
+
+def _claim_of_the_source(name: str, source: str) -> dict[str, Any]:
+    """A claim in namespace tenant naming the source in NS (dataSourceRef.namespace)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": TENANT},
+        "spec": {
+            "storageClassName": "pg-reflinker",
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": "8Gi"}},
+            "dataSourceRef": {"kind": "PersistentVolumeClaim", "name": source, "namespace": NS},
+        },
+    }
+
+
+def _events_of(k8s: OneNodeCluster, claim: str, ns: str) -> list[str]:
+    events = k8s.get("events", "-n", ns, "--field-selector", f"involvedObject.name={claim}")
+    return [e.get("message", "") for e in events["items"]]
+
+
+def test_a_claim_in_another_namespace_needs_the_source_namespaces_reference_grant(
+    k8s: OneNodeCluster, source: str
+) -> None:
+    """Consent on the real cluster: a claim in namespace tenant naming the running source in
+    NS is not bound while NS grants nothing (its event names the grant and nothing of the
+    source: no pod, IP, node or path), is bound once NS has a ReferenceGrant for it, and a new
+    claim is refused again once the grant is deleted."""
+    k8s.kubectl("create", "namespace", TENANT)
+    try:
+        k8s.apply(_claim_of_the_source("stolen", source))
+        refused = k8s.wait(
+            "the refusal of tenant/stolen",
+            lambda: [m for m in _events_of(k8s, "stolen", TENANT) if "ReferenceGrant" in m],
+            60,
+        )
+        assert f"needs a ReferenceGrant in namespace {NS}" in refused[0], refused[0]
+        pod = k8s.get("pod", source, "-n", NS)
+        secrets = [pod["status"]["podIP"], NODE, str(PREFIX), "pgdata"]
+        for event in _events_of(k8s, "stolen", TENANT):
+            assert not [s for s in secrets if s in event], event
+        assert _phase(k8s, "stolen", TENANT) == "Pending"
+        grant = {
+            "apiVersion": "gateway.networking.k8s.io/v1beta1",
+            "kind": "ReferenceGrant",
+            "metadata": {"name": "clones-for-tenant", "namespace": NS},
+            "spec": {
+                "from": [{"group": "", "kind": "PersistentVolumeClaim", "namespace": TENANT}],
+                "to": [{"group": "", "kind": "PersistentVolumeClaim", "name": source}],
+            },
+        }
+        k8s.apply(grant)
+        k8s.wait("tenant/stolen Bound", lambda: _phase(k8s, "stolen", TENANT) == "Bound", 90)
+        guid = _pv_of(k8s, "stolen", TENANT)["spec"]["csi"]["volumeHandle"]
+        assert (PREFIX / guid / "pgdata" / "PG_VERSION").is_file()
+        k8s.kubectl("delete", "referencegrant", "clones-for-tenant", "-n", NS)
+        k8s.apply(_claim_of_the_source("stolen-again", source))
+        k8s.wait(
+            "the refusal of tenant/stolen-again",
+            lambda: [m for m in _events_of(k8s, "stolen-again", TENANT) if "ReferenceGrant" in m],
+            60,
+        )
+        assert _phase(k8s, "stolen-again", TENANT) == "Pending"
+    finally:
+        k8s.kubectl("delete", "referencegrant", "clones-for-tenant", "-n", NS, check=False)
+        k8s.kubectl("delete", "pvc", "--all", "-n", TENANT, "--wait=true", check=False)
+        k8s.kubectl("delete", "namespace", TENANT, "--wait=false", check=False)
+    k8s.wait("the tenant's volume removed", lambda: guid not in _volume_dirs(), 60)
+
+
 def _records(k8s: OneNodeCluster) -> list[dict[str, Any]]:
     return list(k8s.get("reflinkvolumes")["items"])
 
@@ -429,7 +501,8 @@ def test_a_cluster_with_only_the_grants_and_a_wal_volume_is_cloned_natively(
 ) -> None:
     """deploy/examples/source-cluster-native.yaml: no reflink_snapshot(), PGDATA and WAL on two
     volumes. A new Cluster made from it under pgbench load boots from a native hot clone (the
-    controller ran pg_backup_start/stop, the node plugin copied data and WAL)."""
+    controller ran pg_backup_start/stop, the node plugin copied data and WAL). Then CNPG's
+    offline volumeSnapshot Backup of it, and a Cluster with a WAL volume restored from that."""
     cnpg.ensure_namespace(k8s)
     k8s.apply(cnpg.example("source-cluster-native.yaml"))
     cnpg.wait_healthy(k8s, "pg-lean")
@@ -470,14 +543,77 @@ def test_a_cluster_with_only_the_grants_and_a_wal_volume_is_cloned_natively(
     assert cnpg.hot_clone_seconds(k8s, guid) is not None
     assert cnpg.psql(k8s, source, "SELECT count(*) FROM pg_replication_slots", db="postgres") == "0"
 
+    restored_guids = _offline_backup_and_restore(k8s, source)
     guids = {
         guid,
+        *restored_guids,
         *(_pv_of(k8s, c)["spec"]["csi"]["volumeHandle"] for c in (source, f"{source}-wal")),
     }
     cnpg.delete_cluster(k8s, "pg-lean-dev")
     cnpg.delete_cluster(k8s, "pg-lean")
-    k8s.wait("the three volumes removed", lambda: not (guids & _volume_dirs()), 120)
+    k8s.wait("the volumes removed", lambda: not (guids & _volume_dirs()), 120)
     assert not [p for p in PREFIX.iterdir() if p.name.endswith(".partial")]
+
+
+def _offline_backup_and_restore(k8s: OneNodeCluster, source: str) -> set[str]:
+    """deploy/examples/backup-offline.yaml: CNPG fences pg-lean, shuts its PostgreSQL down and
+    snapshots both of its claims (PGDATA and WAL), which pg-reflinker copies cold; then
+    deploy/examples/restore-cluster-wal.yaml makes a new Cluster with a WAL volume from that
+    Backup. The guids of the restored Cluster's volumes."""
+    k8s.kubectl(
+        "patch",
+        "cluster.postgresql.cnpg.io",
+        "pg-lean",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"backup": {"volumeSnapshot": {"className": "pg-reflinker"}}}}),
+    )
+    rows = cnpg.psql(k8s, source, "SELECT count(*) FROM pgbench_history")
+    backup = cnpg.example("backup-offline.yaml")
+    name = backup["metadata"]["name"]
+    began = time.monotonic()
+    k8s.apply(backup)
+
+    def phase() -> str:
+        found = [b for b in _backups(k8s) if b["metadata"]["name"] == name]
+        return str(found[0].get("status", {}).get("phase", "")) if found else ""
+
+    k8s.wait(f"Backup {name} completed", lambda: phase() in ("completed", "failed"), 300)
+    done = next(b for b in _backups(k8s) if b["metadata"]["name"] == name)
+    assert done["status"]["phase"] == "completed", done.get("status")
+    print(f"\noffline Backup of pg-lean completed in {time.monotonic() - began:.1f} s")
+    elements = done["status"]["snapshotBackupStatus"]["elements"]
+    assert sorted(e.get("type", "") for e in elements) == ["PG_DATA", "PG_WAL"], elements
+    for element in elements:
+        snapshot = k8s.get("volumesnapshot", element["name"], "-n", NS)
+        content = k8s.get(
+            "volumesnapshotcontent", snapshot["status"]["boundVolumeSnapshotContentName"]
+        )
+        record = _record_for(k8s, content["status"]["snapshotHandle"])
+        assert record["spec"]["cloneMode"] == "cold", record["spec"]
+    # The fence is lifted and the source serves again.
+    cnpg.wait_healthy(k8s, "pg-lean")
+
+    restored = cnpg.example("restore-cluster-wal.yaml")
+    k8s.apply(restored)
+    cnpg.wait_healthy(k8s, "pg-lean-restored")
+    pod = cnpg.primary_pod(k8s, "pg-lean-restored")
+    assert cnpg.psql(k8s, pod, "SELECT count(*) FROM pgbench_history") == rows
+    sums = cnpg.pgbench_sums(k8s, pod)
+    assert len(sums) == 1 and sums != {"0"}, f"pgbench invariant in the restored copy: {sums}"
+    cnpg.amcheck(k8s, pod)
+    # Its WAL is on its own WAL volume, as the source's was.
+    data = _pv_of(k8s, pod)["spec"]["csi"]["volumeHandle"]
+    wal = _pv_of(k8s, f"{pod}-wal")["spec"]["csi"]["volumeHandle"]
+    assert (PREFIX / data / "pgdata" / "pg_wal").is_symlink()
+    assert any((PREFIX / wal).rglob("0000000*"))
+    cnpg.delete_cluster(k8s, "pg-lean-restored")
+    k8s.kubectl("delete", "backups.postgresql.cnpg.io", name, "-n", NS, "--wait=true")
+    for element in elements:
+        k8s.kubectl("delete", "volumesnapshot", element["name"], "-n", NS, "--wait=true")
+    return {data, wal}
 
 
 SNAPSHOTS = "snapshot.storage.k8s.io"

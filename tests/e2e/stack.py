@@ -309,7 +309,10 @@ def running_stack(
             30,
         )
         # The flags both controller sidecars share: our controller's socket, its service
-        # account, one instance each, quick retries.
+        # account, one instance each, quick retries, and room for them in the API client (with
+        # 4 s retries, two hundred claims of the claim loop that csi-provisioner cannot serve
+        # write an event each every few seconds; at its default 5 requests a second the backlog
+        # outlives the claims by minutes).
         sidecar_flags = [
             f"--csi-address={c.controller_socket}",
             f"--kubeconfig={controller_kc}",
@@ -317,6 +320,8 @@ def running_stack(
             "--timeout=60s",
             "--retry-interval-start=1s",
             "--retry-interval-max=4s",
+            "--kube-api-qps=100",
+            "--kube-api-burst=200",
             "--v=3",
         ]
         c.spawn(
@@ -498,8 +503,10 @@ def create_cnpg_objects(
     certs: Certificates | None,
     mount_path: str,
     port: int,
+    wal: tuple[str, str] | None = None,
 ) -> None:
-    """What CNPG creates for an instance: its secrets (once per cluster) and its Pod."""
+    """What CNPG creates for an instance: its secrets (once per cluster) and its Pod (with
+    `wal` = (claim, mount path), a WAL volume as well)."""
 
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode()
@@ -524,6 +531,7 @@ def create_cnpg_objects(
                 },
             ),
         )
+    mounts = [("pgdata", claim, mount_path)] + ([("pg-wal", *wal)] if wal else [])
     core.create_namespaced_pod(
         ns,
         client.V1Pod(
@@ -544,16 +552,20 @@ def create_cnpg_objects(
                         name="postgres",
                         image="postgres",
                         ports=[client.V1ContainerPort(name="postgresql", container_port=port)],
-                        volume_mounts=[client.V1VolumeMount(name="pgdata", mount_path=mount_path)],
+                        volume_mounts=[
+                            client.V1VolumeMount(name=name, mount_path=path)
+                            for name, _, path in mounts
+                        ],
                     )
                 ],
                 volumes=[
                     client.V1Volume(
-                        name="pgdata",
+                        name=name,
                         persistent_volume_claim=(
-                            client.V1PersistentVolumeClaimVolumeSource(claim_name=claim)
+                            client.V1PersistentVolumeClaimVolumeSource(claim_name=volume_claim)
                         ),
                     )
+                    for name, volume_claim, _ in mounts
                 ],
             ),
         ),

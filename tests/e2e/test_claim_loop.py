@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from tests.pgserver import Certificates, PostgresServer, boot_clone, chown_postg
 
 pytestmark = pytest.mark.integration
 TEMPLATES = "templates"
+# The crowd of claims of one source, and the controller's BACKUP_MODE_LIMIT (its default).
+CROWD = 200
+BACKUP_MODE_LIMIT = 60.0
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
@@ -358,17 +362,21 @@ def backups_in_log(text: str) -> list[tuple[float, float]]:
 def test_many_claims_of_one_source_take_one_backup_at_a_time(
     cluster: Cluster, template: Template
 ) -> None:
-    """The claim loop's workers take several claims at once; the source instance still serves
-    one backup at a time (here each backup is one reflink_snapshot() statement, whose end and
-    duration the server logs, so overlapping backups cannot hide between samples)."""
-    names = [f"crowd-{i}" for i in range(8)]
+    """Two hundred claims of one source at once: the claim loop's workers take several at a
+    time, the source instance still serves one backup at a time, none longer than
+    BACKUP_MODE_LIMIT, and every claim is bound (here each backup is one reflink_snapshot()
+    statement, whose end and duration the server logs, so overlapping backups cannot hide
+    between samples)."""
+    names = [f"crowd-{i}" for i in range(CROWD)]
     server = template.server
     offset = server.log_file.stat().st_size
     server.psql("ALTER ROLE streaming_replica SET log_min_duration_statement = 0")
     try:
         for name in names:
             claim_from(cluster, name, "pg-tmpl-1")
-        guids = {cluster.wait_bound(n, timeout=240).spec.csi.volume_handle for n in names}
+        began = time.monotonic()
+        guids = {cluster.wait_bound(n, timeout=600).spec.csi.volume_handle for n in names}
+        print(f"\n{CROWD} claims of one source bound in {time.monotonic() - began:.1f} s")
     finally:
         server.psql("ALTER ROLE streaming_replica RESET log_min_duration_statement")
     assert len(guids) == len(names)
@@ -377,5 +385,16 @@ def test_many_claims_of_one_source_take_one_backup_at_a_time(
     assert len(backups) >= len(names), log[-3000:]
     overlaps = [(a, b) for a, b in itertools.pairwise(backups) if b[0] < a[1] - 0.002]
     assert not overlaps, f"{len(overlaps)} of {len(backups)} backups began before the last ended"
+    longest = max(end - start for start, end in backups)
+    assert longest < BACKUP_MODE_LIMIT, f"a backup took {longest:.1f} s"
+    began = time.monotonic()
     for name in names:
         cluster.core.delete_namespaced_persistent_volume_claim(name, NS)
+    # The tests after this one find the sidecars and the node plugin idle again.
+    wait_for(
+        "the crowd's volumes removed",
+        lambda: not [g for g in guids if (cluster.prefix / g).exists()],
+        600,
+        every=1.0,
+    )
+    print(f"and removed in {time.monotonic() - began:.1f} s")

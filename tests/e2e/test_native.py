@@ -233,55 +233,98 @@ def test_a_claim_deleted_mid_clone_leaves_no_record_no_copy_and_no_backup(
     assert leftovers(cluster) == [] and not (cluster.prefix / guid).exists()
 
 
-def test_a_source_whose_pgdata_links_into_another_volume_is_refused_and_nothing_is_copied(
-    cluster: Cluster, cnpg: CnpgInstance, without_function: PostgresServer
+# The tenant's link, where it lies, and the refusal it must meet.
+REDIRECTS = {
+    # pgdata itself a link to the victim's data directory; the tenant's server answers the
+    # victim's system identifier through a pg_control_system() of its own.
+    "pgdata": "pgdata is a symbolic link",
+    # pgdata the tenant's own, its pg_wal a link straight to the victim's WAL directory.
+    "pg_wal": "links to a path on none of the server pod's volumes",
+    # pgdata the tenant's own, pg_wal on its own WAL volume, as CNPG lays it out, and there
+    # a link to the victim's WAL directory.
+    "pg_wal on the WAL volume": "pg_wal is a symbolic link",
+}
+
+
+@pytest.mark.parametrize("redirect", list(REDIRECTS))
+def test_a_source_whose_directories_link_into_another_volume_is_refused_and_nothing_is_copied(
+    cluster: Cluster, cnpg: CnpgInstance, without_function: PostgresServer, redirect: str
 ) -> None:
     """The redirect attack: a tenant runs its own "CNPG instance" (a pod labelled
     cnpg.io/cluster, its own CA and replication secrets, its own PostgreSQL with the two
-    grants) whose volume's pgdata is a link to another tenant's data directory, and whose
-    server answers that directory's system identifier (a pg_control_system() of its own in
-    public, first on its role's search_path). A clone of the tenant's claim must copy nothing
-    of the other volume, and its events must name neither that volume's path nor its
-    identifier."""
+    grants) whose volume leads, by a link, into another tenant's volume. A clone of the
+    tenant's claim must copy nothing of the other volume, and its events must name neither
+    that volume's path nor its identifier."""
     victim_guid = cnpg.pv.spec.csi.volume_handle
     victim_pgdata = cluster.prefix / victim_guid / "pgdata"
     victim_id = without_function.psql("SELECT system_identifier FROM pg_control_system()")
-    cluster.pvc("evil-1")
-    pv = cluster.wait_bound("evil-1")
-    target = cluster.publish(pv, str(uuid.uuid4()))
-    chown_postgres(target)
+    wal_volume = redirect == "pg_wal on the WAL volume"
+    claims = ["evil-1"] + (["evil-1-wal"] if wal_volume else [])
+    targets = {}
+    for claim in claims:
+        cluster.pvc(claim)
+        pv = cluster.wait_bound(claim)
+        targets[claim] = (pv, cluster.publish(pv, str(uuid.uuid4())))
+        chown_postgres(targets[claim][1])
+    target = targets["evil-1"][1]
     certs = Certificates.create(cluster.plane.work / "certs-evil", "evil", NS)
     os.chmod(certs.directory, 0o755)
     server = PostgresServer(
         volume=target / "own", port=free_port(), socket_dir=cluster.plane.work / "sock", certs=certs
     )
     server.initdb()
+    if redirect != "pgdata":
+        # The volume's pgdata: the tenant's own files (its server's system identifier).
+        subprocess.run(["cp", "-a", str(server.pgdata), str(target / "pgdata")], check=True)
     server.start()
     try:
-        server.psql(
+        grants = (
             "CREATE ROLE streaming_replica LOGIN REPLICATION; "
             "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO streaming_replica; "
-            "GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO streaming_replica; "
-            "CREATE FUNCTION public.pg_control_system(OUT pg_control_version integer, "
-            "OUT catalog_version_no integer, OUT system_identifier bigint, "
-            "OUT pg_control_last_modified timestamptz) LANGUAGE sql "
-            f"AS $$ SELECT 1, 1, {victim_id}::bigint, now() $$; "
-            "ALTER ROLE streaming_replica SET search_path = public, pg_catalog"
+            "GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO streaming_replica"
         )
-        (target / "pgdata").symlink_to(victim_pgdata)
+        if redirect == "pgdata":
+            grants += (
+                "; CREATE FUNCTION public.pg_control_system(OUT pg_control_version integer, "
+                "OUT catalog_version_no integer, OUT system_identifier bigint, "
+                "OUT pg_control_last_modified timestamptz) LANGUAGE sql "
+                f"AS $$ SELECT 1, 1, {victim_id}::bigint, now() $$; "
+                "ALTER ROLE streaming_replica SET search_path = public, pg_catalog"
+            )
+            (target / "pgdata").symlink_to(victim_pgdata)
+        elif redirect == "pg_wal":
+            subprocess.run(["rm", "-rf", str(target / "pgdata" / "pg_wal")], check=True)
+            (target / "pgdata" / "pg_wal").symlink_to(victim_pgdata / "pg_wal")
+        else:
+            subprocess.run(["rm", "-rf", str(target / "pgdata" / "pg_wal")], check=True)
+            (target / "pgdata" / "pg_wal").symlink_to("/var/lib/postgresql/wal/pg_wal")
+            (targets["evil-1-wal"][1] / "pg_wal").symlink_to(victim_pgdata / "pg_wal")
+        server.psql(grants)
         create_cnpg_objects(
-            cluster.core, NS, "evil", "evil-1", "evil-1", certs, str(target), server.port
+            cluster.core,
+            NS,
+            "evil",
+            "evil-1",
+            "evil-1",
+            certs,
+            str(target),
+            server.port,
+            wal=("evil-1-wal", "/var/lib/postgresql/wal") if wal_volume else None,
         )
         cluster.pvc("stolen", source="evil-1")
-        refused = wait_for(
-            "the refusal",
-            lambda: [
-                e
-                for e in cluster.events_for("PersistentVolumeClaim", "stolen")
-                if "pgdata is a symbolic link" in e
-            ],
-            90,
-        )
+        try:
+            refused = wait_for(
+                "the refusal",
+                lambda: [
+                    e
+                    for e in cluster.events_for("PersistentVolumeClaim", "stolen")
+                    if REDIRECTS[redirect] in e
+                ],
+                90,
+            )
+        except AssertionError as err:
+            seen = cluster.events_for("PersistentVolumeClaim", "stolen")
+            raise AssertionError(f"{err}; the claim's events: {seen}") from None
         events = "\n".join(cluster.events_for("PersistentVolumeClaim", "stolen"))
         assert victim_guid not in events and victim_id not in events, events
         assert "own volume" in refused[0]
@@ -303,8 +346,9 @@ def test_a_source_whose_pgdata_links_into_another_volume_is_refused_and_nothing_
         for secret in ("evil-ca", "evil-replication"):
             cluster.core.delete_namespaced_secret(secret, NS)
         server.stop("immediate")
-        (target / "pgdata").unlink(missing_ok=True)
-        cluster.unpublish(pv, target)
-        cluster.core.delete_namespaced_persistent_volume_claim("evil-1", NS)
+        for claim, (pv, published) in targets.items():
+            subprocess.run(["rm", "-rf", str(published / "pgdata"), str(published / "pg_wal")])
+            cluster.unpublish(pv, published)
+            cluster.core.delete_namespaced_persistent_volume_claim(claim, NS)
     # The victim's data directory is untouched and still the victim's.
     assert without_function.psql("SELECT system_identifier FROM pg_control_system()") == victim_id

@@ -56,6 +56,55 @@ def test_the_controller_reads_secrets_only_in_enabled_namespaces(cluster: Cluste
         cluster.core.delete_namespaced_secret("pg-x-ca", ns)
 
 
+def controller_may(cluster: Cluster, verb: str, resource: str, ns: str = "") -> bool:
+    """What the API server's authorizer answers for the controller's service account;
+    resource is "[group:]plural[/subresource]"."""
+    group, _, rest = resource.rpartition(":")
+    plural, _, sub = rest.partition("/")
+    review = client.AuthorizationV1Api(cluster.core.api_client).create_subject_access_review(
+        client.V1SubjectAccessReview(
+            spec=client.V1SubjectAccessReviewSpec(
+                user="system:serviceaccount:pg-reflinker:pg-reflinker-controller",
+                groups=["system:serviceaccounts", "system:serviceaccounts:pg-reflinker"],
+                resource_attributes=client.V1ResourceAttributes(
+                    verb=verb,
+                    group=group,
+                    resource=plural,
+                    subresource=sub or None,
+                    namespace=ns or None,
+                ),
+            )
+        )
+    )
+    return bool(review.status.allowed)
+
+
+def test_the_controller_has_only_the_rules_it_and_its_sidecars_use(cluster: Cluster) -> None:
+    """The controller, csi-provisioner and csi-snapshotter do what deploy/ allows (every other
+    test shows that); rules none of them uses are not granted."""
+    used = [
+        ("create", "persistentvolumes"),
+        ("patch", "persistentvolumes"),
+        ("update", "persistentvolumeclaims"),
+        ("update", "snapshot.storage.k8s.io:volumesnapshotcontents/status"),
+    ]
+    unused = [
+        ("update", "persistentvolumes"),
+        ("patch", "persistentvolumeclaims"),
+        ("patch", "persistentvolumeclaims/status"),
+        ("list", "storage.k8s.io:volumeattachments"),
+        ("list", "secrets"),
+    ]
+    assert [r for r in used if not controller_may(cluster, *r)] == []
+    assert [r for r in unused if controller_may(cluster, *r)] == []
+    leases = "coordination.k8s.io:leases"
+    for verb in ("get", "create", "update"):
+        assert controller_may(cluster, verb, leases, "pg-reflinker"), verb
+    for verb in ("list", "watch", "delete"):
+        assert not controller_may(cluster, verb, leases, "pg-reflinker"), verb
+    assert not controller_may(cluster, "get", leases, NS)
+
+
 def as_node_plugin(cluster: Cluster) -> Kube:
     """The node plugin's credentials: a token bound to its pod on NODE."""
     pod = cluster.core.read_namespaced_pod(f"pg-reflinker-node-{NODE}", "pg-reflinker")

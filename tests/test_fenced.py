@@ -1,0 +1,118 @@
+"""A fenced CNPG instance is a stopped database: its volume is copied cold while its pod still
+mounts it, but only while its PostgreSQL is down (no postmaster.pid, a control file that says it
+was shut down), checked before and after the copy. Real PostgreSQL on a real XFS volume."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reflinker_csi.core.errors import FailedPrecondition, SourceUnavailable
+from reflinker_csi.core.keys import CTX_SOURCE_POD
+from reflinker_csi.core.layout import Layout
+from reflinker_csi.core.records import VolumeRecord
+from reflinker_csi.disk.local import LocalDisk
+from tests.conftest import Filesystem
+from tests.pgserver import (
+    Certificates,
+    PostgresServer,
+    boot_clone,
+    chown_postgres,
+    free_port,
+    remove,
+)
+
+pytestmark = pytest.mark.integration
+
+INSTANCE = "apps/pg-prod-1"
+
+
+def record(guid: str = "") -> VolumeRecord:
+    return VolumeRecord(
+        guid=guid or str(uuid.uuid4()),
+        name=f"snapshot-{uuid.uuid4()}",
+        node="node-a",
+        required_bytes=0,
+        limit_bytes=0,
+        context={CTX_SOURCE_POD: INSTANCE},
+    )
+
+
+@pytest.fixture
+def instance(xfs: Filesystem) -> Iterator[tuple[LocalDisk, VolumeRecord, PostgresServer]]:
+    os.chmod(xfs.work, 0o755)  # postgres reaches its volume through it
+    prefix = xfs.mnt / f"fenced-{uuid.uuid4().hex[:8]}"
+    prefix.mkdir()
+    disk = LocalDisk(Layout(prefix))
+    disk.layout.state_dir.mkdir()
+    source = record()
+    volume = disk.data_dir(source)
+    volume.mkdir()
+    chown_postgres(volume)
+    certs = Certificates.create(prefix / ".certs", "pg-prod", "apps")
+    os.chmod(certs.directory, 0o755)
+    server = PostgresServer(
+        volume=volume, port=free_port(), socket_dir=xfs.work / "sock", certs=certs
+    )
+    server.initdb()
+    server.start(extra="-c listen_addresses='' -c ssl=off")
+    server.wait_ready()
+    server.psql("CREATE TABLE kept AS SELECT g FROM generate_series(1, 1000) g")
+    try:
+        yield disk, source, server
+    finally:
+        server.stop("immediate")
+        remove(prefix)
+
+
+def copies(disk: LocalDisk) -> list[str]:
+    return sorted(p.name for p in disk.layout.prefix.iterdir() if not p.name.startswith("."))
+
+
+def test_a_fenced_instance_is_copied_only_once_its_postgresql_has_shut_down(instance) -> None:  # type: ignore[no-untyped-def]
+    disk, source, server = instance
+    pgdata = disk.data_dir(source) / "pgdata"
+    copy = record()
+    # Still running (CNPG has fenced it, the instance manager is stopping it): retried later.
+    with pytest.raises(SourceUnavailable) as running:
+        disk.reflink_copy(source, copy, stopped=pgdata)
+    assert str(running.value) == (
+        f"{INSTANCE} is fenced, but its PostgreSQL has not shut down yet (postmaster.pid "
+        "present); the cold copy is retried once it has"
+    )
+    assert copies(disk) == [source.guid]
+    # Down, but not cleanly (a crash leaves the control file "in production"): not a stopped
+    # database either.
+    server.stop("immediate")
+    (pgdata / "postmaster.pid").unlink(missing_ok=True)
+    with pytest.raises(SourceUnavailable) as crashed:
+        disk.reflink_copy(source, copy, stopped=pgdata)
+    assert "control file state 6" in str(crashed.value)
+    assert copies(disk) == [source.guid]
+    # Shut down cleanly, as CNPG's fencing does: copied, though the pod still mounts it.
+    server.start(extra="-c listen_addresses='' -c ssl=off")
+    server.wait_ready()
+    server.stop("fast")
+    disk.reflink_copy(source, copy, stopped=pgdata)
+    assert copies(disk) == sorted([source.guid, copy.guid])
+    clone = boot_clone(disk.data_dir(copy), server.socket_dir)
+    try:
+        assert clone.psql("SELECT count(*) FROM kept") == "1000"
+    finally:
+        clone.stop()
+
+
+def test_a_fenced_pgdata_reached_through_a_link_is_refused(instance, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The PGDATA to check is named by the controller from the pod's volumes; a link on the way
+    (a tenant's pgdata pointing at another volume) is never followed."""
+    disk, source, server = instance
+    server.stop("fast")
+    elsewhere = disk.layout.prefix / str(uuid.uuid4())
+    elsewhere.mkdir()
+    (elsewhere / "pgdata").symlink_to(disk.data_dir(source) / "pgdata")
+    with pytest.raises(FailedPrecondition, match="is a symbolic link"):
+        disk.reflink_copy(source, record(), stopped=elsewhere / "pgdata")
