@@ -142,6 +142,170 @@ def test_a_claim_in_another_namespace_needs_the_source_namespaces_reference_gran
     k8s.wait("the tenant's volume removed", lambda: guid not in _volume_dirs(), 60)
 
 
+EVIL = "evil"
+# The tenant's "CNPG instance": its own PostgreSQL in the project's image, with its own CA and
+# server certificate, its data in own/ on its volume, and pgdata a link to another volume.
+EVIL_SCRIPT = """set -e
+D=/var/lib/postgresql/data
+B=$(ls -d /usr/lib/postgresql/*/bin | head -1)
+[ -d $D/own ] || $B/initdb -D $D/own -U postgres --auth-local=trust --auth-host=reject >/dev/null
+cp /certs/server.crt /certs/server.key /certs/ca.crt $D/own/
+chmod 600 $D/own/server.key
+printf "%s\\n" "listen_addresses = '*'" "port = 5432" "ssl = on" "wal_level = replica" \\
+  "ssl_cert_file = 'server.crt'" "ssl_key_file = 'server.key'" "ssl_ca_file = 'ca.crt'" \\
+  >> $D/own/postgresql.auto.conf
+printf "%s\\n" "local all all trust" "hostssl postgres streaming_replica all cert" \\
+  > $D/own/pg_hba.conf
+ln -sfn VICTIM $D/pgdata
+exec $B/postgres -D $D/own -k /tmp
+"""
+
+
+def test_a_tenants_pgdata_linked_to_another_volume_is_refused_on_the_real_cluster(
+    k8s: OneNodeCluster, source: str, tmp_path: Path
+) -> None:
+    """The redirect attack with a real kubelet and a real pod: in namespace evil (enabled as a
+    source, as a tenant's own namespace would be), a pod labelled as CNPG instance evil-1 runs
+    its own PostgreSQL with its own CA and replication secrets, answers the victim's system
+    identifier through a pg_control_system() of its own, and its volume's pgdata links to the
+    running source's data directory. A clone of its claim is refused; nothing is copied; the
+    events name neither the victim's volume nor its identifier."""
+    from tests.e2e import images
+    from tests.pgserver import Certificates
+
+    victim = cnpg.volume_handle(k8s, source)
+    victim_id = cnpg.psql(k8s, source, "SELECT system_identifier FROM pg_control_system()")
+    certs = Certificates.create(tmp_path, EVIL, EVIL)
+    cnpg.ensure_namespace(k8s, EVIL)
+    try:
+
+        def secret(name: str, kind: str, files: dict[str, str]) -> None:
+            args = [f"--from-file={key}={certs.path(f)}" for key, f in files.items()]
+            k8s.kubectl("create", "secret", kind, name, "-n", EVIL, *args)
+
+        secret("evil-ca", "generic", {"ca.crt": "ca.crt", "ca.key": "ca.key"})
+        secret(
+            "evil-replication",
+            "generic",
+            {"tls.crt": "replication.crt", "tls.key": "replication.key"},
+        )
+        secret(
+            "evil-certs",
+            "generic",
+            {"server.crt": "server.crt", "server.key": "server.key", "ca.crt": "ca.crt"},
+        )
+        claim = _claim_of_the_source("evil-1", source)
+        claim["metadata"]["namespace"] = EVIL
+        del claim["spec"]["dataSourceRef"]
+        k8s.apply(claim)
+        k8s.wait("evil/evil-1 Bound", lambda: _phase(k8s, "evil-1", EVIL) == "Bound", 60)
+        script = EVIL_SCRIPT.replace("VICTIM", str(PREFIX / victim / "pgdata"))
+        k8s.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": "evil-1",
+                    "namespace": EVIL,
+                    "labels": {
+                        "cnpg.io/cluster": EVIL,
+                        "cnpg.io/instanceName": "evil-1",
+                        "cnpg.io/podRole": "instance",
+                    },
+                },
+                "spec": {
+                    "securityContext": {"runAsUser": 26, "runAsGroup": 26, "fsGroup": 26},
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [
+                        {
+                            "name": "postgres",
+                            "image": images.POSTGRES,
+                            "imagePullPolicy": "Never",
+                            "command": ["sh", "-c", script],
+                            "ports": [{"name": "postgresql", "containerPort": 5432}],
+                            "volumeMounts": [
+                                {"name": "pgdata", "mountPath": "/var/lib/postgresql/data"},
+                                {"name": "certs", "mountPath": "/certs"},
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "pgdata", "persistentVolumeClaim": {"claimName": "evil-1"}},
+                        {"name": "certs", "secret": {"secretName": "evil-certs"}},
+                    ],
+                },
+            }
+        )
+
+        def serving() -> bool:
+            result = k8s.kubectl(
+                "exec",
+                "-n",
+                EVIL,
+                "evil-1",
+                "--",
+                "psql",
+                "-h",
+                "/tmp",
+                "-U",
+                "postgres",
+                "-Atc",
+                "SELECT 1",
+                check=False,
+            )
+            return result.stdout.strip() == "1"
+
+        k8s.wait("the tenant's server", serving, 120)
+        for sql in (
+            "CREATE ROLE streaming_replica LOGIN REPLICATION",
+            "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO streaming_replica",
+            "GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO streaming_replica",
+            "CREATE FUNCTION public.pg_control_system(OUT pg_control_version integer, "
+            "OUT catalog_version_no integer, OUT system_identifier bigint, "
+            "OUT pg_control_last_modified timestamptz) LANGUAGE sql "
+            f"AS $$ SELECT 1, 1, {victim_id}::bigint, now() $$",
+            "ALTER ROLE streaming_replica SET search_path = public, pg_catalog",
+        ):
+            k8s.kubectl(
+                "exec",
+                "-n",
+                EVIL,
+                "evil-1",
+                "--",
+                "psql",
+                "-h",
+                "/tmp",
+                "-U",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            )
+        stolen = _claim_of_the_source("stolen", "evil-1")
+        stolen["metadata"]["namespace"] = EVIL
+        del stolen["spec"]["dataSourceRef"]["namespace"]
+        before = _volume_dirs()
+        k8s.apply(stolen)
+        refused = k8s.wait(
+            "the refusal of evil/stolen",
+            lambda: [
+                m for m in _events_of(k8s, "stolen", EVIL) if "pgdata is a symbolic link" in m
+            ],
+            120,
+        )
+        assert "own volume" in refused[0], refused[0]
+        for event in _events_of(k8s, "stolen", EVIL):
+            assert victim not in event and victim_id not in event, event
+        assert _phase(k8s, "stolen", EVIL) == "Pending"
+        assert _volume_dirs() == before
+        assert not [p for p in PREFIX.iterdir() if p.name.endswith(".partial")]
+    finally:
+        k8s.kubectl("delete", "namespace", EVIL, "--wait=true", "--timeout=120s", check=False)
+    # The victim still serves its own data.
+    assert cnpg.psql(k8s, source, "SELECT system_identifier FROM pg_control_system()") == victim_id
+
+
 def _records(k8s: OneNodeCluster) -> list[dict[str, Any]]:
     return list(k8s.get("reflinkvolumes")["items"])
 
