@@ -150,9 +150,10 @@ class KubeSourceLocator:
             )
         if role not in ("", "PG_DATA"):
             raise FailedPrecondition(
-                f"claim {ns}/{claim} holds the {role} volume of CNPG cluster {cluster}, not a data "
-                f"directory; clone or snapshot the instance's PGDATA claim {pod.meta.name}, whose "
-                "copy carries the WAL it needs"
+                f"claim {ns}/{claim} holds the {role} volume of running CNPG cluster {cluster}, "
+                f"not a data directory; clone or snapshot the instance's PGDATA claim "
+                f"{pod.meta.name}, whose copy carries the WAL it needs, or take a CNPG offline "
+                "Backup (online: false), which copies every claim of the fenced instance"
             )
         if pod.phase != "Running" or not pod.ready or not pod.ip:
             raise SourceUnavailable(

@@ -70,7 +70,9 @@ def check_source(conn: psycopg.Connection[tuple[object, ...]], server: SourceSer
     if tablespaces:
         raise FailedPrecondition(
             f"{server.where} has tablespaces {tablespaces}, which live outside the data "
-            "directory and cannot be cloned with it; move their objects to pg_default"
+            "directory and cannot be cloned with it; move their objects to pg_default, or copy "
+            "the instance cold with a CNPG offline Backup (online: false), which snapshots "
+            "every claim of the fenced instance"
         )
 
 

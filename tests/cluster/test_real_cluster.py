@@ -719,24 +719,23 @@ def test_a_cluster_with_only_the_grants_and_a_wal_volume_is_cloned_natively(
     assert not [p for p in PREFIX.iterdir() if p.name.endswith(".partial")]
 
 
-def _offline_backup_and_restore(k8s: OneNodeCluster, source: str) -> set[str]:
-    """deploy/examples/backup-offline.yaml: CNPG fences pg-lean, shuts its PostgreSQL down and
-    snapshots both of its claims (PGDATA and WAL), which pg-reflinker copies cold; then
-    deploy/examples/restore-cluster-wal.yaml makes a new Cluster with a WAL volume from that
-    Backup. The guids of the restored Cluster's volumes."""
+def _offline_backup(k8s: OneNodeCluster, cluster: str) -> list[dict[str, Any]]:
+    """deploy/examples/backup-offline.yaml for `cluster`: CNPG fences the instance, shuts its
+    PostgreSQL down and snapshots each of its claims, which pg-reflinker copies cold; then it
+    lifts the fence. The Backup's elements (name and type of each VolumeSnapshot)."""
     k8s.kubectl(
         "patch",
         "cluster.postgresql.cnpg.io",
-        "pg-lean",
+        cluster,
         "-n",
         NS,
         "--type=merge",
         "-p",
         json.dumps({"spec": {"backup": {"volumeSnapshot": {"className": "pg-reflinker"}}}}),
     )
-    rows = cnpg.psql(k8s, source, "SELECT count(*) FROM pgbench_history")
     backup = cnpg.example("backup-offline.yaml")
-    name = backup["metadata"]["name"]
+    name = backup["metadata"]["name"] = f"{cluster}-offline"
+    backup["spec"]["cluster"]["name"] = cluster
     began = time.monotonic()
     k8s.apply(backup)
 
@@ -747,9 +746,8 @@ def _offline_backup_and_restore(k8s: OneNodeCluster, source: str) -> set[str]:
     k8s.wait(f"Backup {name} completed", lambda: phase() in ("completed", "failed"), 300)
     done = next(b for b in _backups(k8s) if b["metadata"]["name"] == name)
     assert done["status"]["phase"] == "completed", done.get("status")
-    print(f"\noffline Backup of pg-lean completed in {time.monotonic() - began:.1f} s")
-    elements = done["status"]["snapshotBackupStatus"]["elements"]
-    assert sorted(e.get("type", "") for e in elements) == ["PG_DATA", "PG_WAL"], elements
+    print(f"\noffline Backup of {cluster} completed in {time.monotonic() - began:.1f} s")
+    elements: list[dict[str, Any]] = done["status"]["snapshotBackupStatus"]["elements"]
     for element in elements:
         snapshot = k8s.get("volumesnapshot", element["name"], "-n", NS)
         content = k8s.get(
@@ -758,10 +756,35 @@ def _offline_backup_and_restore(k8s: OneNodeCluster, source: str) -> set[str]:
         record = _record_for(k8s, content["status"]["snapshotHandle"])
         assert record["spec"]["cloneMode"] == "cold", record["spec"]
     # The fence is lifted and the source serves again.
-    cnpg.wait_healthy(k8s, "pg-lean")
+    cnpg.wait_healthy(k8s, cluster)
+    return elements
 
-    restored = cnpg.example("restore-cluster-wal.yaml")
-    k8s.apply(restored)
+
+def _forget_backup(k8s: OneNodeCluster, cluster: str, elements: list[dict[str, Any]]) -> None:
+    k8s.kubectl("delete", "backups.postgresql.cnpg.io", f"{cluster}-offline", "-n", NS)
+    for element in elements:
+        k8s.kubectl("delete", "volumesnapshot", element["name"], "-n", NS, "--wait=true")
+
+
+def _offline_backup_and_restore(k8s: OneNodeCluster, source: str) -> set[str]:
+    """CNPG's offline Backup of pg-lean (PGDATA and WAL), then
+    deploy/examples/restore-cluster-wal.yaml: a new Cluster with a WAL volume from that Backup.
+    The guids of the restored Cluster's volumes."""
+    # A snapshot of the running instance's WAL claim alone is refused, saying what to do.
+    k8s.apply(_volume_snapshot("pg-lean-wal-alone", f"{source}-wal"))
+
+    def refusal() -> str:
+        snapshot = k8s.get("volumesnapshot", "pg-lean-wal-alone", "-n", NS)
+        message = str(snapshot.get("status", {}).get("error", {}).get("message", ""))
+        return message if "holds the PG_WAL volume" in message else ""
+
+    message = k8s.wait("the refusal of a snapshot of the WAL claim alone", refusal, 60)
+    assert f"PGDATA claim {source}," in message and "offline Backup" in message, message
+    k8s.kubectl("delete", "volumesnapshot", "pg-lean-wal-alone", "-n", NS, "--wait=false")
+    rows = cnpg.psql(k8s, source, "SELECT count(*) FROM pgbench_history")
+    elements = _offline_backup(k8s, "pg-lean")
+    assert sorted(e["type"] for e in elements) == ["PG_DATA", "PG_WAL"], elements
+    k8s.apply(cnpg.example("restore-cluster-wal.yaml"))
     cnpg.wait_healthy(k8s, "pg-lean-restored")
     pod = cnpg.primary_pod(k8s, "pg-lean-restored")
     assert cnpg.psql(k8s, pod, "SELECT count(*) FROM pgbench_history") == rows
@@ -774,10 +797,69 @@ def _offline_backup_and_restore(k8s: OneNodeCluster, source: str) -> set[str]:
     assert (PREFIX / data / "pgdata" / "pg_wal").is_symlink()
     assert any((PREFIX / wal).rglob("0000000*"))
     cnpg.delete_cluster(k8s, "pg-lean-restored")
-    k8s.kubectl("delete", "backups.postgresql.cnpg.io", name, "-n", NS, "--wait=true")
-    for element in elements:
-        k8s.kubectl("delete", "volumesnapshot", element["name"], "-n", NS, "--wait=true")
+    _forget_backup(k8s, "pg-lean", elements)
     return {data, wal}
+
+
+# Two tables, one in the tablespace, one in the default tablespace, changed by the same
+# transactions: they agree in any consistent copy of the instance.
+LEDGERS = (
+    "CREATE TABLE ledger (id int PRIMARY KEY, total bigint NOT NULL) TABLESPACE archive; "
+    "CREATE TABLE mirror (id int PRIMARY KEY, total bigint NOT NULL); "
+    "INSERT INTO ledger SELECT g, 0 FROM generate_series(1, 100) g; "
+    "INSERT INTO mirror SELECT g, 0 FROM generate_series(1, 100) g"
+)
+MOVES = (
+    "DO $$ BEGIN FOR i IN 1..3000 LOOP "
+    "UPDATE ledger SET total = total + i WHERE id = i % 100 + 1; "
+    "UPDATE mirror SET total = total + i WHERE id = i % 100 + 1; "
+    "COMMIT; END LOOP; END $$"
+)
+AGREE = (
+    "SELECT (SELECT sum(total) FROM ledger) || ',' || (SELECT sum(total) FROM mirror) || ',' || "
+    "(SELECT t.spcname FROM pg_class c JOIN pg_tablespace t ON t.oid = c.reltablespace "
+    "WHERE c.relname = 'ledger')"
+)
+
+
+def test_an_offline_backup_of_a_cluster_with_wal_and_a_tablespace_restores_all_three(
+    k8s: OneNodeCluster,
+) -> None:
+    """deploy/examples/source-cluster-tablespace.yaml: PGDATA, WAL and a tablespace on three
+    pg-reflinker volumes. CNPG's offline Backup snapshots all three while the instance is
+    fenced (each copied cold); a new Cluster with the same walStorage and tablespace restored
+    from it has both tables, in agreement, the tablespace on its own volume, and passes
+    amcheck."""
+    cnpg.ensure_namespace(k8s)
+    k8s.apply(cnpg.example("source-cluster-tablespace.yaml"))
+    cnpg.wait_healthy(k8s, "pg-spaces")
+    pod = cnpg.primary_pod(k8s, "pg-spaces")
+    cnpg.psql(k8s, pod, LEDGERS)
+    cnpg.psql(k8s, pod, MOVES)
+    expected = cnpg.psql(k8s, pod, AGREE)
+    total, mirrored, space = expected.split(",")
+    assert total == mirrored != "0" and space == "archive", expected
+    elements = _offline_backup(k8s, "pg-spaces")
+    assert sorted(e["type"] for e in elements) == ["PG_DATA", "PG_TABLESPACE", "PG_WAL"]
+
+    restored = cnpg.example("source-cluster-tablespace.yaml", metadata__name="pg-spaces-restored")
+    restored["spec"]["bootstrap"] = {"recovery": {"backup": {"name": "pg-spaces-offline"}}}
+    k8s.apply(restored)
+    cnpg.wait_healthy(k8s, "pg-spaces-restored")
+    copy = cnpg.primary_pod(k8s, "pg-spaces-restored")
+    assert cnpg.psql(k8s, copy, AGREE) == expected
+    cnpg.amcheck(k8s, copy)
+    tablespace = _pv_of(k8s, f"{copy}-tbs-archive")["spec"]["csi"]["volumeHandle"]
+    assert any((PREFIX / tablespace).rglob("PG_*"))
+    guids = {
+        _pv_of(k8s, c)["spec"]["csi"]["volumeHandle"]
+        for p in (pod, copy)
+        for c in (p, f"{p}-wal", f"{p}-tbs-archive")
+    }
+    cnpg.delete_cluster(k8s, "pg-spaces-restored")
+    cnpg.delete_cluster(k8s, "pg-spaces")
+    _forget_backup(k8s, "pg-spaces", elements)
+    k8s.wait("the six volumes removed", lambda: not (guids & _volume_dirs()), 120)
 
 
 SNAPSHOTS = "snapshot.storage.k8s.io"

@@ -70,7 +70,15 @@ class Demo:
         raise AssertionError(f"the demo never printed {text!r}:\n{''.join(self.output[-40:])}")
 
     def finish(self, timeout: float) -> int:
-        code = self.process.wait(timeout=timeout)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            while not self.lines.empty():
+                self.output.append(self.lines.get() or "")
+            raise AssertionError(
+                f"the demo did not end {timeout:.0f} s after the signal:\n"
+                + "".join(self.output[-40:])
+            ) from None
         while (line := self.lines.get(timeout=5)) is not None:
             self.output.append(line)
         return code

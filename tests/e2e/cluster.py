@@ -53,8 +53,12 @@ class ControlPlane:
         self.url = f"https://{address}:{self.api_port}"
 
     def _spawn(self, name: str, args: list[str]) -> None:
+        # A session of its own: a terminal's Ctrl-C (SIGINT to the caller's process group) must
+        # not stop etcd and kube-apiserver at once, which leaves the API server hanging on its
+        # requests while the caller tears the cluster down through it; stop() ends them in order.
         log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
-        self.processes.append((name, subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)))
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append((name, proc))
         log.close()
 
     def log_tail(self, name: str, lines: int = 40) -> str:

@@ -568,8 +568,21 @@ def _remove_netns(before: set[str]) -> None:
             (netns_dir / name).unlink()
 
 
+def _thaw_pods() -> None:
+    """A container cgroup runc froze (it freezes one while it signals or updates it) and that
+    nobody thawed because runc was stopped in between stays frozen, and its processes never
+    see SIGKILL: thaw every one first."""
+    top = Path("/sys/fs/cgroup/freezer/kubepods")
+    if top.is_dir():
+        for state in top.rglob("freezer.state"):
+            with contextlib.suppress(OSError):
+                if state.read_text().strip() != "THAWED":
+                    state.write_text("THAWED")
+
+
 def _kill_pods() -> None:
     """Every process in a pod's cgroup, then containerd's shims: both outlive containerd."""
+    _thaw_pods()
     for _ in range(20):
         pids = set()
         for controller in Path("/sys/fs/cgroup").iterdir():
