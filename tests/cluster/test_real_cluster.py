@@ -237,25 +237,14 @@ def test_a_tenants_pgdata_linked_to_another_volume_is_refused_on_the_real_cluste
             }
         )
 
-        def serving() -> bool:
-            result = k8s.kubectl(
-                "exec",
-                "-n",
-                EVIL,
-                "evil-1",
-                "--",
-                "psql",
-                "-h",
-                "/tmp",
-                "-U",
-                "postgres",
-                "-Atc",
-                "SELECT 1",
-                check=False,
-            )
-            return result.stdout.strip() == "1"
+        def tenant_psql(*args: str, check: bool = True) -> str:
+            """psql as postgres in the tenant's pod, through its local socket."""
+            psql = ["exec", "-n", EVIL, "evil-1", "--", "psql", "-h", "/tmp", "-U", "postgres"]
+            return k8s.kubectl(*psql, *args, check=check).stdout.strip()
 
-        k8s.wait("the tenant's server", serving, 120)
+        k8s.wait(
+            "the tenant's server", lambda: tenant_psql("-Atc", "SELECT 1", check=False) == "1", 120
+        )
         for sql in (
             "CREATE ROLE streaming_replica LOGIN REPLICATION",
             "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO streaming_replica",
@@ -266,22 +255,7 @@ def test_a_tenants_pgdata_linked_to_another_volume_is_refused_on_the_real_cluste
             f"AS $$ SELECT 1, 1, {victim_id}::bigint, now() $$",
             "ALTER ROLE streaming_replica SET search_path = public, pg_catalog",
         ):
-            k8s.kubectl(
-                "exec",
-                "-n",
-                EVIL,
-                "evil-1",
-                "--",
-                "psql",
-                "-h",
-                "/tmp",
-                "-U",
-                "postgres",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            )
+            tenant_psql("-v", "ON_ERROR_STOP=1", "-c", sql)
         stolen = _claim_of_the_source("stolen", "evil-1")
         stolen["metadata"]["namespace"] = EVIL
         del stolen["spec"]["dataSourceRef"]["namespace"]
