@@ -641,9 +641,9 @@ def test_native_refuses_tablespaces_by_name(source: Source) -> None:
         source.server.psql("DROP TABLESPACE cold")
     assert str(err.value) == (
         f"{source.endpoint.where} has tablespaces cold, which live outside the data directory "
-        "and cannot be cloned with it; move their objects to pg_default, or copy the instance "
-        "cold with a CNPG offline Backup (online: false), which snapshots every claim of the "
-        "fenced instance"
+        "and cannot be cloned with it alone; copy the whole instance: a new CNPG Cluster with "
+        "the same tablespaces (its claims share one capture), a CNPG volumeSnapshot Backup, or "
+        "an offline Backup (online: false)"
     )
     assert partials(source) == [] and slots(source.server) == "0"
 

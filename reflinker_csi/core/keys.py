@@ -22,6 +22,14 @@ CTX_SOURCE_FENCED = _P + "source-fenced-pgdata"
 CTX_CLONE_MODE = _P + "clone-mode"  # hot or cold
 CTX_CLONE_METHOD = _P + "clone-method"  # a hot clone's: function or native
 CTX_CLAIM = _P + "claim"  # namespace/name of the new claim
+# A volume or snapshot cut from a capture of a whole instance (core/capture.py): which piece
+# (PG_DATA, PG_WAL or PG_TABLESPACE:<name>), and the group whose requests share the capture.
+CTX_PIECE = _P + "piece"
+CTX_GROUP = _P + "group"
+# A PG_DATA piece whose instance keeps its WAL on a volume of its own: pg_wal links there.
+CTX_WAL_LINK = _P + "pg-wal-link"
+# On a capture: the pieces it holds, comma-separated.
+CTX_PIECES = _P + "pieces"
 CTX_PV = _P + "pv"
 
 # -- parameters external-provisioner adds (--extra-create-metadata): recorded, not options ----
@@ -29,6 +37,9 @@ METADATA_PREFIX = "csi.storage.k8s.io/"
 PVC_NAME = METADATA_PREFIX + "pvc/name"
 PVC_NAMESPACE = METADATA_PREFIX + "pvc/namespace"
 PV_NAME = METADATA_PREFIX + "pv/name"
+# csi-snapshotter's (--extra-create-metadata)
+SNAPSHOT_NAME = METADATA_PREFIX + "volumesnapshot/name"
+SNAPSHOT_NAMESPACE = METADATA_PREFIX + "volumesnapshot/namespace"
 
 # -- StorageClass parameters ----------------------------------------------------------------
 PARAM_CLONE_METHOD = "cloneMethod"  # auto (default), function or native
@@ -57,5 +68,13 @@ CNPG_ROLE_LABEL = "cnpg.io/pvcRole"  # on CNPG's claims: PG_DATA, PG_WAL or PG_T
 CNPG_FENCED_ANNOTATION = "cnpg.io/fencedInstances"
 # Where CNPG mounts an instance's PGDATA volume (PGDATA is pgdata inside it).
 CNPG_DATA_MOUNT = "/var/lib/postgresql/data"
+# Where CNPG mounts the WAL volume (pg_wal is a directory in it) and each tablespace's volume
+# (the tablespace's location is data in it).
+CNPG_WAL_MOUNT = "/var/lib/postgresql/wal"
+CNPG_TABLESPACES_MOUNT = "/var/lib/postgresql/tablespaces"
+# On the claims of one CNPG instance, and on the VolumeSnapshots of one CNPG Backup.
+CNPG_INSTANCE_LABEL = "cnpg.io/instanceName"
+CNPG_BACKUP_LABEL = "cnpg.io/backupName"
+CNPG_TABLESPACE_LABEL = "cnpg.io/tablespaceName"
 CLAIM_LOOP_COMPONENT = _P + "claim-loop"
 NODE_COMPONENT = _P + "node"

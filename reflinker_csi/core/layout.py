@@ -56,6 +56,13 @@ class Layout:
     def snapshot_dir(self, guid: str) -> Path:
         return self.snapshots_dir / require_guid(guid, "snapshot_id")
 
+    @property
+    def captures_dir(self) -> Path:
+        return self.state_dir / "captures"
+
+    def capture_dir(self, guid: str) -> Path:
+        return self.captures_dir / require_guid(guid, "capture id")
+
     def contains(self, path: Path) -> bool:
         """True when path, with every symlink resolved, lies strictly inside the prefix."""
         real = Path(os.path.realpath(path))

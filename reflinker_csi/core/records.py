@@ -16,6 +16,9 @@ from typing import Any, Protocol
 class Kind(StrEnum):
     VOLUME = "volume"
     SNAPSHOT = "snapshot"
+    # One consistent copy of a whole running CNPG instance (PGDATA with its WAL, every
+    # tablespace), from which the volumes and snapshots of one group are cut (core/capture.py).
+    CAPTURE = "capture"
 
 
 class Phase(StrEnum):
@@ -90,6 +93,9 @@ class VolumeRecord:
     # A hot clone: how it was taken (function or native), and a native one's hand-off.
     clone_method: str = ""
     hand_off: HandOff | None = None
+    # A piece of a capture: the capture's GUID, set once the capture is Ready (the piece is
+    # named in context, CTX_PIECE).
+    capture: str = ""
     phase: Phase = Phase.PENDING
     # When Failed: the CSI status code by name and the message for the caller.
     code: str = ""

@@ -82,9 +82,23 @@ def attempt_of(partial: Path) -> str:
         return ""
 
 
-def copy_data(source: Path, partial: Path, attempt: str, system_id: str) -> int:
+def _leave_in_tablespace(rel: str) -> Leave:
+    name = rel.rsplit("/", 1)[-1]
+    return Leave.OUT if name.startswith("pgsql_tmp") else Leave.NOTHING
+
+
+def copy_data(
+    source: Path,
+    partial: Path,
+    attempt: str,
+    system_id: str,
+    tablespaces: dict[str, tuple[Path, str]] | None = None,
+) -> int:
     """Reflink the data directory at source into partial/pgdata for attempt (starting over if
-    partial holds another attempt's copy); return the number of files."""
+    partial holds another attempt's copy); return the number of files. tablespaces: a capture
+    of a whole instance (core/capture.py): name -> (the tablespace volume's directory on this
+    node, the tablespace's location inside it), each copied into partial/tablespaces/<name>,
+    before the data directory (whose pg_control is copied last of all)."""
     if os.path.lexists(partial) and attempt_of(partial) == attempt + "\n":
         return 0  # this attempt's copy is complete (the stamp is written last)
     try:
@@ -107,7 +121,19 @@ def copy_data(source: Path, partial: Path, attempt: str, system_id: str) -> int:
     volume = os.stat(source.parent)
     os.chown(partial, volume.st_uid, volume.st_gid)
     os.chmod(partial, stat.S_IMODE(volume.st_mode))
-    files = reflink.copy_tree(
+    files = 0
+    if tablespaces:
+        os.mkdir(partial / "tablespaces", 0o700)
+    for name, (top, inside) in sorted((tablespaces or {}).items()):
+        into = partial / "tablespaces" / name
+        os.mkdir(into, 0o700)
+        st = os.stat(top)
+        os.chown(into, st.st_uid, st.st_gid)
+        os.chmod(into, stat.S_IMODE(st.st_mode))
+        files += reflink.copy_tree(
+            top / inside, into / inside, leave=_leave_in_tablespace, live=True, workers=COPY_WORKERS
+        )
+    files += reflink.copy_tree(
         source, partial / "pgdata", leave=_leave, live=True, workers=COPY_WORKERS
     )
     archive = partial / "pgdata" / "pg_wal" / "archive_status"

@@ -11,6 +11,7 @@ import shutil
 import stat
 from pathlib import Path
 
+from ..core.capture import part_of
 from ..core.errors import FailedPrecondition, SourceUnavailable, VolumeInUse
 from ..core.keys import CTX_SOURCE_POD
 from ..core.layout import DELETING_SUFFIX, PARTIAL_SUFFIX, Layout, is_guid
@@ -84,6 +85,8 @@ class LocalDisk:
     def data_dir(self, record: VolumeRecord) -> Path:
         if record.kind == Kind.SNAPSHOT:
             return self.layout.snapshot_dir(record.guid)
+        if record.kind == Kind.CAPTURE:
+            return self.layout.capture_dir(record.guid)
         return self.layout.volume_dir(record.guid)
 
     def apply_cow_extent_size(self, size_bytes: int) -> None:
@@ -173,6 +176,51 @@ class LocalDisk:
             record.guid,
             source.kind,
             source.guid,
+            files,
+        )
+
+    def cut_piece(
+        self, capture: VolumeRecord, record: VolumeRecord, piece: str, wal_link: str = ""
+    ) -> None:
+        """A piece of a capture (core/capture.py): reflink the capture's part for it into
+        <dir>.partial, then rename it into place. Nothing uses a capture but this. wal_link:
+        a PG_DATA piece whose WAL is in the WAL piece: its pg_wal becomes that link."""
+        final = self.data_dir(record)
+        if os.path.lexists(final):
+            return
+        part = part_of(piece)
+        top = self.data_dir(capture)
+        src = self.source_dir(top / part.inside, top)
+        reflink.probe(self.layout.state_dir)
+        final.parent.mkdir(mode=0o700, exist_ok=True)
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        remove_tree(partial)
+        try:
+            if part.into:
+                os.mkdir(partial, 0o700)
+                # The new volume's top directory is owned like the capture's (CNPG: postgres).
+                st = os.stat(top)
+                os.chown(partial, st.st_uid, st.st_gid)
+                os.chmod(partial, stat.S_IMODE(st.st_mode))
+                files = reflink.copy_tree(src, partial / part.into)
+                wal = partial / part.into / "pg_wal"
+                if wal_link and part.into == "pgdata" and not wal.is_symlink():
+                    st = os.stat(wal)
+                    remove_tree(wal)
+                    os.symlink(wal_link, wal)
+                    os.lchown(wal, st.st_uid, st.st_gid)
+            else:
+                files = reflink.copy_tree(src, partial)
+            os.rename(partial, final)
+        except BaseException:
+            remove_tree(partial)
+            raise
+        log.info(
+            "cut %s %s from capture %s (%s, %d files)",
+            record.kind,
+            record.guid,
+            capture.guid,
+            piece,
             files,
         )
 
@@ -272,8 +320,9 @@ class LocalDisk:
     def sweep(self) -> None:
         """Remove partial copies and half-removed directories a crash left behind."""
         places = [self.layout.prefix]
-        if self.layout.snapshots_dir.is_dir():
-            places.append(self.layout.snapshots_dir)
+        for place in (self.layout.snapshots_dir, self.layout.captures_dir):
+            if place.is_dir():
+                places.append(place)
         for place in places:
             for entry in place.iterdir():
                 for suffix in (PARTIAL_SUFFIX, DELETING_SUFFIX):

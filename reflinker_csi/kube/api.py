@@ -61,6 +61,9 @@ REFERENCEGRANTS = Resource(
     "gateway.networking.k8s.io", "v1beta1", "referencegrants", "ReferenceGrant", True
 )
 # CloudNativePG's Cluster: read for its fenced instances.
+VOLUMESNAPSHOTS = Resource(
+    "snapshot.storage.k8s.io", "v1", "volumesnapshots", "VolumeSnapshot", True
+)
 CNPG_CLUSTERS = Resource("postgresql.cnpg.io", "v1", "clusters", "Cluster", True)
 REFLINKVOLUMES = Resource("pg-reflinker.csi", "v1alpha1", "reflinkvolumes", "ReflinkVolume", False)
 
@@ -104,6 +107,12 @@ class WatchHandle:
                 response.shutdown()
             except (AttributeError, OSError):
                 response.close()
+
+
+def parse_json(text: str) -> object:
+    """A JSON document from an object's field (an annotation); ValueError when it is not."""
+    loaded: object = json.loads(text)
+    return loaded
 
 
 class Kube:

@@ -14,6 +14,7 @@ from ..disk.local import LocalDisk
 from ..metrics import Metrics
 from . import api
 from .annotator import PvAnnotator
+from .capture import Captures
 from .claims import ClaimLoop
 from .locator import KubeSourceLocator
 from .materializer import KubeMaterializer, NodeReports
@@ -66,12 +67,14 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
     nodes = Informer(kube, api.NODES)
     registry = KubeRegistry(kube, records)
     reports = NodeReports(csinodes, nodes, settings.driver_name)
+    captures = Captures(kube, registry, claims)
     materializer = KubeMaterializer(
         registry,
         reports,
         layout,
         settings.pg_connect_timeout,
         settings.pg_statement_timeout,
+        captures,
         settings.backup_mode_limit,
     )
     locator = KubeSourceLocator(kube, pvs, layout, settings.driver_name, settings.target_root)
@@ -111,10 +114,12 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
     orphans.watch(records)
     orphans.watch(claims, loop.records_of_claim)
     orphans.reads(pvs)
+    expiry = Controller("captures", captures.reconcile, workers=1, leader=lease, on_error=errors)
+    expiry.watch(records)
     for informer in (records, pvs, claims, csinodes, nodes):
         runner.start(informer.name, informer.run, informer.close)
     runner.start("lease", lease.run)
-    for each in (annotate, claim_loop, orphans):
+    for each in (annotate, claim_loop, orphans, expiry):
         runner.start(each.name, each.run)
     return ControllerApp(volumes, runner, records, loop, lease, reports)
 

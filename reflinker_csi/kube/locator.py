@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from pathlib import Path
 
+from ..core.capture import PG_WAL, tablespace_piece
 from ..core.errors import FailedPrecondition, SourceUnavailable
 from ..core.keys import (
     CNPG_CLUSTER_LABEL,
     CNPG_DATA_MOUNT,
     CNPG_FENCED_ANNOTATION,
     CNPG_ROLE_LABEL,
+    CNPG_TABLESPACES_MOUNT,
+    CTX_PIECE,
     CTX_SOURCE_FENCED,
     CTX_SOURCE_POD,
     CTX_SOURCE_PVC,
@@ -22,9 +24,22 @@ from ..core.keys import (
 from ..core.layout import Layout
 from ..core.locator import SourceLocation, SourceServer
 from ..core.records import VolumeRecord
-from .api import CLAIMS, CNPG_CLUSTERS, PODS, SECRETS, ApiError, Kube, domain_error
+from .api import CLAIMS, CNPG_CLUSTERS, PODS, SECRETS, ApiError, Kube, domain_error, parse_json
 from .model import Meta, PersistentVolume, Pod, obj, text
 from .runtime import Informer
+
+
+def piece_at(role: str, mount_path: str) -> str:
+    """The piece a claim of a CNPG instance is, by its role and where the pod mounts it."""
+    if role == "PG_WAL":
+        return PG_WAL
+    name = mount_path.removeprefix(CNPG_TABLESPACES_MOUNT + "/")
+    if role == "PG_TABLESPACE" and name != mount_path and name and "/" not in name:
+        return tablespace_piece(name)
+    raise FailedPrecondition(
+        f"a claim with CNPG role {role[:40]!r} mounted at {mount_path[:120]!r} is neither "
+        "PGDATA, WAL nor a tablespace where CNPG mounts them; it cannot be copied"
+    )
 
 
 class KubeSourceLocator:
@@ -148,19 +163,26 @@ class KubeSourceLocator:
             return SourceLocation(
                 node=pod.node_name or default_node, host_path=host_path, context=context
             )
+        mount_path, port = self._mount_and_port(pod, volume_name)
+        volumes = self._other_volumes(pod, volume_name)
         if role not in ("", "PG_DATA"):
-            raise FailedPrecondition(
-                f"claim {ns}/{claim} holds the {role} volume of running CNPG cluster {cluster}, "
-                f"not a data directory; clone or snapshot the instance's PGDATA claim "
-                f"{pod.meta.name}, whose copy carries the WAL it needs, or take a CNPG offline "
-                "Backup (online: false), which copies every claim of the fenced instance"
-            )
+            # A piece of the instance: it is copied from a capture of the whole instance,
+            # taken through its PGDATA (core/capture.py); the materializer refuses it alone.
+            context[CTX_PIECE] = piece_at(role, mount_path)
+            data = volumes.pop(CNPG_DATA_MOUNT, None)
+            if data is None:
+                raise FailedPrecondition(
+                    f"claim {ns}/{claim} holds the {role} volume of CNPG instance {where}, "
+                    f"whose PGDATA volume is not mounted at {CNPG_DATA_MOUNT}; it cannot be "
+                    "copied"
+                )
+            volumes[mount_path] = str(host_path)
+            host_path, mount_path = Path(data), CNPG_DATA_MOUNT
         if pod.phase != "Running" or not pod.ready or not pod.ip:
             raise SourceUnavailable(
                 f"source {where} (CNPG cluster {cluster}) is not Running and Ready "
                 f"(phase {pod.phase or 'unknown'}); the clone is retried once it is"
             )
-        mount_path, port = self._mount_and_port(pod, volume_name)
         server = SourceServer(
             pod_ip=pod.ip,
             cluster=cluster,
@@ -178,7 +200,7 @@ class KubeSourceLocator:
             server=server,
             mount_path=mount_path,
             pod_uid=pod.meta.uid,
-            volumes=self._other_volumes(pod, volume_name),
+            volumes=volumes,
             context=context,
         )
 
@@ -195,7 +217,7 @@ class KubeSourceLocator:
             raise domain_error(err, f"read CNPG cluster {ns}/{cluster}") from None
         raw = Meta.of(value or {}).annotations.get(CNPG_FENCED_ANNOTATION, "")
         try:
-            fenced = json.loads(raw) if raw else []
+            fenced = parse_json(raw) if raw else []
         except ValueError:
             raise FailedPrecondition(
                 f"CNPG cluster {ns}/{cluster} has an annotation {CNPG_FENCED_ANNOTATION} that is "

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from ..core.backup import BackupStart, BackupStop
+from ..core.capture import PG_DATA, PG_TABLESPACE, pieces_held, pieces_of
 from ..core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -26,17 +27,20 @@ from ..core.keys import (
     ANNOTATION_FLOOR_BYTES,
     ANNOTATION_FREE_BYTES,
     ANNOTATION_REPORTED_AT,
+    CTX_GROUP,
+    CTX_PIECE,
     CTX_SOURCE_PVC,
     PARAM_CLONE_METHOD,
     TOPOLOGY_KEY,
 )
 from ..core.layout import Layout
 from ..core.locator import SourceLocation
-from ..core.records import CloneMethod, CloneMode, HandOff, Phase, Step, VolumeRecord
+from ..core.records import CloneMethod, CloneMode, HandOff, Kind, Phase, Step, VolumeRecord
 from ..core.space import check_room
 from ..core.volumes import Origin
 from ..pg.backup import native_clone
 from ..pg.source import call_function, has_function, session
+from .capture import Captures
 from .model import CSINode, Meta, parse_time
 from .registry import KubeRegistry
 from .runtime import Informer
@@ -114,8 +118,10 @@ class KubeMaterializer:
         layout: Layout,
         connect_timeout: float,
         statement_timeout: float,
+        captures: Captures,
         backup_limit: float = 60.0,
     ) -> None:
+        self.captures = captures
         self.registry = registry
         self.reports = reports
         self.layout = layout
@@ -146,20 +152,26 @@ class KubeMaterializer:
         location = origin.location if origin else None
         if current.phase == Phase.READY:
             return current
+        gone = bool(current.capture) and self.registry.get(current.capture) is None
+        if gone:  # cut from a capture that is gone: a new one (or a refusal, core/capture.py)
+            self.registry.set_capture(record, "", current.context.get(CTX_GROUP, ""), {})
+            current = dataclasses.replace(current, capture="")
         if current.phase == Phase.FAILED:
             self.registry.set_phase(record, Phase.PENDING)  # a new attempt for the node agent
             # Wait for our own write, so the old Failed is not read as this attempt's answer.
             self.registry.informer.wait_until(
                 lambda: self._not_failed(record), time.monotonic() + 5.0
             )
-        if location is not None and location.server is not None and not current.hot_clone_dir:
-            self._check_room(record.node)
-            with self._one_backup_at_a_time(location, deadline):
-                left = max(1.0, deadline - time.monotonic())
-                budget = min(self.statement_timeout, self.backup_limit, left)
-                made = self._hot_clone(record, location, budget, deadline)
-            if made is not None:
-                return made
+        if current.capture:
+            pass  # the node agent cuts the piece from the capture
+        elif location is not None and location.server is not None and not current.hot_clone_dir:
+            group = self._group(record, location)
+            if group:
+                self.captures.cut(record, location, group, deadline, self._take)
+            else:
+                made = self._take_hot(record, location, deadline)
+                if made is not None:
+                    return made
         elif record.clone_mode == CloneMode.HOT and not current.hot_clone_dir:
             raise SourceUnavailable(
                 f"volume {record.guid} is a hot clone of "
@@ -170,6 +182,8 @@ class KubeMaterializer:
         if settled is None or settled.phase == Phase.DELETING:
             raise OperationInProgress(f"volume {record.guid} is being deleted; retry later")
         if settled.phase == Phase.READY:
+            if settled.capture:
+                self.captures.release(settled)
             return settled
         if settled.phase == Phase.FAILED:
             raise from_code(
@@ -180,6 +194,50 @@ class KubeMaterializer:
             f"volume {record.guid} is not ready yet: waiting for the pg-reflinker node plugin on "
             f"node {record.node}; the request is retried"
         )
+
+    def _group(self, record: VolumeRecord, location: SourceLocation) -> str:
+        """The group whose capture record is cut from ("" for a copy of its own). Only an
+        instance with more than one claim has pieces to share; a WAL or tablespace claim
+        asked for outside a group is refused."""
+        group = ""
+        if len(pieces_of(location.volumes)) > 1:
+            group = self.captures.group_of(record)
+        piece = location.context.get(CTX_PIECE, PG_DATA)
+        if not group and piece != PG_DATA:
+            pvc = location.context.get(CTX_SOURCE_PVC, "the claim")
+            server = location.server
+            assert server is not None
+            raise FailedPrecondition(
+                f"claim {pvc} holds the {piece.partition(':')[0]} volume of running CNPG "
+                f"cluster {server.cluster}, not a data directory; it is copied only together "
+                f"with its instance's PGDATA claim {server.pod} (the claims of one new CNPG "
+                "instance, or the snapshots of one CNPG Backup, share one capture), or clone "
+                f"or snapshot the PGDATA claim {server.pod} alone, whose copy carries the WAL "
+                "it needs, or take a CNPG offline Backup (online: false)"
+            )
+        return group
+
+    def _take(
+        self, record: VolumeRecord, location: SourceLocation, deadline: float
+    ) -> VolumeRecord:
+        """A hot copy of location into record, Ready (a capture)."""
+        return self.materialize(record, Origin(None, location), deadline - time.monotonic() + 1.0)
+
+    def _take_hot(
+        self, record: VolumeRecord, location: SourceLocation, deadline: float
+    ) -> VolumeRecord | None:
+        """The hot copy, one backup at a time per source instance; the record when it is
+        Ready already (native, or made meanwhile), None when the node agent puts it in place."""
+        self._check_room(record.node)
+        with self._one_backup_at_a_time(location, deadline):
+            current = self.registry.get_by_name(record.name, record.kind)
+            if current is not None and current.phase == Phase.READY:
+                return current  # made while this request waited at the gate
+            if current is not None and current.hot_clone_dir:
+                return None
+            left = max(1.0, deadline - time.monotonic())
+            budget = min(self.statement_timeout, self.backup_limit, left)
+            return self._hot_clone(record, location, budget, deadline)
 
     @contextlib.contextmanager
     def _one_backup_at_a_time(self, location: SourceLocation, deadline: float) -> Iterator[None]:
@@ -210,10 +268,21 @@ class KubeMaterializer:
         assert server is not None
         began = time.monotonic()
         wanted = method_of(record.parameters)
+        # A capture of an instance with tablespaces: only the native method copies them.
+        spaces = record.kind == Kind.CAPTURE and any(
+            p.startswith(PG_TABLESPACE) for p in pieces_held(record)
+        )
+        if spaces and wanted == CloneMethod.FUNCTION:
+            raise FailedPrecondition(
+                f"{server.where} has tablespaces, which reflink_snapshot() does not copy "
+                "(cloneMethod function); copies of the whole instance need cloneMethod native "
+                "or auto in the StorageClass or VolumeSnapshotClass"
+            )
         with session(server, self.connect_timeout, budget) as conn:
             method = wanted
             if method == CloneMethod.AUTO:
-                method = CloneMethod.FUNCTION if has_function(conn) else CloneMethod.NATIVE
+                use_function = not spaces and has_function(conn)
+                method = CloneMethod.FUNCTION if use_function else CloneMethod.NATIVE
             self.registry.set_clone_method(record, str(method))
             fields: dict[str, object] = {
                 "guid": record.guid,
@@ -230,7 +299,9 @@ class KubeMaterializer:
                 return None
             limit = began + self.backup_limit
             copier = RecordCopier(self.registry, record, location, min(deadline, limit), limit)
-            in_backup = native_clone(conn, server, record.guid, copier, budget)
+            in_backup = native_clone(
+                conn, server, record.guid, copier, budget, whole=record.kind == Kind.CAPTURE
+            )
         fields.update(s=round(time.monotonic() - began, 3), backup_s=round(in_backup, 3))
         log.info("hot clone taken", extra={"fields": fields})
         return copier.ready

@@ -301,7 +301,8 @@ def record_name(kind: Kind, request_name: str) -> str:
     if kind == Kind.VOLUME and _DNS_LABEL.match(request_name):
         return request_name
     digest = hashlib.sha256(request_name.encode()).hexdigest()[:40]
-    return f"{'snap' if kind == Kind.SNAPSHOT else 'vol'}-{digest}"
+    prefix = {Kind.SNAPSHOT: "snap", Kind.CAPTURE: "cap"}.get(kind, "vol")
+    return f"{prefix}-{digest}"
 
 
 def to_body(record: VolumeRecord) -> JSON:
@@ -361,6 +362,7 @@ def record_of(value: JSON) -> VolumeRecord:
         hot_clone_dir=text(spec, "hotCloneDir"),
         clone_method=text(spec, "cloneMethod"),
         hand_off=hand_off_of(obj(spec, "backup"), obj(status, "backup")),
+        capture=text(spec, "capture"),
         phase=phase,
         code=text(status, "code"),
         message=text(status, "message"),

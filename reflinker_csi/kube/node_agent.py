@@ -13,12 +13,15 @@ import time
 from pathlib import Path
 
 from ..core.backup import parse_lsn
-from ..core.errors import FailedPrecondition, ReflinkerError, classify
+from ..core.errors import FailedPrecondition, ReflinkerError, SourceUnavailable, classify
 from ..core.keys import (
     ANNOTATION_FLOOR_BYTES,
     ANNOTATION_FREE_BYTES,
     ANNOTATION_REPORTED_AT,
+    CNPG_TABLESPACES_MOUNT,
+    CTX_PIECE,
     CTX_SOURCE_FENCED,
+    CTX_WAL_LINK,
     FINALIZER,
     NODE_COMPONENT,
 )
@@ -102,6 +105,8 @@ class NodeAgent:
             return True
         if record.hand_off is not None:
             return self._native_step(record, record.hand_off)
+        if record.capture:
+            return self._cut(record)
         if record.clone_mode == CloneMode.HOT:
             return False
         self.disk.check_room(self.node_id)
@@ -115,6 +120,23 @@ class NodeAgent:
             )
         fenced = record.context.get(CTX_SOURCE_FENCED)
         self.disk.reflink_copy(source, record, Path(fenced) if fenced else None)
+        return True
+
+    def _cut(self, record: VolumeRecord) -> bool:
+        """A piece of a capture of a whole instance, both on this node."""
+        capture = self.registry.get(record.capture)
+        if capture is None or capture.kind != Kind.CAPTURE or capture.phase != Phase.READY:
+            raise SourceUnavailable(
+                f"the capture {record.capture} that {record.kind} {record.guid} is cut from is "
+                "gone; the controller takes a new one"
+            )
+        if capture.node != self.node_id:
+            raise FailedPrecondition(
+                f"capture {capture.guid} is on node {capture.node}, not on {self.node_id}"
+            )
+        self.disk.check_room(self.node_id)
+        piece = record.context.get(CTX_PIECE, "")
+        self.disk.cut_piece(capture, record, piece, record.context.get(CTX_WAL_LINK, ""))
         return True
 
     def _partial(self, record: VolumeRecord) -> Path:
@@ -134,7 +156,10 @@ class NodeAgent:
         if hand_off.step == Step.COPY:
             self.disk.check_room(self.node_id)
             began = time.monotonic()
-            files = backup.copy_data(source, partial, hand_off.attempt, hand_off.system_id)
+            spaces = None
+            if record.kind == Kind.CAPTURE:
+                spaces = self._tablespaces(source, hand_off.volumes)
+            files = backup.copy_data(source, partial, hand_off.attempt, hand_off.system_id, spaces)
             log.info(
                 "hot clone copied",
                 extra={
@@ -168,18 +193,48 @@ class NodeAgent:
         wal = source / "pg_wal"
         if not wal.is_symlink():
             return wal
-        target = os.path.normpath(os.readlink(wal))
-        for mount in sorted(volumes, key=len, reverse=True):  # the deepest mount first
-            node_path = volumes[mount]
+        found = self._on_volume(os.readlink(wal), volumes)
+        if found is None:
+            # Not the link's target: it may name another volume's directory on this node.
+            raise FailedPrecondition(
+                f"pg_wal in {source} links to a path on none of the server pod's volumes "
+                f"({', '.join(sorted(volumes)) or 'none'}); a source's WAL is read only from "
+                "its own volumes, so it cannot be copied"
+            )
+        _, node_path, inside = found
+        return self.disk.source_dir(node_path / inside, node_path)
+
+    def _tablespaces(self, source: Path, volumes: dict[str, str]) -> dict[str, tuple[Path, str]]:
+        """A capture's tablespaces: name -> (its volume's directory on this node, the location
+        inside it), from the links in pg_tblspc, each on one of the pod's tablespace volumes."""
+        found: dict[str, tuple[Path, str]] = {}
+        links = source / "pg_tblspc"
+        for oid in sorted(os.listdir(links)) if links.is_dir() else []:
+            if not (links / oid).is_symlink():
+                continue  # an in-place tablespace: inside the data directory
+            on = self._on_volume(os.readlink(links / oid), volumes)
+            prefix = CNPG_TABLESPACES_MOUNT + "/"
+            name = on[0][len(prefix) :] if on and on[0].startswith(prefix) else ""
+            if on is None or not name or "/" in name:
+                raise FailedPrecondition(
+                    f"tablespace {oid} in {source} links to a path on none of the server pod's "
+                    f"tablespace volumes ({', '.join(sorted(volumes)) or 'none'}); a source's "
+                    "tablespaces are read only from their own volumes, so it cannot be copied"
+                )
+            _, node_path, inside = on
+            self.disk.source_dir(node_path / inside, node_path)  # no link on the way
+            found[name] = (Path(os.path.realpath(node_path)), inside)
+        return found
+
+    @staticmethod
+    def _on_volume(target: str, volumes: dict[str, str]) -> tuple[str, Path, str] | None:
+        """(mount, its node path, the path inside it) of a path in the server's pod, on the
+        deepest of the pod's volumes that holds it."""
+        target = os.path.normpath(target)
+        for mount in sorted(volumes, key=len, reverse=True):
             if target == mount or target.startswith(mount.rstrip("/") + "/"):
-                inside = target[len(mount) :].lstrip("/")
-                return self.disk.source_dir(Path(node_path) / inside, Path(node_path))
-        # Not the link's target: it may name another volume's directory on this node.
-        raise FailedPrecondition(
-            f"pg_wal in {source} links to a path on none of the server pod's volumes "
-            f"({', '.join(sorted(volumes)) or 'none'}); a source's WAL is read only from its "
-            "own volumes, so it cannot be copied"
-        )
+                return mount, Path(volumes[mount]), target[len(mount) :].lstrip("/")
+        return None
 
     def _remove(self, record: VolumeRecord, value: dict[str, object]) -> Result:
         users = self.disk.publishers(record) if record.kind != Kind.SNAPSHOT else []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from ..core.errors import classify
-from ..core.keys import CTX_CLONE_METHOD, FINALIZER
+from ..core.keys import CTX_CLONE_METHOD, CTX_GROUP, FINALIZER
 from ..core.layout import is_guid
 from ..core.records import HandOff, Kind, Phase, Step, VolumeRecord
 from ..core.space import size
@@ -137,6 +137,23 @@ class KubeRegistry:
         name = record_name(record.kind, record.name)
         try:
             self.kube.merge_patch(REFLINKVOLUMES, name, {"spec": {"hotCloneDir": path}})
+        except ApiError as err:
+            raise domain_error(err, f"update ReflinkVolume {name}") from None
+
+    def set_capture(
+        self, record: VolumeRecord, capture: str, group: str, context: dict[str, str]
+    ) -> None:
+        """The capture a piece is cut from (spec.capture), for its node agent, with more
+        context (the group, how the capture was taken, shown on the PV)."""
+        name = record_name(record.kind, record.name)
+        context = {CTX_GROUP: group, **context}
+        method = context.get(CTX_CLONE_METHOD, "")
+        spec: JSON = {"capture": capture, "context": context}
+        if method:
+            spec["cloneMethod"] = method
+        patch: JSON = {"spec": spec}
+        try:
+            self.kube.merge_patch(REFLINKVOLUMES, name, patch)
         except ApiError as err:
             raise domain_error(err, f"update ReflinkVolume {name}") from None
 

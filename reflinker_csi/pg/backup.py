@@ -40,9 +40,12 @@ def slot_name(label: str) -> str:
     return "pg_reflinker_" + label.replace("-", "_")
 
 
-def check_source(conn: psycopg.Connection[tuple[object, ...]], server: SourceServer) -> None:
+def check_source(
+    conn: psycopg.Connection[tuple[object, ...]], server: SourceServer, whole: bool = False
+) -> None:
     """What the native method needs, checked before anything changes on the source: the two
-    grants, REPLICATION, and no tablespaces (they live outside the data directory)."""
+    grants, REPLICATION, and no tablespaces (they live outside the data directory) unless the
+    copy is of the whole instance (a capture, whose file side copies each tablespace)."""
     row = conn.execute(
         "SELECT pg_catalog.has_function_privilege('pg_catalog.pg_backup_start(text, boolean)', "
         "'EXECUTE'), "
@@ -67,12 +70,12 @@ def check_source(conn: psycopg.Connection[tuple[object, ...]], server: SourceSer
             f"role {REPLICATION_USER} lacks REPLICATION on {server.where} (CNPG grants it); "
             f"as a superuser run: ALTER ROLE {REPLICATION_USER} REPLICATION;"
         )
-    if tablespaces:
+    if tablespaces and not whole:
         raise FailedPrecondition(
             f"{server.where} has tablespaces {tablespaces}, which live outside the data "
-            "directory and cannot be cloned with it; move their objects to pg_default, or copy "
-            "the instance cold with a CNPG offline Backup (online: false), which snapshots "
-            "every claim of the fenced instance"
+            "directory and cannot be cloned with it alone; copy the whole instance: a new CNPG "
+            "Cluster with the same tablespaces (its claims share one capture), a CNPG "
+            "volumeSnapshot Backup, or an offline Backup (online: false)"
         )
 
 
@@ -82,12 +85,13 @@ def native_clone(
     label: str,
     copier: Copier,
     statement_timeout: float = 300,
+    whole: bool = False,
 ) -> float:
     """Take a consistent copy of the source named label through copier; return the seconds
-    the source spent in backup mode."""
+    the source spent in backup mode. whole: a copy of the whole instance, tablespaces too."""
     if not is_guid(label):
         raise InvalidArgument(f"label {label[:80]!r} must be a lowercase UUID")
-    check_source(conn, server)
+    check_source(conn, server, whole)
     slot = slot_name(label)
     step = "create replication slot"
     try:

@@ -139,14 +139,17 @@ def pgbench(k8s: OneNodeCluster, pod: str, *args: str, ns: str = NS) -> str:
 
 
 def pgbench_background(
-    k8s: OneNodeCluster, pod: str, seconds: int, ns: str = NS
+    k8s: OneNodeCluster, pod: str, seconds: int, ns: str = NS, script: str = ""
 ) -> subprocess.Popen[str]:
-    """A bounded pgbench run (it stops by itself after `seconds`)."""
-    return subprocess.Popen(
+    """A bounded pgbench run (it stops by itself after `seconds`): pgbench's own transactions,
+    or `script` (a custom script, read from standard input)."""
+    custom = ["-f", "-"] if script else []
+    run = subprocess.Popen(
         [
             str(k8s.bin / "kubectl"),
             f"--kubeconfig={k8s.kubeconfig}",
             "exec",
+            *(["-i"] if script else []),
             "-n",
             ns,
             pod,
@@ -154,6 +157,7 @@ def pgbench_background(
             "postgres",
             "--",
             "pgbench",
+            *custom,
             "-c",
             "2",
             "-T",
@@ -161,10 +165,17 @@ def pgbench_background(
             "-n",
             "app",
         ],
+        stdin=subprocess.PIPE if script else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    if script:
+        assert run.stdin is not None
+        run.stdin.write(script)
+        run.stdin.close()
+        run.stdin = None  # communicate() later has nothing to send
+    return run
 
 
 def pgbench_sums(k8s: OneNodeCluster, pod: str, ns: str = NS) -> set[str]:
@@ -211,7 +222,13 @@ def delete_cluster(k8s: OneNodeCluster, name: str, ns: str = NS) -> None:
 
 
 def hot_clone_seconds(k8s: OneNodeCluster, guid: str) -> float | None:
-    """How long the hot clone of volume `guid` took, from the controller's log line."""
+    """How long the hot clone of volume `guid` (or of the capture it was cut from) took, from
+    the controller's log line."""
+    record = k8s.kubectl(
+        "get", "reflinkvolumes", "-l", f"pg-reflinker.csi/guid={guid}", "-o", "json", check=False
+    ).stdout
+    with contextlib.suppress(ValueError, IndexError, KeyError):
+        guid = json.loads(record)["items"][0]["spec"].get("capture") or guid
     logs = k8s.kubectl(
         "logs",
         "-n",

@@ -707,21 +707,7 @@ def _offline_backup(k8s: OneNodeCluster, cluster: str) -> list[dict[str, Any]]:
         "-p",
         json.dumps({"spec": {"backup": {"volumeSnapshot": {"className": "pg-reflinker"}}}}),
     )
-    backup = cnpg.example("backup-offline.yaml")
-    name = backup["metadata"]["name"] = f"{cluster}-offline"
-    backup["spec"]["cluster"]["name"] = cluster
-    began = time.monotonic()
-    k8s.apply(backup)
-
-    def phase() -> str:
-        found = [b for b in _backups(k8s) if b["metadata"]["name"] == name]
-        return str(found[0].get("status", {}).get("phase", "")) if found else ""
-
-    k8s.wait(f"Backup {name} completed", lambda: phase() in ("completed", "failed"), 300)
-    done = next(b for b in _backups(k8s) if b["metadata"]["name"] == name)
-    assert done["status"]["phase"] == "completed", done.get("status")
-    print(f"\noffline Backup of {cluster} completed in {time.monotonic() - began:.1f} s")
-    elements: list[dict[str, Any]] = done["status"]["snapshotBackupStatus"]["elements"]
+    elements = _backup(k8s, "backup-offline.yaml", cluster)
     for element in elements:
         snapshot = k8s.get("volumesnapshot", element["name"], "-n", NS)
         content = k8s.get(
@@ -734,8 +720,34 @@ def _offline_backup(k8s: OneNodeCluster, cluster: str) -> list[dict[str, Any]]:
     return elements
 
 
+def _backup(k8s: OneNodeCluster, example: str, cluster: str) -> list[dict[str, Any]]:
+    """A CNPG Backup from deploy/examples/`example`, named <cluster>-<online|offline>, once
+    completed: its elements (name and type of each VolumeSnapshot)."""
+    backup = cnpg.example(example)
+    kind = "online" if backup["spec"].get("online", True) else "offline"
+    name = backup["metadata"]["name"] = f"{cluster}-{kind}"
+    backup["spec"]["cluster"]["name"] = cluster
+    began = time.monotonic()
+    k8s.apply(backup)
+
+    def phase() -> str:
+        found = [b for b in _backups(k8s) if b["metadata"]["name"] == name]
+        return str(found[0].get("status", {}).get("phase", "")) if found else ""
+
+    k8s.wait(f"Backup {name} completed", lambda: phase() in ("completed", "failed"), 300)
+    done = next(b for b in _backups(k8s) if b["metadata"]["name"] == name)
+    assert done["status"]["phase"] == "completed", done.get("status")
+    print(f"\n{kind} Backup of {cluster} completed in {time.monotonic() - began:.1f} s")
+    elements: list[dict[str, Any]] = done["status"]["snapshotBackupStatus"]["elements"]
+    return elements
+
+
 def _forget_backup(k8s: OneNodeCluster, cluster: str, elements: list[dict[str, Any]]) -> None:
-    k8s.kubectl("delete", "backups.postgresql.cnpg.io", f"{cluster}-offline", "-n", NS)
+    _forget(k8s, f"{cluster}-offline", elements)
+
+
+def _forget(k8s: OneNodeCluster, backup: str, elements: list[dict[str, Any]]) -> None:
+    k8s.kubectl("delete", "backups.postgresql.cnpg.io", backup, "-n", NS)
     for element in elements:
         k8s.kubectl("delete", "volumesnapshot", element["name"], "-n", NS, "--wait=true")
 
@@ -753,7 +765,7 @@ def _offline_backup_and_restore(k8s: OneNodeCluster, source: str) -> set[str]:
         return message if "holds the PG_WAL volume" in message else ""
 
     message = k8s.wait("the refusal of a snapshot of the WAL claim alone", refusal, 60)
-    assert f"PGDATA claim {source}," in message and "offline Backup" in message, message
+    assert f"PGDATA claim {source} " in message and "offline Backup" in message, message
     k8s.kubectl("delete", "volumesnapshot", "pg-lean-wal-alone", "-n", NS, "--wait=false")
     rows = cnpg.psql(k8s, source, "SELECT count(*) FROM pgbench_history")
     elements = _offline_backup(k8s, "pg-lean")
@@ -796,44 +808,140 @@ AGREE = (
 )
 
 
-def test_an_offline_backup_of_a_cluster_with_wal_and_a_tablespace_restores_all_three(
+# Every transaction of the load moves the same amount in both tables (a pgbench custom script).
+MOVES_SCRIPT = """\\set id random(1, 100)
+\\set d random(1, 1000)
+BEGIN;
+UPDATE ledger SET total = total + :d WHERE id = :id;
+UPDATE mirror SET total = total + :d WHERE id = :id;
+END;
+"""
+
+
+def _agreeing_copy(k8s: OneNodeCluster, cluster: str) -> str:
+    """The primary of `cluster`, checked: both tables agree, the ledger is in the tablespace,
+    amcheck passes, PGDATA's pg_wal links to the instance's WAL volume, which holds WAL, and the
+    tablespace's files are on its own volume."""
+    pod = cnpg.primary_pod(k8s, cluster)
+    total, mirrored, space = cnpg.psql(k8s, pod, AGREE).split(",")
+    assert total == mirrored != "0" and space == "archive", (cluster, total, mirrored, space)
+    cnpg.amcheck(k8s, pod)
+    data, wal, tablespace = (
+        PREFIX / _pv_of(k8s, c)["spec"]["csi"]["volumeHandle"]
+        for c in (pod, f"{pod}-wal", f"{pod}-tbs-archive")
+    )
+    assert (data / "pgdata" / "pg_wal").is_symlink(), f"{cluster}: pg_wal is not on its volume"
+    assert any((wal / "pg_wal").glob("0000000*")), f"{cluster}: no WAL on the WAL volume"
+    assert any(tablespace.glob("data/PG_*")), f"{cluster}: the tablespace is not on its volume"
+    return pod
+
+
+def _under_moves(k8s: OneNodeCluster, pod: str, seconds: int) -> Any:
+    load = cnpg.pgbench_background(k8s, pod, seconds=seconds, script=MOVES_SCRIPT)
+    k8s.wait(
+        "the moves under way",
+        lambda: int(cnpg.psql(k8s, pod, "SELECT sum(total) FROM mirror")) > 0,
+        60,
+    )
+    return load
+
+
+def _ended(load: Any) -> None:
+    out, _ = load.communicate(timeout=180)
+    assert load.returncode == 0, f"the load on the source failed: {out}"
+
+
+def _captures(k8s: OneNodeCluster) -> list[dict[str, Any]]:
+    return [r for r in _records(k8s) if r["spec"].get("kind") == "capture"]
+
+
+def test_a_cluster_with_wal_and_a_tablespace_is_copied_whole_online_and_offline(
     k8s: OneNodeCluster,
 ) -> None:
     """deploy/examples/source-cluster-tablespace.yaml: PGDATA, WAL and a tablespace on three
-    pg-reflinker volumes. CNPG's offline Backup snapshots all three while the instance is
-    fenced (each copied cold); a new Cluster with the same walStorage and tablespace restored
-    from it has both tables, in agreement, the tablespace on its own volume, and passes
-    amcheck."""
+    pg-reflinker volumes, native grants only, two tables (one in the tablespace) changed by
+    every transaction of a bounded pgbench script. Under that load: a new Cluster from the three
+    running claims (clone-cluster-whole.yaml), CNPG's online volumeSnapshot Backup
+    (backup-online.yaml) and its offline one (backup-offline.yaml), each restored: every copy
+    has both tables in agreement (they would not if the pieces came from different moments),
+    passes amcheck, and has its WAL and tablespace on volumes of their own. The three claims of
+    one new instance share one capture, which is gone once its pieces are cut."""
     cnpg.ensure_namespace(k8s)
     k8s.apply(cnpg.example("source-cluster-tablespace.yaml"))
     cnpg.wait_healthy(k8s, "pg-spaces")
     pod = cnpg.primary_pod(k8s, "pg-spaces")
     cnpg.psql(k8s, pod, LEDGERS)
-    cnpg.psql(k8s, pod, MOVES)
-    expected = cnpg.psql(k8s, pod, AGREE)
-    total, mirrored, space = expected.split(",")
-    assert total == mirrored != "0" and space == "archive", expected
+    guids: set[str] = set()
+
+    # A new Cluster from the running claims.
+    load = _under_moves(k8s, pod, seconds=30)
+    try:
+        began = time.monotonic()
+        k8s.apply(cnpg.example("clone-cluster-whole.yaml"))
+        cnpg.wait_healthy(k8s, "pg-spaces-dev")
+        print(f"\nnew Cluster from the three running claims: {time.monotonic() - began:.1f} s")
+    finally:
+        _ended(load)
+    copy = _agreeing_copy(k8s, "pg-spaces-dev")
+    pieces = [
+        _record_for(k8s, _pv_of(k8s, c)["spec"]["csi"]["volumeHandle"])
+        for c in (copy, f"{copy}-wal", f"{copy}-tbs-archive")
+    ]
+    assert len({r["spec"]["capture"] for r in pieces}) == 1, [r["spec"] for r in pieces]
+    assert {r["spec"]["context"]["pg-reflinker.csi/piece"] for r in pieces[1:]} == {
+        "PG_WAL",
+        "PG_TABLESPACE:archive",
+    }
+    assert all(r["spec"]["cloneMethod"] == "native" for r in pieces)
+    k8s.wait("the capture removed once its pieces are cut", lambda: not _captures(k8s), 60)
+    assert not list((PREFIX / ".pg-reflinker" / "captures").glob("*"))
+    assert cnpg.psql(k8s, pod, "SELECT count(*) FROM pg_replication_slots", db="postgres") == "0"
+    guids |= {r["spec"]["guid"] for r in pieces}
+    cnpg.delete_cluster(k8s, "pg-spaces-dev")
+
+    # CNPG's online volumeSnapshot Backup, restored.
+    k8s.kubectl(
+        "patch",
+        "cluster.postgresql.cnpg.io",
+        "pg-spaces",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"backup": {"volumeSnapshot": {"className": "pg-reflinker"}}}}),
+    )
+    load = _under_moves(k8s, pod, seconds=20)
+    try:
+        online = _backup(k8s, "backup-online.yaml", "pg-spaces")
+    finally:
+        _ended(load)
+    assert sorted(e["type"] for e in online) == ["PG_DATA", "PG_TABLESPACE", "PG_WAL"]
+    restored = cnpg.example("source-cluster-tablespace.yaml", metadata__name="pg-spaces-online")
+    restored["spec"]["bootstrap"] = {"recovery": {"backup": {"name": "pg-spaces-online"}}}
+    k8s.apply(restored)
+    cnpg.wait_healthy(k8s, "pg-spaces-online")
+    _agreeing_copy(k8s, "pg-spaces-online")
+    k8s.wait("the Backup's capture removed", lambda: not _captures(k8s), 60)
+    cnpg.delete_cluster(k8s, "pg-spaces-online")
+    _forget(k8s, "pg-spaces-online", online)
+
+    # CNPG's offline Backup (the instance fenced: each claim copied cold), restored.
     elements = _offline_backup(k8s, "pg-spaces")
     assert sorted(e["type"] for e in elements) == ["PG_DATA", "PG_TABLESPACE", "PG_WAL"]
-
     restored = cnpg.example("source-cluster-tablespace.yaml", metadata__name="pg-spaces-restored")
     restored["spec"]["bootstrap"] = {"recovery": {"backup": {"name": "pg-spaces-offline"}}}
     k8s.apply(restored)
     cnpg.wait_healthy(k8s, "pg-spaces-restored")
-    copy = cnpg.primary_pod(k8s, "pg-spaces-restored")
-    assert cnpg.psql(k8s, copy, AGREE) == expected
-    cnpg.amcheck(k8s, copy)
-    tablespace = _pv_of(k8s, f"{copy}-tbs-archive")["spec"]["csi"]["volumeHandle"]
-    assert any((PREFIX / tablespace).rglob("PG_*"))
-    guids = {
+    restored_pod = _agreeing_copy(k8s, "pg-spaces-restored")
+    guids |= {
         _pv_of(k8s, c)["spec"]["csi"]["volumeHandle"]
-        for p in (pod, copy)
+        for p in (pod, restored_pod)
         for c in (p, f"{p}-wal", f"{p}-tbs-archive")
     }
     cnpg.delete_cluster(k8s, "pg-spaces-restored")
     cnpg.delete_cluster(k8s, "pg-spaces")
     _forget_backup(k8s, "pg-spaces", elements)
-    k8s.wait("the six volumes removed", lambda: not (guids & _volume_dirs()), 120)
+    k8s.wait("the volumes removed", lambda: not (guids & _volume_dirs()), 120)
 
 
 SNAPSHOTS = "snapshot.storage.k8s.io"
