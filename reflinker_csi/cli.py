@@ -141,6 +141,7 @@ def _settings(cfg: config.Config) -> app.Settings:
         pg_connect_timeout=cfg.pg_connect_timeout_seconds,
         pg_statement_timeout=cfg.pg_statement_timeout_seconds,
         backup_mode_limit=cfg.backup_mode_limit_seconds,
+        capture_wait=cfg.capture_wait_seconds,
         usage_interval=cfg.usage_interval_seconds,
     )
 

@@ -83,6 +83,7 @@ class Config:
     pg_connect_timeout_seconds: float
     pg_statement_timeout_seconds: float
     backup_mode_limit_seconds: float
+    capture_wait_seconds: float
     free_space_floor: SpaceFloor
     cow_extent_size: int
     metrics_port: int
@@ -308,6 +309,13 @@ def load(env: Mapping[str, str] | None = None, mode: str = "standalone") -> Conf
             env,
             "BACKUP_MODE_LIMIT",
             "60",
+            "a number of seconds greater than 0",
+            _positive_seconds,
+        ),
+        capture_wait_seconds=_parse(
+            env,
+            "CAPTURE_WAIT",
+            "600",
             "a number of seconds greater than 0",
             _positive_seconds,
         ),

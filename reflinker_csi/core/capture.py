@@ -13,9 +13,10 @@ piece, a reflink copy of the capture's part for it:
     capture/tablespaces/<name>          -> PG_TABLESPACE:<name> piece: the volume's top (data/)
 
 The source is in backup mode only while the capture is taken, never while siblings are awaited.
-A capture is removed when every piece it holds has been cut, or CAPTURE_SECONDS after it was
-made (whichever comes first); a request of the group that comes later finds its siblings cut
-from a capture that is gone and is refused, so a set is never mixed from two moments."""
+A capture is removed when every piece its group wants has been cut, or CAPTURE_WAIT seconds
+after it was made (whichever comes first); a request of the group that comes later finds its
+siblings cut from a capture that is gone and is refused, so a set is never mixed from two
+moments."""
 
 from __future__ import annotations
 
@@ -24,10 +25,6 @@ from dataclasses import dataclass
 
 from .keys import CNPG_TABLESPACES_MOUNT, CNPG_WAL_MOUNT, CTX_PIECES
 from .records import VolumeRecord
-
-# How long a capture waits for the rest of its group. CNPG creates the claims of a new instance,
-# and the VolumeSnapshots of a Backup, within seconds of each other.
-CAPTURE_SECONDS = 600.0
 
 PG_DATA = "PG_DATA"
 PG_WAL = "PG_WAL"
@@ -84,5 +81,8 @@ def capture_name(group: str, source: str) -> str:
     return f"capture-{digest}"
 
 
-def expired(capture: VolumeRecord, now: float) -> bool:
-    return capture.created_at > 0 and now - capture.created_at > CAPTURE_SECONDS
+def expires_in(capture: VolumeRecord, now: float, wait: float) -> float:
+    """Seconds until the capture has waited `wait` seconds for its group (<= 0: expired).
+    CNPG creates the claims of a new instance, and the VolumeSnapshots of a Backup, within
+    seconds of each other."""
+    return capture.created_at + wait - now

@@ -38,6 +38,7 @@ class Settings:
     pg_connect_timeout: float = 10.0
     pg_statement_timeout: float = 300.0
     backup_mode_limit: float = 60.0
+    capture_wait: float = 600.0
     claim_wait_seconds: float = 20.0
     report_period: float = 60.0
     usage_interval: float = 300.0
@@ -67,7 +68,7 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
     nodes = Informer(kube, api.NODES)
     registry = KubeRegistry(kube, records)
     reports = NodeReports(csinodes, nodes, settings.driver_name)
-    captures = Captures(kube, registry, claims)
+    captures = Captures(kube, registry, claims, settings.capture_wait)
     materializer = KubeMaterializer(
         registry,
         reports,

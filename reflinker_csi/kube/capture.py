@@ -10,13 +10,12 @@ import time
 from collections.abc import Callable
 
 from ..core.capture import (
-    CAPTURE_SECONDS,
     PG_DATA,
     PG_TABLESPACE,
     PG_WAL,
     WAL_LINK,
     capture_name,
-    expired,
+    expires_in,
     pieces_held,
     pieces_of,
     tablespace_piece,
@@ -40,7 +39,7 @@ from ..core.keys import (
 )
 from ..core.layout import new_guid
 from ..core.locator import SourceLocation
-from ..core.records import CloneMode, Kind, Phase, VolumeRecord
+from ..core.records import CloneMethod, CloneMode, Kind, Phase, VolumeRecord
 from .api import VOLUMESNAPSHOTS, ApiError, Kube, domain_error
 from .model import Meta, record_of
 from .registry import KubeRegistry
@@ -53,7 +52,10 @@ TakeHot = Callable[[VolumeRecord, SourceLocation, float], VolumeRecord]
 
 
 class Captures:
-    def __init__(self, kube: Kube, registry: KubeRegistry, claims: Informer) -> None:
+    def __init__(
+        self, kube: Kube, registry: KubeRegistry, claims: Informer, wait: float = 600.0
+    ) -> None:
+        self.wait = wait  # CAPTURE_WAIT
         self.kube = kube
         self.registry = registry
         self.claims = claims
@@ -99,15 +101,22 @@ class Captures:
         capture = self.registry.get_by_name(name, Kind.CAPTURE)
         if capture is None:
             self._check_siblings(record, name)
+            method = record.parameters.get(PARAM_CLONE_METHOD)
+            pieces = pieces_of(location.volumes)
+            if method == CloneMethod.FUNCTION and any(p.startswith(PG_TABLESPACE) for p in pieces):
+                raise FailedPrecondition(
+                    f"{server.where} has tablespaces, which reflink_snapshot() does not copy "
+                    "(cloneMethod function); copies of the whole instance need cloneMethod "
+                    "native or auto in the StorageClass or VolumeSnapshotClass"
+                )
             context = {k: v for k, v in location.context.items() if k != CTX_PIECE}
             context.update(
                 {
                     CTX_GROUP: name,
-                    CTX_PIECES: ",".join(pieces_of(location.volumes)),
+                    CTX_PIECES: ",".join(pieces),
                     CTX_CLONE_MODE: str(CloneMode.HOT),
                 }
             )
-            method = record.parameters.get(PARAM_CLONE_METHOD)
             capture, _ = self.registry.reserve(
                 VolumeRecord(
                     guid=new_guid(),
@@ -213,17 +222,17 @@ class Captures:
         return wanted if instance else set()
 
     def reconcile(self, key: str) -> Result:
-        """A capture expires CAPTURE_SECONDS after it was made, whatever its state (an attempt
-        still taking it has ended by then: BACKUP_MODE_LIMIT is far shorter)."""
+        """A capture expires CAPTURE_WAIT seconds after it was made, whatever its state (an
+        attempt still taking it has ended by then if BACKUP_MODE_LIMIT is shorter)."""
         value = self.registry.informer.get(key)
         if value is None:
             return DONE
         capture = record_of(value)
         if capture.kind != Kind.CAPTURE or capture.phase == Phase.DELETING:
             return DONE
-        now = time.time()
-        if not expired(capture, now):
-            return Requeue(max(1.0, capture.created_at + CAPTURE_SECONDS - now + 1.0))
+        left = expires_in(capture, time.time(), self.wait)
+        if left > 0:
+            return Requeue(max(1.0, left + 0.5))
         log.info("capture expired", extra={"fields": {"capture": capture.guid}})
         self.registry.remove(capture.guid)
         return DONE

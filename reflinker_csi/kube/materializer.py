@@ -268,16 +268,11 @@ class KubeMaterializer:
         assert server is not None
         began = time.monotonic()
         wanted = method_of(record.parameters)
-        # A capture of an instance with tablespaces: only the native method copies them.
+        # A capture of an instance with tablespaces: only the native method copies them (a
+        # request for the function was refused before the capture was reserved).
         spaces = record.kind == Kind.CAPTURE and any(
             p.startswith(PG_TABLESPACE) for p in pieces_held(record)
         )
-        if spaces and wanted == CloneMethod.FUNCTION:
-            raise FailedPrecondition(
-                f"{server.where} has tablespaces, which reflink_snapshot() does not copy "
-                "(cloneMethod function); copies of the whole instance need cloneMethod native "
-                "or auto in the StorageClass or VolumeSnapshotClass"
-            )
         with session(server, self.connect_timeout, budget) as conn:
             method = wanted
             if method == CloneMethod.AUTO:

@@ -855,6 +855,68 @@ def _captures(k8s: OneNodeCluster) -> list[dict[str, Any]]:
     return [r for r in _records(k8s) if r["spec"].get("kind") == "capture"]
 
 
+def _function_refused_for_tablespaces(k8s: OneNodeCluster, pod: str) -> None:
+    """A claim of a new instance through a StorageClass with cloneMethod function: refused in
+    one line that names the native method; nothing is left behind."""
+    k8s.apply(
+        {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": "pg-reflinker-function"},
+            "provisioner": "pg-reflinker.csi",
+            "parameters": {"cloneMethod": "function"},
+            "volumeBindingMode": "Immediate",
+        }
+    )
+    claim = _claim("pg-fn-1", source=pod, size="8Gi")
+    claim["spec"]["storageClassName"] = "pg-reflinker-function"
+    claim["metadata"]["labels"] = {"cnpg.io/instanceName": "pg-fn-1", "cnpg.io/pvcRole": "PG_DATA"}
+    k8s.apply(claim)
+    refused = k8s.wait(
+        "the function refused",
+        lambda: [m for m in _events_of(k8s, "pg-fn-1", NS) if "does not copy" in m],
+        120,
+    )
+    assert "cloneMethod native or auto" in refused[0] and "\n" not in refused[0], refused[0]
+    k8s.kubectl("delete", "pvc", "pg-fn-1", "-n", NS, "--wait=true")
+    k8s.kubectl("delete", "storageclass", "pg-reflinker-function")
+    k8s.wait("no capture left", lambda: not _captures(k8s), 60)
+
+
+def _abandoned_capture_expires_and_a_late_sibling_is_refused(k8s: OneNodeCluster, pod: str) -> None:
+    snapshot = _volume_snapshot("pg-spaces-lonely", pod)
+    snapshot["metadata"]["labels"] = {"cnpg.io/backupName": "never-completed"}
+    k8s.apply(snapshot)
+    k8s.wait("the lonely snapshot ready", lambda: _snapshot_ready(k8s, "pg-spaces-lonely"), 120)
+    captures = _captures(k8s)
+    assert len(captures) == 1, captures
+    held = captures[0]["spec"]["context"]["pg-reflinker.csi/pieces"]
+    assert held == "PG_DATA,PG_WAL,PG_TABLESPACE:archive", held
+    directory = PREFIX / ".pg-reflinker" / "captures" / captures[0]["spec"]["guid"]
+    assert directory.is_dir()
+    began = time.monotonic()
+    k8s.wait("the abandoned capture expired", lambda: not _captures(k8s), 150)
+    print(f"\nabandoned capture removed {time.monotonic() - began:.1f} s after the snapshot")
+    k8s.wait("its directory removed", lambda: not directory.exists(), 60)
+    assert cnpg.psql(k8s, pod, "SELECT count(*) FROM pg_replication_slots", db="postgres") == "0"
+    in_backup = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg-reflinker'"
+    assert cnpg.psql(k8s, pod, in_backup, db="postgres") == "0"
+
+    late = _volume_snapshot("pg-spaces-late", f"{pod}-wal")
+    late["metadata"]["labels"] = {"cnpg.io/backupName": "never-completed"}
+    k8s.apply(late)
+
+    def refusal() -> str:
+        found = k8s.get("volumesnapshot", "pg-spaces-late", "-n", NS)
+        message = str(found.get("status", {}).get("error", {}).get("message", ""))
+        return message if "must come from one capture" in message else ""
+
+    message = k8s.wait("the late sibling refused", refusal, 90)
+    assert "start over" in message and not _captures(k8s), message
+    for name in ("pg-spaces-late", "pg-spaces-lonely"):
+        k8s.kubectl("delete", "volumesnapshot", name, "-n", NS, "--wait=true")
+
+
 def test_a_cluster_with_wal_and_a_tablespace_is_copied_whole_online_and_offline(
     k8s: OneNodeCluster,
 ) -> None:
@@ -872,6 +934,28 @@ def test_a_cluster_with_wal_and_a_tablespace_is_copied_whole_online_and_offline(
     pod = cnpg.primary_pod(k8s, "pg-spaces")
     cnpg.psql(k8s, pod, LEDGERS)
     guids: set[str] = set()
+    # reflink_snapshot() installed too: cloneMethod auto must still take the native method,
+    # the only one that copies tablespaces, and cloneMethod function is refused.
+    function = (Path(__file__).parents[2] / "deploy/postgres/reflink_snapshot.sql").read_text()
+    k8s.kubectl(
+        "exec",
+        "-i",
+        "-n",
+        NS,
+        pod,
+        "-c",
+        "postgres",
+        "--",
+        "psql",
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        "postgres",
+        input=function,
+    )
+    _function_refused_for_tablespaces(k8s, pod)
 
     # A new Cluster from the running claims.
     load = _under_moves(k8s, pod, seconds=30)
@@ -924,6 +1008,11 @@ def test_a_cluster_with_wal_and_a_tablespace_is_copied_whole_online_and_offline(
     k8s.wait("the Backup's capture removed", lambda: not _captures(k8s), 60)
     cnpg.delete_cluster(k8s, "pg-spaces-online")
     _forget(k8s, "pg-spaces-online", online)
+
+    # A group that never completes: a snapshot of the PGDATA claim labelled as part of a CNPG
+    # Backup that takes no other. Its capture waits CAPTURE_WAIT (60 s in the test overlay),
+    # then goes, leaving no directory, slot or backup; a sibling that comes later is refused.
+    _abandoned_capture_expires_and_a_late_sibling_is_refused(k8s, pod)
 
     # CNPG's offline Backup (the instance fenced: each claim copied cold), restored.
     elements = _offline_backup(k8s, "pg-spaces")
