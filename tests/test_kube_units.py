@@ -11,12 +11,11 @@ from reflinker_csi.core import errors
 from reflinker_csi.core.layout import Layout
 from reflinker_csi.core.locator import SourceLocation
 from reflinker_csi.core.records import CloneMode, HandOff, Kind, Phase, Step, VolumeRecord
+from reflinker_csi.kube.handoff import hand_off_body, hand_off_of
 from reflinker_csi.kube.materializer import host_path_of
 from reflinker_csi.kube.model import (
     Claim,
     Pod,
-    hand_off_body,
-    hand_off_of,
     quantity_bytes,
     record_name,
     record_of,

@@ -1,6 +1,6 @@
 """A native hot clone's hand-off, as data: what pg_backup_start and pg_backup_stop returned, and
 the file side's interface. The session runs in pg/backup.py; the copy in disk/backup.py, on this
-host or on the source's node through the volume's record (kube/)."""
+host or on the source's node through the volume's record (kube/handoff.py)."""
 
 from __future__ import annotations
 

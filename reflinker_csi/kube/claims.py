@@ -47,6 +47,7 @@ from ..core.records import Phase, VolumeRecord
 from ..core.volumes import CreateSpec, VolumeService
 from .api import JSON, REFERENCEGRANTS, STORAGECLASSES, VOLUMES, ApiError, Kube, domain_error
 from .events import record_event
+from .fields import text
 from .locator import KubeSourceLocator
 from .model import (
     Claim,
@@ -55,7 +56,6 @@ from .model import (
     key_of,
     quantity_bytes,
     record_of,
-    text,
 )
 from .runtime import DONE, Informer, Requeue, Result
 

@@ -25,7 +25,8 @@ from ..core.layout import Layout
 from ..core.locator import SourceLocation, SourceServer
 from ..core.records import VolumeRecord
 from .api import CLAIMS, CNPG_CLUSTERS, PODS, SECRETS, ApiError, Kube, domain_error, parse_json
-from .model import Meta, PersistentVolume, Pod, obj, text
+from .fields import obj, text
+from .model import Meta, PersistentVolume, Pod
 from .runtime import Informer
 
 

@@ -10,14 +10,11 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-from ..core.backup import BackupStart, BackupStop
 from ..core.capture import PG_DATA, PG_TABLESPACE, pieces_held, pieces_of
 from ..core.errors import (
-    DeadlineExceeded,
     FailedPrecondition,
     OperationInProgress,
     SourceUnavailable,
@@ -35,12 +32,13 @@ from ..core.keys import (
 )
 from ..core.layout import Layout
 from ..core.locator import SourceLocation
-from ..core.records import CloneMethod, CloneMode, HandOff, Kind, Phase, Step, VolumeRecord
+from ..core.records import CloneMethod, CloneMode, Kind, Phase, VolumeRecord
 from ..core.space import check_room
 from ..core.volumes import Origin
 from ..pg.backup import native_clone
 from ..pg.source import call_function, has_function, session
 from .capture import Captures
+from .handoff import RecordCopier
 from .model import CSINode, Meta, parse_time
 from .registry import KubeRegistry
 from .runtime import Informer
@@ -321,105 +319,3 @@ class KubeMaterializer:
 def method_of(parameters: dict[str, str]) -> CloneMethod:
     """The StorageClass's cloneMethod (validated when the volume was requested)."""
     return CloneMethod(parameters.get(PARAM_CLONE_METHOD) or CloneMethod.AUTO)
-
-
-class RecordCopier:
-    """The file side of a native hot clone, done by the node agent of the source's node: each
-    step is written on the volume's record (spec.backup) and waited for (status.backup)."""
-
-    def __init__(
-        self,
-        registry: KubeRegistry,
-        record: VolumeRecord,
-        location: SourceLocation,
-        deadline: float,
-        backup_limit_at: float = float("inf"),
-    ) -> None:
-        self.registry = registry
-        self.record = record
-        self.location = location
-        self.deadline = deadline
-        self.backup_limit_at = backup_limit_at
-        self.hand_off: HandOff | None = None
-        self.ready: VolumeRecord | None = None
-
-    def copy(self, start: BackupStart) -> None:
-        # CNPG keeps PGDATA in pgdata on the instance's volume; the node agent checks that the
-        # directory there is the source's (its system identifier).
-        self.hand_off = HandOff(
-            attempt=str(uuid.uuid4()),
-            step=Step.COPY,
-            source_dir=str(self.location.host_path / "pgdata"),
-            volumes=dict(self.location.volumes),
-            system_id=start.system_id,
-            start_lsn=start.lsn,
-            segment_bytes=start.segment_bytes,
-        )
-        self._ask(self.hand_off)
-
-    def finish(self, start: BackupStart, stop: BackupStop) -> None:
-        assert self.hand_off is not None
-        self.hand_off = dataclasses.replace(
-            self.hand_off,
-            step=Step.FINISH,
-            stop_lsn=stop.lsn,
-            label_file=stop.label_file,
-            map_file=stop.map_file,
-        )
-        self._ask(self.hand_off)
-
-    def complete(self) -> None:
-        assert self.hand_off is not None
-        self.hand_off = dataclasses.replace(self.hand_off, step=Step.COMPLETE)
-        self.ready = self._ask(self.hand_off)
-
-    def abandon(self) -> None:
-        """This attempt failed while the backup session lived: the node agent removes its
-        partial copy when the record is Failed; a retry starts over with a new attempt."""
-        if self.hand_off is None:
-            return
-        current = self.registry.get_by_name(self.record.name, self.record.kind)
-        if current is not None and current.phase == Phase.PENDING:
-            self.registry.set_phase(
-                self.record,
-                Phase.FAILED,
-                SourceUnavailable("the hot clone's attempt was abandoned; it is retried"),
-            )
-
-    def _ask(self, hand_off: HandOff) -> VolumeRecord:
-        self.registry.set_hand_off(self.record, hand_off)
-        name, kind = self.record.name, self.record.kind
-
-        def answered() -> VolumeRecord | None:
-            current = self.registry.get_by_name(name, kind)
-            if current is None or current.phase in (Phase.FAILED, Phase.DELETING):
-                return current or self.record.with_phase(Phase.DELETING)
-            if hand_off.step == Step.COMPLETE:
-                return current if current.phase == Phase.READY else None
-            done = current.hand_off
-            if done is not None and done.attempt == hand_off.attempt and done.done == hand_off.step:
-                return current
-            return None
-
-        current = self.registry.informer.wait_until(answered, self.deadline)
-        if current is None and self.deadline >= self.backup_limit_at:
-            raise DeadlineExceeded(
-                f"hot clone {self.record.guid} reached BACKUP_MODE_LIMIT (the longest a source "
-                f"stays in backup mode) at step {hand_off.step} on node {self.record.node}; the "
-                "backup was ended and the clone starts over on the next attempt"
-            )
-        if current is None:
-            raise DeadlineExceeded(
-                f"the pg-reflinker node plugin on node {self.record.node} did not finish step "
-                f"{hand_off.step} of hot clone {self.record.guid} in time; the source left "
-                "backup mode and the clone starts over on the next attempt"
-            )
-        if current.phase == Phase.DELETING:
-            raise OperationInProgress(f"volume {self.record.guid} is being deleted; retry later")
-        if current.phase == Phase.FAILED:
-            raise from_code(
-                current.code,
-                f"node {self.record.node} could not copy hot clone {self.record.guid}: "
-                f"{current.message}",
-            )
-        return current

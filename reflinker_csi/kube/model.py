@@ -11,54 +11,20 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar, cast
+from typing import TypeVar
 
 from ..core.keys import CTX_CLAIM, CTX_SOURCE_PVC, FINALIZER, LABEL_GUID, LABEL_NODE
-from ..core.records import CloneMode, HandOff, Kind, Phase, Step, VolumeRecord
+from ..core.records import CloneMode, Kind, Phase, VolumeRecord
 from ..core.space import parse_quantity
 from .api import JSON, REFLINKVOLUMES
+from .fields import number, obj, objs, strings, text, texts
+from .handoff import hand_off_of
 
 E = TypeVar("E", Kind, CloneMode, Phase)
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 # -- typed access to JSON -----------------------------------------------------------------------
-
-
-def obj(value: object, key: str) -> JSON:
-    inner = value.get(key) if isinstance(value, dict) else None
-    return cast(JSON, inner) if isinstance(inner, dict) else {}
-
-
-def objs(value: object, key: str) -> list[JSON]:
-    inner = value.get(key) if isinstance(value, dict) else None
-    return [cast(JSON, i) for i in inner if isinstance(i, dict)] if isinstance(inner, list) else []
-
-
-def text(value: object, key: str) -> str:
-    inner = value.get(key) if isinstance(value, dict) else None
-    return inner if isinstance(inner, str) else ""
-
-
-def number(value: object, key: str) -> int:
-    inner = value.get(key) if isinstance(value, dict) else None
-    if isinstance(inner, bool):
-        return 0
-    if isinstance(inner, int):
-        return inner
-    if isinstance(inner, str) and inner.isdigit():
-        return int(inner)
-    return 0
-
-
-def strings(value: object, key: str) -> dict[str, str]:
-    inner = obj(value, key)
-    return {k: v for k, v in inner.items() if isinstance(v, str)}
-
-
-def texts(value: object, key: str) -> tuple[str, ...]:
-    inner = value.get(key) if isinstance(value, dict) else None
-    return tuple(i for i in inner if isinstance(i, str)) if isinstance(inner, list) else ()
 
 
 def quantity_bytes(quantity: str) -> int:
@@ -369,46 +335,6 @@ def record_of(value: JSON) -> VolumeRecord:
         context=strings(spec, "context"),
         created_at=created.timestamp() if created else 0.0,
     )
-
-
-def hand_off_of(wanted: JSON, done: JSON) -> HandOff | None:
-    """spec.backup (the controller's step) with status.backup (the node agent's last step done,
-    counted only for the same attempt)."""
-    steps = {str(s): s for s in Step}
-    step = steps.get(text(wanted, "step"))
-    attempt = text(wanted, "attempt")
-    if step is None or not attempt:
-        return None
-    finished = steps.get(text(done, "done"))
-    return HandOff(
-        attempt=attempt,
-        step=step,
-        source_dir=text(wanted, "sourceDir"),
-        volumes=strings(wanted, "volumes"),
-        system_id=text(wanted, "systemId"),
-        start_lsn=text(wanted, "startLSN"),
-        segment_bytes=number(wanted, "segmentBytes"),
-        stop_lsn=text(wanted, "stopLSN"),
-        label_file=text(wanted, "labelFile"),
-        map_file=text(wanted, "mapFile"),
-        done=finished if text(done, "attempt") == attempt else None,
-    )
-
-
-def hand_off_body(hand_off: HandOff) -> JSON:
-    """spec.backup for the controller's step."""
-    return {
-        "attempt": hand_off.attempt,
-        "step": str(hand_off.step),
-        "sourceDir": hand_off.source_dir,
-        "volumes": dict(hand_off.volumes),
-        "systemId": hand_off.system_id,
-        "startLSN": hand_off.start_lsn,
-        "segmentBytes": hand_off.segment_bytes,
-        "stopLSN": hand_off.stop_lsn,
-        "labelFile": hand_off.label_file,
-        "mapFile": hand_off.map_file,
-    }
 
 
 def status_body(phase: Phase, code: str = "", message: str = "") -> JSON:

@@ -7,34 +7,30 @@ restart in the middle of any step converges."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 
-from ..core.backup import parse_lsn
 from ..core.errors import FailedPrecondition, ReflinkerError, SourceUnavailable, classify
 from ..core.keys import (
     ANNOTATION_FLOOR_BYTES,
     ANNOTATION_FREE_BYTES,
     ANNOTATION_REPORTED_AT,
-    CNPG_TABLESPACES_MOUNT,
     CTX_PIECE,
     CTX_SOURCE_FENCED,
     CTX_WAL_LINK,
     FINALIZER,
     NODE_COMPONENT,
 )
-from ..core.layout import PARTIAL_SUFFIX
 from ..core.observe import Recorder
-from ..core.records import CloneMode, HandOff, Kind, Phase, Step, VolumeRecord
+from ..core.records import CloneMode, Kind, Phase, VolumeRecord
 from ..core.space import size
-from ..disk import backup
 from ..disk.local import LocalDisk, remove_tree
 from ..disk.usage import Usage, measure
 from ..metrics import Metrics
 from .api import JSON, NODES, ApiError, Kube
 from .events import record_event, stamp
+from .handoff import NodeSteps
 from .model import Meta, record_of
 from .registry import KubeRegistry
 from .runtime import DONE, Requeue, Result
@@ -50,6 +46,7 @@ class NodeAgent:
         self.registry = registry
         self.disk = disk
         self.node_id = node_id
+        self.steps = NodeSteps(registry, disk, node_id)
         # Reconciles on different records run in parallel; a cold copy reads another record.
         self.changed = threading.Event()
 
@@ -67,7 +64,7 @@ class NodeAgent:
             return DONE
         if record.phase == Phase.FAILED:
             if record.hand_off is not None:  # an abandoned native attempt's copy
-                remove_tree(self._partial(record))
+                self.steps.abandoned(record)
             return DONE
         start = time.monotonic()
         try:
@@ -104,7 +101,7 @@ class NodeAgent:
             self.disk.adopt(record, Path(record.hot_clone_dir))
             return True
         if record.hand_off is not None:
-            return self._native_step(record, record.hand_off)
+            return self.steps.do(record, record.hand_off)
         if record.capture:
             return self._cut(record)
         if record.clone_mode == CloneMode.HOT:
@@ -138,103 +135,6 @@ class NodeAgent:
         piece = record.context.get(CTX_PIECE, "")
         self.disk.cut_piece(capture, record, piece, record.context.get(CTX_WAL_LINK, ""))
         return True
-
-    def _partial(self, record: VolumeRecord) -> Path:
-        final = self.disk.data_dir(record)
-        return final.with_name(final.name + PARTIAL_SUFFIX)
-
-    def _native_step(self, record: VolumeRecord, hand_off: HandOff) -> bool:
-        """One step of a native hot clone, the one the controller asked for (once per attempt);
-        True when the volume is in place."""
-        if hand_off.done == hand_off.step:
-            return False  # done; the controller's next step brings the record back
-        partial = self._partial(record)
-        # source_dir is <the source volume's directory on this node>/pgdata (the controller's
-        # reading of the PV, not the source server's answer).
-        named = Path(hand_off.source_dir)
-        source = self.disk.source_dir(named, named.parent)
-        if hand_off.step == Step.COPY:
-            self.disk.check_room(self.node_id)
-            began = time.monotonic()
-            spaces = None
-            if record.kind == Kind.CAPTURE:
-                spaces = self._tablespaces(source, hand_off.volumes)
-            files = backup.copy_data(source, partial, hand_off.attempt, hand_off.system_id, spaces)
-            log.info(
-                "hot clone copied",
-                extra={
-                    "fields": {
-                        "guid": record.guid,
-                        "files": files,
-                        "ms": round((time.monotonic() - began) * 1000, 1),
-                    }
-                },
-            )
-        elif hand_off.step == Step.FINISH:
-            backup.finish(
-                partial,
-                hand_off.attempt,
-                self._wal_dir(source, hand_off.volumes),
-                hand_off.label_file,
-                hand_off.map_file,
-                parse_lsn(hand_off.start_lsn),
-                parse_lsn(hand_off.stop_lsn),
-                hand_off.segment_bytes,
-            )
-        else:
-            backup.complete(partial, self.disk.data_dir(record), hand_off.attempt)
-            return True
-        self.registry.set_step_done(record, hand_off.attempt, hand_off.step)
-        return False
-
-    def _wal_dir(self, source: Path, volumes: dict[str, str]) -> Path:
-        """The source's pg_wal on this node: in the data directory, or on the pod's WAL volume
-        when pg_wal links there (a path inside the pod, mapped through its volumes)."""
-        wal = source / "pg_wal"
-        if not wal.is_symlink():
-            return wal
-        found = self._on_volume(os.readlink(wal), volumes)
-        if found is None:
-            # Not the link's target: it may name another volume's directory on this node.
-            raise FailedPrecondition(
-                f"pg_wal in {source} links to a path on none of the server pod's volumes "
-                f"({', '.join(sorted(volumes)) or 'none'}); a source's WAL is read only from "
-                "its own volumes, so it cannot be copied"
-            )
-        _, node_path, inside = found
-        return self.disk.source_dir(node_path / inside, node_path)
-
-    def _tablespaces(self, source: Path, volumes: dict[str, str]) -> dict[str, tuple[Path, str]]:
-        """A capture's tablespaces: name -> (its volume's directory on this node, the location
-        inside it), from the links in pg_tblspc, each on one of the pod's tablespace volumes."""
-        found: dict[str, tuple[Path, str]] = {}
-        links = source / "pg_tblspc"
-        for oid in sorted(os.listdir(links)) if links.is_dir() else []:
-            if not (links / oid).is_symlink():
-                continue  # an in-place tablespace: inside the data directory
-            on = self._on_volume(os.readlink(links / oid), volumes)
-            prefix = CNPG_TABLESPACES_MOUNT + "/"
-            name = on[0][len(prefix) :] if on and on[0].startswith(prefix) else ""
-            if on is None or not name or "/" in name:
-                raise FailedPrecondition(
-                    f"tablespace {oid} in {source} links to a path on none of the server pod's "
-                    f"tablespace volumes ({', '.join(sorted(volumes)) or 'none'}); a source's "
-                    "tablespaces are read only from their own volumes, so it cannot be copied"
-                )
-            _, node_path, inside = on
-            self.disk.source_dir(node_path / inside, node_path)  # no link on the way
-            found[name] = (Path(os.path.realpath(node_path)), inside)
-        return found
-
-    @staticmethod
-    def _on_volume(target: str, volumes: dict[str, str]) -> tuple[str, Path, str] | None:
-        """(mount, its node path, the path inside it) of a path in the server's pod, on the
-        deepest of the pod's volumes that holds it."""
-        target = os.path.normpath(target)
-        for mount in sorted(volumes, key=len, reverse=True):
-            if target == mount or target.startswith(mount.rstrip("/") + "/"):
-                return mount, Path(volumes[mount]), target[len(mount) :].lstrip("/")
-        return None
 
     def _remove(self, record: VolumeRecord, value: dict[str, object]) -> Result:
         users = self.disk.publishers(record) if record.kind != Kind.SNAPSHOT else []

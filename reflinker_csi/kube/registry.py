@@ -16,7 +16,8 @@ from ..core.records import HandOff, Kind, Phase, Step, VolumeRecord
 from ..core.space import size
 from .api import JSON, REFLINKVOLUMES, ApiError, Kube, domain_error
 from .events import stamp
-from .model import Meta, hand_off_body, record_name, record_of, status_body, to_body
+from .handoff import hand_off_body, step_done_body
+from .model import Meta, record_name, record_of, status_body, to_body
 from .runtime import Informer
 
 
@@ -178,7 +179,7 @@ class KubeRegistry:
     def set_step_done(self, record: VolumeRecord, attempt: str, step: Step) -> None:
         """The node agent finished step of a native hot clone (status.backup)."""
         name = record_name(record.kind, record.name)
-        patch: JSON = {"status": {"backup": {"attempt": attempt, "done": str(step)}}}
+        patch: JSON = {"status": {"backup": step_done_body(attempt, step)}}
         try:
             self.kube.merge_patch(REFLINKVOLUMES, name, patch, status=True)
         except ApiError as err:

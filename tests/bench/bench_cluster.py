@@ -7,10 +7,14 @@ CloudNativePG operator (tests/e2e/onenode.py), at several database sizes, all in
   - a clone claim: claim to Bound, and claim to a pod that mounts it Running;
   - the hot clone itself (from the controller's log) next to a bare `cp -a --reflink=always` of
     the source's data directory on the node (the physical floor), and what kubelet's recursive
-    fsGroup walk would cost on that copy (the driver avoids it).
+    fsGroup walk would cost on that copy (the driver avoids it);
+  - whole instances (a source with walStorage and a tablespace holding pgbench's tables,
+    deploy/examples/source-cluster-tablespace.yaml): a new Cluster from its three running claims
+    (clone-cluster-whole.yaml) against CNPG's `bootstrap.pg_basebackup` of it, and an online
+    volumeSnapshot Backup (backup-online.yaml) to completed.
 
-BENCH_SIZES (GiB of pgbench data, default "1 4 16") and BENCH_RUNS (default 3). Writes its
-section of docs/benchmarks.md and docs/cluster-time.png."""
+BENCH_SIZES (GiB of pgbench data, default "1 4 16"), WHOLE_SIZES (default "1 4") and BENCH_RUNS
+(default 3). Writes its sections of docs/benchmarks.md and docs/cluster-time.png."""
 
 from __future__ import annotations
 
@@ -56,21 +60,26 @@ def cluster_from_claim(k8s: OneNodeCluster, size: str) -> float:
     return time_new_cluster(k8s, doc, 900)
 
 
-def cluster_from_basebackup(k8s: OneNodeCluster, size: str) -> float:
+def cluster_from_basebackup(
+    k8s: OneNodeCluster, size: str, source: str = SOURCE, like: dict[str, Any] | None = None
+) -> float:
+    """CNPG's bootstrap.pg_basebackup from source; like: more of the new Cluster's spec (its
+    walStorage and tablespaces)."""
     host = k8s.kubectl(
-        "get", "service", f"{SOURCE}-rw", "-n", NS, "-o", "jsonpath={.spec.clusterIP}"
+        "get", "service", f"{source}-rw", "-n", NS, "-o", "jsonpath={.spec.clusterIP}"
     ).stdout.strip()
     doc = {
         "apiVersion": "postgresql.cnpg.io/v1",
         "kind": "Cluster",
         "metadata": {"name": "bench-basebackup", "namespace": NS},
         "spec": {
+            **(like or {}),
             "instances": 1,
             "storage": {"storageClass": "pg-reflinker", "size": size},
-            "bootstrap": {"pg_basebackup": {"source": SOURCE}},
+            "bootstrap": {"pg_basebackup": {"source": source}},
             "externalClusters": [
                 {
-                    "name": SOURCE,
+                    "name": source,
                     # The service's address: the test cluster runs no cluster DNS.
                     "connectionParameters": {
                         "host": host,
@@ -78,9 +87,9 @@ def cluster_from_basebackup(k8s: OneNodeCluster, size: str) -> float:
                         "sslmode": "verify-ca",
                         "dbname": "postgres",
                     },
-                    "sslKey": {"name": f"{SOURCE}-replication", "key": "tls.key"},
-                    "sslCert": {"name": f"{SOURCE}-replication", "key": "tls.crt"},
-                    "sslRootCert": {"name": f"{SOURCE}-ca", "key": "ca.crt"},
+                    "sslKey": {"name": f"{source}-replication", "key": "tls.key"},
+                    "sslCert": {"name": f"{source}-replication", "key": "tls.crt"},
+                    "sslRootCert": {"name": f"{source}-ca", "key": "ca.crt"},
                 }
             ],
         },
@@ -192,6 +201,60 @@ def _jsonpath(k8s: OneNodeCluster, kind: str, name: str, path: str) -> str:
     ).stdout.strip()
 
 
+def online_backup(k8s: OneNodeCluster, cluster: str) -> float:
+    """Seconds from creating CNPG's online volumeSnapshot Backup to completed; then removed."""
+    backup = cnpg.example("backup-online.yaml")
+    backup["metadata"]["name"] = "bench-backup"
+    backup["spec"]["cluster"]["name"] = cluster
+    seconds = _until(k8s, backup, "backups.postgresql.cnpg.io", "{.status.phase}", "completed")
+    done = k8s.get("backups.postgresql.cnpg.io", "bench-backup", "-n", NS)
+    k8s.kubectl("delete", "backups.postgresql.cnpg.io", "bench-backup", "-n", NS)
+    for element in done["status"]["snapshotBackupStatus"]["elements"]:
+        k8s.kubectl("delete", "volumesnapshot", element["name"], "-n", NS, "--wait=true")
+    return seconds
+
+
+def bench_whole(k8s: OneNodeCluster, sizes: list[float], runs: int) -> list[dict[str, Any]]:
+    """The whole-instance rows: pg-spaces (PGDATA, WAL, a tablespace with pgbench's tables)."""
+    source_doc = cnpg.example("source-cluster-tablespace.yaml")
+    volume = f"{int(max(sizes) * 2.5) + 8}Gi"
+    source_doc["spec"]["storage"]["size"] = volume
+    source_doc["spec"]["walStorage"]["size"] = "8Gi"
+    source_doc["spec"]["tablespaces"][0]["storage"]["size"] = volume
+    source_doc["spec"]["backup"] = {"volumeSnapshot": {"className": "pg-reflinker"}}
+    k8s.apply(source_doc)
+    cnpg.wait_healthy(k8s, "pg-spaces", timeout=300)
+    pod = cnpg.primary_pod(k8s, "pg-spaces")
+    like = {k: source_doc["spec"][k] for k in ("walStorage", "tablespaces")}
+    rows: list[dict[str, Any]] = []
+    for gib in sizes:
+        scale = max(1, round(gib * SCALE_PER_GIB))
+        log(f"== whole instance: load pgbench data, scale {scale}, tables in the tablespace")
+        cnpg.pgbench(k8s, pod, "-i", "-s", str(scale), "-q", "--tablespace=archive")
+        cnpg.psql(k8s, pod, "CHECKPOINT")
+        size = int(cnpg.psql(k8s, pod, "SELECT pg_database_size('app')"))
+        samples: dict[str, list[float]] = {}
+        for run in range(runs):
+            whole = cnpg.example("clone-cluster-whole.yaml")
+            whole["metadata"]["name"] = "bench-whole"
+            whole["spec"]["storage"]["size"] = volume
+            whole["spec"]["walStorage"]["size"] = "8Gi"
+            whole["spec"]["tablespaces"][0]["storage"]["size"] = volume
+            measured = {
+                "whole_cluster": time_new_cluster(k8s, whole, 900),
+                "whole_basebackup": cluster_from_basebackup(k8s, volume, "pg-spaces", like),
+                "online_backup": online_backup(k8s, "pg-spaces"),
+            }
+            for key, value in measured.items():
+                samples.setdefault(key, []).append(value)
+            log(f"   run {run + 1}: " + ", ".join(f"{k} {v:.3f} s" for k, v in measured.items()))
+        row: dict[str, Any] = {"scale": scale, "bytes": size}
+        row.update({k: statistics.median(v) for k, v in samples.items()})
+        rows.append(row)
+    remove_cluster(k8s, "pg-spaces")
+    return rows
+
+
 def bare_copy_and_walk(source_dir: Path) -> tuple[float, float]:
     """The physical floor: reflink every file of the data directory, nothing else. Then, on
     that copy, what kubelet's recursive fsGroup handling would cost at every mount of a clone
@@ -220,6 +283,7 @@ def bench() -> int:
     k8s_tools, cnpg_tools = Path(os.environ["K8S_TOOLS"]), Path(os.environ["CNPG_TOOLS"])
     sizes = [float(s) for s in os.environ.get("BENCH_SIZES", "1 4 16").split()]
     runs = int(os.environ.get("BENCH_RUNS", "3"))
+    whole_sizes = [float(s) for s in os.environ.get("WHOLE_SIZES", "1 4").split()]
     volume = f"{int(max(sizes) * 2.5) + 8}Gi"
     disk = f"{int(max(sizes) * 4) + 24}G"
     rows: list[dict[str, Any]] = []
@@ -268,6 +332,9 @@ def bench() -> int:
             rows.append(row)
             # Written after each size, so a run cut short keeps what it measured.
             write_report(rows, runs, time.monotonic() - started)
+        if whole_sizes:
+            remove_cluster(k8s, SOURCE)
+            write_whole_report(bench_whole(k8s, whole_sizes, runs), runs)
     return 0
 
 
@@ -331,6 +398,32 @@ def write_report(rows: list[dict[str, Any]], runs: int, seconds: float) -> None:
     ]
     write_section("cluster", lines)
     log(f"wrote docs/benchmarks.md and {DOCS / 'cluster-time.png'}")
+
+
+def write_whole_report(rows: list[dict[str, Any]], runs: int) -> None:
+    lines = [
+        "### Whole instances: walStorage and a tablespace (`make bench`, same run)",
+        "",
+        "A source Cluster whose instance has three pg-reflinker volumes: PGDATA, its WAL and a",
+        "tablespace holding pgbench's tables (its indexes in the default tablespace),",
+        "deploy/examples/source-cluster-tablespace.yaml. A new Cluster with the same three",
+        "volumes from its running claims (one capture, three pieces, native method:",
+        "deploy/examples/clone-cluster-whole.yaml) against CNPG's `bootstrap.pg_basebackup` of",
+        "the same source into the same layout, and CNPG's online volumeSnapshot Backup",
+        f"(deploy/examples/backup-online.yaml) to `completed`. Medians of {runs} runs.",
+        "",
+        "| pgbench scale | size GiB | new Cluster, pg_basebackup s | new Cluster, pg-reflinker s "
+        "| pg_basebackup / pg-reflinker | online Backup to completed s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['scale']} | {r['bytes'] / 2**30:.2f} | {r['whole_basebackup']:.1f} | "
+            f"{r['whole_cluster']:.1f} | {r['whole_basebackup'] / r['whole_cluster']:.1f}x | "
+            f"{r['online_backup']:.1f} |"
+        )
+    write_section("whole", lines)
+    log("wrote the whole-instance section of docs/benchmarks.md")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from reflinker_csi.kube.api import (
     VOLUMES,
     Kube,
 )
-from reflinker_csi.kube.model import Meta, obj, record_of, text
+from reflinker_csi.kube.fields import obj, text
+from reflinker_csi.kube.model import Meta, record_of
 from tests.kube.conftest import NAMESPACES, Mode, wait_for
 
 
