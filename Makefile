@@ -74,7 +74,7 @@ deps: $(STAMPS)/system $(STAMPS)/venv $(CSI_SANITY)
 test:
 	@$(TIMER) reset && $(TIMER) start "make test"
 	@status=0; \
-	$(MAKE) --no-print-directory deps k8s-tools conformance-tools || status=$$?; \
+	$(MAKE) --no-print-directory deps k8s-tools conformance-tools lint || status=$$?; \
 	if [ $$status = 0 ]; then \
 		$(TIMER) start "pytest"; \
 		CSI_SANITY=$(CSI_SANITY) TIMINGS=$(TIMINGS) $(TOOLS_ENV) $(PY) -m pytest -ra $(PYTEST_ARGS) \

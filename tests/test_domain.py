@@ -149,3 +149,40 @@ def test_mountinfo_parsing_unescapes_paths() -> None:
     first, second = parse_mountinfo(text)
     assert first.mount_point == "/mnt two" and first.root == "/mnt1" and first.fs_type == "ext3"
     assert second.read_only and second.device == "7:0" and second.source == "/dev/loop0"
+
+
+def test_an_instances_pieces_come_from_its_pods_volumes() -> None:
+    from reflinker_csi.core.capture import pieces_of
+
+    volumes = {
+        "/var/lib/postgresql/wal": "/x/w",
+        "/var/lib/postgresql/tablespaces/archive": "/x/a",
+        "/var/lib/postgresql/tablespaces/hot": "/x/h",
+        "/controller": "/x/c",  # not a claim CNPG copies
+        "/var/lib/postgresql/tablespaces/a/b": "/x/ab",  # not where CNPG mounts one
+    }
+    assert pieces_of(volumes) == [
+        "PG_DATA",
+        "PG_WAL",
+        "PG_TABLESPACE:archive",
+        "PG_TABLESPACE:hot",
+    ]
+    assert pieces_of({}) == ["PG_DATA"]
+
+
+def test_a_piece_is_found_only_inside_its_capture() -> None:
+    from reflinker_csi.core.capture import Part, capture_name, part_of
+
+    assert part_of("PG_DATA") == Part("pgdata", "pgdata")
+    assert part_of("PG_WAL") == Part("pgdata/pg_wal", "pg_wal")
+    assert part_of("PG_TABLESPACE:archive") == Part("tablespaces/archive", "")
+    for hostile in ("PG_TABLESPACE:..", "PG_TABLESPACE:a/../../x", "PG_TABLESPACE:", "PG_X"):
+        with pytest.raises(ValueError):
+            part_of(hostile)
+    # One capture per group and source instance, the same name on every retry.
+    assert capture_name("instance apps/new-1", "apps/pg-1") == capture_name(
+        "instance apps/new-1", "apps/pg-1"
+    )
+    assert capture_name("instance apps/new-1", "apps/pg-1") != capture_name(
+        "instance apps/new-1", "apps/pg-2"
+    )
