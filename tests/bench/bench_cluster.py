@@ -282,60 +282,68 @@ def bare_copy_and_walk(source_dir: Path) -> tuple[float, float]:
 def bench() -> int:
     k8s_tools, cnpg_tools = Path(os.environ["K8S_TOOLS"]), Path(os.environ["CNPG_TOOLS"])
     sizes = [float(s) for s in os.environ.get("BENCH_SIZES", "1 4 16").split()]
-    runs = int(os.environ.get("BENCH_RUNS", "3"))
     whole_sizes = [float(s) for s in os.environ.get("WHOLE_SIZES", "1 4").split()]
-    volume = f"{int(max(sizes) * 2.5) + 8}Gi"
-    disk = f"{int(max(sizes) * 4) + 24}G"
-    rows: list[dict[str, Any]] = []
+    runs = int(os.environ.get("BENCH_RUNS", "3"))
+    largest = max(sizes + whole_sizes)
+    volume = f"{int(largest * 2.5) + 8}Gi"
+    disk = f"{int(largest * 4) + 24}G"
     started = time.monotonic()
     with running_cluster(
         k8s_tools, cnpg_tools, disk=disk, announce=lambda s: log(f"== {s}")
     ) as k8s:
         cnpg.ensure_namespace(k8s)
-        cnpg.install_function_configmap(k8s)
-        source_doc = cnpg.example("source-cluster.yaml")
-        source_doc["spec"]["storage"]["size"] = volume
-        k8s.apply(source_doc)
-        cnpg.wait_healthy(k8s, SOURCE, timeout=300)
-        pod = cnpg.primary_pod(k8s, SOURCE)
-        pgdata = PREFIX / cnpg.volume_handle(k8s, pod) / "pgdata"
-        for gib in sizes:
-            scale = max(1, round(gib * SCALE_PER_GIB))
-            log(f"== load pgbench data, scale {scale}")
-            cnpg.pgbench(k8s, pod, "-i", "-s", str(scale), "-q")
-            cnpg.psql(k8s, pod, "CHECKPOINT")
-            size = int(cnpg.psql(k8s, pod, "SELECT pg_database_size('app')"))
-            log(f"== scale {scale}: {size / 2**30:.2f} GiB")
-            samples: dict[str, list[float]] = {}
-            for run in range(runs):
-                bound, running, hot = claim_and_pod(k8s, pod)
-                snapped, from_snapshot = snapshot_and_clone(k8s, pod)
-                copied, walked = bare_copy_and_walk(pgdata)
-                measured = {
-                    "bound": bound,
-                    "running": running,
-                    "hot": hot if hot is not None else float("nan"),
-                    "cp": copied,
-                    "walk": walked,
-                    "snapshot": snapped,
-                    "from_snapshot": from_snapshot,
-                    "reflink_cluster": cluster_from_claim(k8s, volume),
-                    "basebackup_cluster": cluster_from_basebackup(k8s, volume),
-                }
-                for key, value in measured.items():
-                    samples.setdefault(key, []).append(value)
-                log(
-                    f"   run {run + 1}: " + ", ".join(f"{k} {v:.3f} s" for k, v in measured.items())
-                )
-            row: dict[str, Any] = {"scale": scale, "bytes": size}
-            row.update({k: statistics.median(v) for k, v in samples.items()})
-            rows.append(row)
-            # Written after each size, so a run cut short keeps what it measured.
-            write_report(rows, runs, time.monotonic() - started)
+        if sizes:
+            bench_sizes(k8s, sizes, runs, volume, started)
         if whole_sizes:
-            remove_cluster(k8s, SOURCE)
             write_whole_report(bench_whole(k8s, whole_sizes, runs), runs)
     return 0
+
+
+def bench_sizes(
+    k8s: OneNodeCluster, sizes: list[float], runs: int, volume: str, started: float
+) -> list[dict[str, Any]]:
+    """The rows of one source with its PGDATA on one volume, at each size."""
+    cnpg.install_function_configmap(k8s)
+    source_doc = cnpg.example("source-cluster.yaml")
+    source_doc["spec"]["storage"]["size"] = volume
+    k8s.apply(source_doc)
+    cnpg.wait_healthy(k8s, SOURCE, timeout=300)
+    pod = cnpg.primary_pod(k8s, SOURCE)
+    pgdata = PREFIX / cnpg.volume_handle(k8s, pod) / "pgdata"
+    rows: list[dict[str, Any]] = []
+    for gib in sizes:
+        scale = max(1, round(gib * SCALE_PER_GIB))
+        log(f"== load pgbench data, scale {scale}")
+        cnpg.pgbench(k8s, pod, "-i", "-s", str(scale), "-q")
+        cnpg.psql(k8s, pod, "CHECKPOINT")
+        size = int(cnpg.psql(k8s, pod, "SELECT pg_database_size('app')"))
+        log(f"== scale {scale}: {size / 2**30:.2f} GiB")
+        samples: dict[str, list[float]] = {}
+        for run in range(runs):
+            bound, running, hot = claim_and_pod(k8s, pod)
+            snapped, from_snapshot = snapshot_and_clone(k8s, pod)
+            copied, walked = bare_copy_and_walk(pgdata)
+            measured = {
+                "bound": bound,
+                "running": running,
+                "hot": hot if hot is not None else float("nan"),
+                "cp": copied,
+                "walk": walked,
+                "snapshot": snapped,
+                "from_snapshot": from_snapshot,
+                "reflink_cluster": cluster_from_claim(k8s, volume),
+                "basebackup_cluster": cluster_from_basebackup(k8s, volume),
+            }
+            for key, value in measured.items():
+                samples.setdefault(key, []).append(value)
+            log(f"   run {run + 1}: " + ", ".join(f"{k} {v:.3f} s" for k, v in measured.items()))
+        row: dict[str, Any] = {"scale": scale, "bytes": size}
+        row.update({k: statistics.median(v) for k, v in samples.items()})
+        rows.append(row)
+        # Written after each size, so a run cut short keeps what it measured.
+        write_report(rows, runs, time.monotonic() - started)
+    remove_cluster(k8s, SOURCE)
+    return rows
 
 
 def write_report(rows: list[dict[str, Any]], runs: int, seconds: float) -> None:
