@@ -19,8 +19,8 @@ class Metrics:
         r = self.registry
         self.made = Counter(
             "pg_reflinker_volumes_made",
-            "Volumes and snapshots made, by method (hot, cold, empty, snapshot) and result "
-            "(OK or the CSI code of the failure)",
+            "Volumes and snapshots made, by method (hot, cold, empty, snapshot, capture) and "
+            "result (OK or the CSI code of the failure)",
             ["method", "result"],
             registry=r,
         )

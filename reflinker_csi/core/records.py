@@ -117,9 +117,9 @@ class VolumeRecord:
 
     @property
     def method(self) -> str:
-        """How it is made, as metrics name it: snapshot, hot, cold or empty."""
-        if self.kind == Kind.SNAPSHOT:
-            return "snapshot"
+        """How it is made, as metrics name it: snapshot, capture, hot, cold or empty."""
+        if self.kind in (Kind.SNAPSHOT, Kind.CAPTURE):
+            return str(self.kind)
         return str(self.clone_mode or "empty")
 
     def with_phase(self, phase: Phase, code: str = "", message: str = "") -> VolumeRecord:

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import quote
@@ -261,6 +261,23 @@ class Kube:
             res.path(namespace, name, "status" if status else ""),
             body=patch,
             content_type="application/merge-patch+json",
+        )
+
+    def json_patch(
+        self,
+        res: Resource,
+        name: str,
+        ops: Sequence[JSON],
+        namespace: str = "",
+        status: bool = False,
+    ) -> JSON:
+        """RFC 6902 operations (an "add" replaces a whole member, where a merge patch would
+        merge maps)."""
+        return self.request(
+            "PATCH",
+            res.path(namespace, name, "status" if status else ""),
+            body=ops,
+            content_type="application/json-patch+json",
         )
 
     def replace(self, res: Resource, name: str, body: JSON, namespace: str = "") -> JSON:

@@ -21,7 +21,9 @@ at a time, each attempt under an id of its own:
 
 A failure on either side ends the attempt: the controller's session ends (PostgreSQL aborts the
 backup and drops the slot) and the record goes Failed, with the node's code when the node
-failed; the node agent then removes the attempt's partial copy. A retry is a new attempt, and a
+failed; the node agent then removes the attempt's partial copy. A retry is a new attempt: the
+controller removes the old hand-off before the record is Pending again (KubeRegistry.new_attempt),
+so the node agent never runs an old attempt's step; each step replaces spec.backup whole; and a
 partial copy stamped with another attempt is never finished. The steps are core/records.py's
 Step; the record's phases are Pending (steps under way), Ready (Complete done), Failed."""
 

@@ -155,7 +155,7 @@ class KubeMaterializer:
             self.registry.set_capture(record, "", current.context.get(CTX_GROUP, ""), {})
             current = dataclasses.replace(current, capture="")
         if current.phase == Phase.FAILED:
-            self.registry.set_phase(record, Phase.PENDING)  # a new attempt for the node agent
+            self.registry.new_attempt(record)  # a new attempt for the node agent
             # Wait for our own write, so the old Failed is not read as this attempt's answer.
             self.registry.informer.wait_until(
                 lambda: self._not_failed(record), time.monotonic() + 5.0

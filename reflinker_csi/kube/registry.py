@@ -159,13 +159,24 @@ class KubeRegistry:
             raise domain_error(err, f"update ReflinkVolume {name}") from None
 
     def set_hand_off(self, record: VolumeRecord, hand_off: HandOff) -> None:
-        """The controller's next step of a native hot clone (spec.backup)."""
+        """The controller's next step of a native hot clone: spec.backup replaced whole, so
+        nothing of an earlier step or attempt survives in it."""
         name = record_name(record.kind, record.name)
-        patch: JSON = {"spec": {"backup": hand_off_body(hand_off)}}
+        ops: list[JSON] = [{"op": "add", "path": "/spec/backup", "value": hand_off_body(hand_off)}]
         try:
-            self.kube.merge_patch(REFLINKVOLUMES, name, patch)
+            self.kube.json_patch(REFLINKVOLUMES, name, ops)
         except ApiError as err:
             raise domain_error(err, f"update ReflinkVolume {name}") from None
+
+    def new_attempt(self, record: VolumeRecord) -> None:
+        """After a failed attempt: the old hand-off goes first, then the record is Pending, so
+        the node agent never sees an old attempt's step on a Pending record."""
+        name = record_name(record.kind, record.name)
+        try:
+            self.kube.merge_patch(REFLINKVOLUMES, name, {"spec": {"backup": None}})
+        except ApiError as err:
+            raise domain_error(err, f"update ReflinkVolume {name}") from None
+        self.set_phase(record, Phase.PENDING)
 
     def set_clone_method(self, record: VolumeRecord, method: str) -> None:
         """How the hot clone is taken, on the record and in the volume's context (PV)."""

@@ -4,16 +4,19 @@ directory (empty volumes need no reflinks)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import re
 import shutil
+import time
+import uuid
 
 import pytest
 
 from reflinker_csi import TOPOLOGY_KEY
 from reflinker_csi.core import errors
 from reflinker_csi.core.keys import ANNOTATION_FREE_BYTES
-from reflinker_csi.core.records import Phase, VolumeRecord
+from reflinker_csi.core.records import CloneMode, HandOff, Phase, Step, VolumeRecord
 from reflinker_csi.core.space import SpaceFloor
 from reflinker_csi.core.volumes import CreateSpec
 from reflinker_csi.disk.local import LocalDisk
@@ -146,4 +149,58 @@ def test_below_the_floor_the_node_warns_and_takes_no_new_volume(admin: Kube, mod
         f"no requested node can hold the volume: requested ['{mode.node}'], but only [] run the "
         "pg-reflinker node plugin with enough free space; check the StorageClass "
         "allowedTopologies, the node plugin's NODE_ID and free space"
+    )
+
+
+def test_a_new_attempt_never_runs_the_old_attempts_step(admin: Kube, mode: Mode) -> None:
+    """A native attempt that failed at Copy, then the controller's retry: the old hand-off is
+    gone before the record is Pending again, so the node agent does not run the old Copy (a
+    copy outside any backup) and fail the new attempt with it; each step replaces spec.backup."""
+    registry = mode.controller.volumes.registry
+    record, _ = registry.reserve(
+        VolumeRecord(
+            guid=str(uuid.uuid4()),
+            name="pvc-retried",
+            node=mode.node,
+            required_bytes=0,
+            limit_bytes=0,
+            clone_mode=CloneMode.HOT,
+        )
+    )
+    source = mode.prefix / str(uuid.uuid4()) / "pgdata"  # no data directory there
+    old = HandOff(
+        attempt="attempt-1",
+        step=Step.COPY,
+        source_dir=str(source),
+        volumes={"/var/lib/postgresql/wal": "/nowhere/a", "/var/lib/postgresql/other": "/b"},
+        system_id="1",
+        start_lsn="0/2000028",
+        segment_bytes=16 << 20,
+    )
+    registry.set_hand_off(record, old)  # type: ignore[attr-defined]
+
+    wait_for(
+        "the old attempt to fail",
+        lambda: registry.get(record.guid).phase == Phase.FAILED or None,
+    )
+    registry.new_attempt(record)  # type: ignore[attr-defined]
+    # The node agent sees the record Pending with no step to do, and leaves it Pending.
+    wait_for(
+        "the retry's Pending", lambda: registry.get(record.guid).phase == Phase.PENDING or None
+    )
+    refailed = registry.informer.wait_until(  # type: ignore[attr-defined]
+        lambda: True if registry.get(record.guid).phase == Phase.FAILED else None,
+        time.monotonic() + 5,
+    )
+    current = registry.get(record.guid)
+    assert refailed is None and current.phase == Phase.PENDING and current.hand_off is None
+    # Each step replaces spec.backup whole: no volume of an earlier step survives in it.
+    registry.set_hand_off(record, old)  # type: ignore[attr-defined]
+    new = dataclasses.replace(old, attempt="attempt-2", volumes={"/var/lib/postgresql/wal": "/c"})
+    registry.set_hand_off(record, new)  # type: ignore[attr-defined]
+    value = admin.get(REFLINKVOLUMES, "pvc-retried") or {}
+    backup = obj(obj(value, "spec"), "backup")
+    assert (backup["attempt"], backup["volumes"]) == (
+        "attempt-2",
+        {"/var/lib/postgresql/wal": "/c"},
     )
