@@ -216,6 +216,15 @@ class RecordCopier:
 # -- the node agent's side: do the step asked, once per attempt ------------------------------
 
 
+def _lsn(value: str, field: str) -> int:
+    try:
+        return parse_lsn(value)
+    except ValueError:
+        raise FailedPrecondition(
+            f"spec.backup.{field} {value[:40]!r} of the record is not an LSN; the clone starts over"
+        ) from None
+
+
 class NodeSteps:
     """The steps of native hot copies whose source is on this node."""
 
@@ -266,8 +275,8 @@ class NodeSteps:
                 self._wal_dir(source, hand_off.volumes),
                 hand_off.label_file,
                 hand_off.map_file,
-                parse_lsn(hand_off.start_lsn),
-                parse_lsn(hand_off.stop_lsn),
+                _lsn(hand_off.start_lsn, "startLSN"),
+                _lsn(hand_off.stop_lsn, "stopLSN"),
                 hand_off.segment_bytes,
             )
         else:

@@ -204,3 +204,40 @@ def test_a_new_attempt_never_runs_the_old_attempts_step(admin: Kube, mode: Mode)
         "attempt-2",
         {"/var/lib/postgresql/wal": "/c"},
     )
+
+
+def test_a_step_with_a_broken_lsn_fails_the_attempt_and_says_why(admin: Kube, mode: Mode) -> None:
+    registry = mode.controller.volumes.registry
+    record, _ = registry.reserve(
+        VolumeRecord(
+            guid=str(uuid.uuid4()),
+            name="pvc-broken-lsn",
+            node=mode.node,
+            required_bytes=0,
+            limit_bytes=0,
+            clone_mode=CloneMode.HOT,
+        )
+    )
+    source = mode.prefix / str(uuid.uuid4()) / "pgdata"
+    source.mkdir(parents=True)
+    step = HandOff(
+        attempt="attempt-1",
+        step=Step.FINISH,
+        source_dir=str(source),
+        volumes={},
+        system_id="1",
+        start_lsn="0/2000028",
+        segment_bytes=16 << 20,
+        stop_lsn="not-an-lsn",
+    )
+    registry.set_hand_off(record, step)  # type: ignore[attr-defined]
+    failed = wait_for(
+        "the attempt to fail",
+        lambda: (
+            registry.get(record.guid) if registry.get(record.guid).phase == Phase.FAILED else None
+        ),
+    )
+    assert (failed.code, failed.message) == (
+        "FAILED_PRECONDITION",
+        "spec.backup.stopLSN 'not-an-lsn' of the record is not an LSN; the clone starts over",
+    )
