@@ -201,14 +201,15 @@ def _jsonpath(k8s: OneNodeCluster, kind: str, name: str, path: str) -> str:
     ).stdout.strip()
 
 
-def online_backup(k8s: OneNodeCluster, cluster: str) -> float:
-    """Seconds from creating CNPG's online volumeSnapshot Backup to completed; then removed."""
+def online_backup(k8s: OneNodeCluster, cluster: str, name: str) -> float:
+    """Seconds from creating CNPG's online volumeSnapshot Backup `name` to completed; then
+    removed. (The instance remembers the last Backup by name: each run needs a new one.)"""
     backup = cnpg.example("backup-online.yaml")
-    backup["metadata"]["name"] = "bench-backup"
+    backup["metadata"]["name"] = name
     backup["spec"]["cluster"]["name"] = cluster
     seconds = _until(k8s, backup, "backups.postgresql.cnpg.io", "{.status.phase}", "completed")
-    done = k8s.get("backups.postgresql.cnpg.io", "bench-backup", "-n", NS)
-    k8s.kubectl("delete", "backups.postgresql.cnpg.io", "bench-backup", "-n", NS)
+    done = k8s.get("backups.postgresql.cnpg.io", name, "-n", NS)
+    k8s.kubectl("delete", "backups.postgresql.cnpg.io", name, "-n", NS)
     for element in done["status"]["snapshotBackupStatus"]["elements"]:
         k8s.kubectl("delete", "volumesnapshot", element["name"], "-n", NS, "--wait=true")
     return seconds
@@ -243,7 +244,7 @@ def bench_whole(k8s: OneNodeCluster, sizes: list[float], runs: int) -> list[dict
             measured = {
                 "whole_cluster": time_new_cluster(k8s, whole, 900),
                 "whole_basebackup": cluster_from_basebackup(k8s, volume, "pg-spaces", like),
-                "online_backup": online_backup(k8s, "pg-spaces"),
+                "online_backup": online_backup(k8s, "pg-spaces", f"bench-{scale}-{run}"),
             }
             for key, value in measured.items():
                 samples.setdefault(key, []).append(value)
