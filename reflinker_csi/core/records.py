@@ -112,10 +112,6 @@ class VolumeRecord:
         return self.source_volume_id or self.source_snapshot_id
 
     @property
-    def source_kind(self) -> Kind:
-        return Kind.VOLUME if self.source_volume_id else Kind.SNAPSHOT
-
-    @property
     def method(self) -> str:
         """How it is made, as metrics name it: snapshot, capture, hot, cold or empty."""
         if self.kind in (Kind.SNAPSHOT, Kind.CAPTURE):
@@ -149,7 +145,5 @@ class Registry(Protocol):
     def get_by_name(self, name: str, kind: Kind = Kind.VOLUME) -> VolumeRecord | None: ...
 
     def list(self) -> list[VolumeRecord]: ...
-
-    def update(self, record: VolumeRecord) -> None: ...
 
     def remove(self, guid: str) -> None: ...

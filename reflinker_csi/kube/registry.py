@@ -102,10 +102,6 @@ class KubeRegistry:
 
         self.informer.wait_until(seen, time.monotonic() + 5.0)
 
-    def update(self, record: VolumeRecord) -> None:
-        if record.phase == Phase.READY:
-            self.set_phase(record, Phase.READY)
-
     def set_phase(self, record: VolumeRecord, phase: Phase, error: Exception | None = None) -> None:
         code = message = ""
         if error is not None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from ..core.errors import FailedPrecondition
-from ..core.records import Phase, Registry, VolumeRecord
+from ..core.records import Phase, VolumeRecord
 from ..core.volumes import Origin
 from ..disk.local import LocalDisk
+from .registry import FileRegistry
 
 
 class LocalMaterializer:
-    def __init__(self, disk: LocalDisk, registry: Registry, node_id: str) -> None:
+    def __init__(self, disk: LocalDisk, registry: FileRegistry, node_id: str) -> None:
         self.disk = disk
         self.registry = registry
         self.node_id = node_id
