@@ -472,7 +472,17 @@ def clean_after_a_killed_run() -> None:
         for key, value in json.loads(recorded.read_text()).items():
             with contextlib.suppress(OSError):
                 (Path("/proc/sys") / key).write_text(value)
-    for pattern in ("containerd --config", "kubelet --config", "kube-proxy --config"):
+    # The node's daemons, and the control plane's (each in a session of its own, so a killed
+    # run's process group did not take them along).
+    for pattern in (
+        "containerd --config",
+        "kubelet --config",
+        "kube-proxy --config",
+        "etcd --name",
+        "kube-apiserver --etcd-servers",
+        "kube-controller-manager --kubeconfig",
+        "kube-scheduler --kubeconfig",
+    ):
         _run("pkill", "-9", "-f", f"{pattern}.*pg-reflinker-cluster", check=False)
     _kill_pods()
     _remove_kubepods_cgroups()
