@@ -88,9 +88,13 @@ def _serve(
             }
         },
     )
-    server.stop(cfg.shutdown_grace_seconds).wait()
+    # In-flight calls and the loops end side by side, all within the grace (the pod's
+    # terminationGracePeriodSeconds leaves a margin above it).
+    deadline = time.monotonic() + cfg.shutdown_grace_seconds
+    stopped = server.stop(cfg.shutdown_grace_seconds)
     if runner is not None:
         runner.stop(cfg.shutdown_grace_seconds)
+    stopped.wait(max(0.0, deadline - time.monotonic()))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(cfg.endpoint)
     log.info("stopped")
@@ -143,6 +147,7 @@ def _settings(cfg: config.Config) -> app.Settings:
         backup_mode_limit=cfg.backup_mode_limit_seconds,
         capture_wait=cfg.capture_wait_seconds,
         usage_interval=cfg.usage_interval_seconds,
+        shutdown_grace=cfg.shutdown_grace_seconds,
     )
 
 

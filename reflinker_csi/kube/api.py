@@ -98,6 +98,12 @@ class WatchHandle:
             self._response = response
             return not self.closed
 
+    @property
+    def attached(self) -> bool:
+        """A watch response is open (the request reached the server)."""
+        with self._lock:
+            return self._response is not None
+
     def close(self) -> None:
         with self._lock:
             self.closed = True
@@ -122,6 +128,10 @@ class Kube:
         self._client = api_client
         self.request_timeout = request_timeout
 
+    def with_timeout(self, request_timeout: float) -> Kube:
+        """The same connection, each request ending after request_timeout (connect included)."""
+        return Kube(self._client, request_timeout)
+
     # -- plumbing -------------------------------------------------------------------------
 
     def _send(
@@ -135,6 +145,7 @@ class Kube:
         timeout: float | None = None,
     ) -> urllib3.BaseHTTPResponse:
         headers = {"Accept": "application/json", "Content-Type": content_type}
+        limit = timeout or self.request_timeout
         request = self._client.param_serialize(
             method,
             path,
@@ -144,9 +155,7 @@ class Kube:
             auth_settings=["BearerToken"],
         )
         try:
-            response = self._client.call_api(
-                *request, _request_timeout=(10.0, timeout or self.request_timeout)
-            )
+            response = self._client.call_api(*request, _request_timeout=(min(10.0, limit), limit))
         except (urllib3.exceptions.HTTPError, OSError) as err:
             raise ApiError(0, "Unreachable", str(err)) from None
         raw = cast(urllib3.BaseHTTPResponse, response.response)
@@ -170,7 +179,10 @@ class Kube:
         content_type: str = "application/json",
     ) -> JSON:
         data = self._send(method, path, query, body, content_type).data
-        loaded = json.loads(data) if data else {}
+        try:
+            loaded = json.loads(data) if data else {}
+        except ValueError as err:
+            raise ApiError(0, "BadResponse", f"{method} {path}: not JSON ({err})") from None
         return cast(JSON, loaded) if isinstance(loaded, dict) else {}
 
     # -- verbs ----------------------------------------------------------------------------

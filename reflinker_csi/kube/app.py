@@ -42,6 +42,7 @@ class Settings:
     claim_wait_seconds: float = 20.0
     report_period: float = 60.0
     usage_interval: float = 300.0
+    shutdown_grace: float = 30.0
 
 
 @dataclass
@@ -61,11 +62,12 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
     """The controller's loops, started: informers, the PV annotator, and on the Lease holder
     the claim loop and the sweep of records whose claim went away."""
     layout = Layout(settings.hostpath_prefix)
-    records = Informer(kube, api.REFLINKVOLUMES)
-    pvs = Informer(kube, api.VOLUMES)
-    claims = Informer(kube, api.CLAIMS)
-    csinodes = Informer(kube, api.CSINODES)
-    nodes = Informer(kube, api.NODES)
+    errors = metrics.reconcile_error
+    records = Informer(kube, api.REFLINKVOLUMES, on_error=errors)
+    pvs = Informer(kube, api.VOLUMES, on_error=errors)
+    claims = Informer(kube, api.CLAIMS, on_error=errors)
+    csinodes = Informer(kube, api.CSINODES, on_error=errors)
+    nodes = Informer(kube, api.NODES, on_error=errors)
     registry = KubeRegistry(kube, records)
     reports = NodeReports(csinodes, nodes, settings.driver_name)
     captures = Captures(kube, registry, claims, settings.capture_wait)
@@ -82,10 +84,11 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
     volumes = VolumeService(layout, registry, locator, settings.node_id, materializer, metrics)
 
     runner = Runner()
+    # On SIGTERM the Lease is kept while the claim loop's workers finish, within most of the
+    # shutdown grace, then released; the rest is for the release itself.
     lease = LeaderElector(
-        kube, settings.pod_namespace, CLAIM_LOOP_LEASE, on_lost=runner.stopping.set
+        kube, settings.pod_namespace, CLAIM_LOOP_LEASE, hold_on_stop=settings.shutdown_grace * 0.8
     )
-    errors = metrics.reconcile_error
     annotate = Controller(
         "pv-annotator",
         PvAnnotator(kube, pvs, settings.driver_name).reconcile,
@@ -105,6 +108,7 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
         settings.storage_class,
         settings.namespace_path,
         settings.claim_wait_seconds,
+        errors,
     )
     claim_loop = Controller(
         "claim-loop", loop.reconcile, workers=settings.workers, leader=lease, on_error=errors
@@ -138,9 +142,14 @@ def node(kube: api.Kube, settings: Settings, disk: LocalDisk, metrics: Metrics) 
     node's space (free-space report, each volume's own bytes, metrics)."""
     disk.layout.state_dir.mkdir(mode=0o700, exist_ok=True)
     disk.sweep()
-    records = Informer(kube, api.REFLINKVOLUMES, selector=f"{LABEL_NODE}={settings.node_id}")
+    records = Informer(
+        kube,
+        api.REFLINKVOLUMES,
+        selector=f"{LABEL_NODE}={settings.node_id}",
+        on_error=metrics.reconcile_error,
+    )
     registry = KubeRegistry(kube, records)
-    agent = NodeAgent(registry, disk, settings.node_id, metrics)
+    agent = NodeAgent(registry, disk, settings.node_id, metrics, metrics.reconcile_error)
     agent_loop = Controller(
         "node-agent", agent.reconcile, workers=settings.workers, on_error=metrics.reconcile_error
     )

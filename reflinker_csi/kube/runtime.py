@@ -7,7 +7,8 @@
   processed once more afterwards; delayed adds for "requeue after N s".
 - Controller: a reconcile function key -> Done or Requeue(seconds), run by a bounded number of
   workers; an exception requeues the key with exponential backoff (per key).
-- LeaderElector: a coordination.k8s.io Lease; the leader renews it and releases it on stop.
+- LeaderElector: a coordination.k8s.io Lease with client-go's timings; loops that must run on
+  one replica take keys only while it leads; it is released after their workers have stopped.
 - Runner: starts every loop in its own thread, stops them all on SIGTERM and joins them.
 
 The official client offers a watch helper and a leader election module; neither fits: the
@@ -27,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from ..core.errors import ReflinkerError
@@ -52,8 +53,10 @@ class Informer:
         selector: str = "",
         resync: float = 300.0,
         watch_seconds: int = 300,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.kube = kube
+        self.on_error = on_error
         self.resource = resource
         self.selector = selector
         self.resync = resync
@@ -67,6 +70,10 @@ class Informer:
     def close(self) -> None:
         """End the current watch now; run() returns once its stop event is set."""
         self._watch.close()
+
+    def watching(self) -> bool:
+        """A watch is open on the server."""
+        return self._watch.attached
 
     @property
     def name(self) -> str:
@@ -150,13 +157,18 @@ class Informer:
                     for key in list(self._cache):
                         self._notify(key)
                 backoff = 1.0
-            except ApiError as err:
-                if err.status == 410:
+            except Exception as err:
+                if isinstance(err, ApiError) and err.status == 410:
                     version = ""  # expired: list again
                     continue
                 if stop.is_set():
                     break
-                log.warning("%s: %s; retrying in %.0f s", self.name, err, backoff)
+                if self.on_error is not None:
+                    self.on_error(self.name)
+                if isinstance(err, ApiError):
+                    log.warning("%s: %s; retrying in %.0f s", self.name, err, backoff)
+                else:
+                    log.exception("%s failed; retrying in %.0f s", self.name, backoff)
                 version = ""
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -168,7 +180,8 @@ class Informer:
 class WorkQueue:
     """Per-key: queued at most once, processed by one worker at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, gate: Callable[[], bool] | None = None) -> None:
+        self._gate = gate  # keys are handed out only while gate() is true
         self._ready: list[str] = []
         self._queued: set[str] = set()
         self._active: set[str] = set()
@@ -200,6 +213,9 @@ class WorkQueue:
                     elif key not in self._queued:
                         self._queued.add(key)
                         self._ready.append(key)
+                if self._ready and self._gate is not None and not self._gate():
+                    self._cond.wait(0.1)  # paused (not leading): keys wait, none is lost
+                    continue
                 if self._ready:
                     key = self._ready.pop(0)
                     self._queued.discard(key)
@@ -255,7 +271,10 @@ class Controller:
         self.workers = workers
         self.leader = leader
         self.max_backoff = max_backoff
-        self.queue = WorkQueue()
+        self.queue = WorkQueue(leader.is_leading if leader is not None else None)
+        self.ended = threading.Event()  # set once the workers have stopped
+        if leader is not None:
+            leader.follow(self.ended)
         self._failures: dict[str, int] = {}
         self._sources: list[Informer] = []
 
@@ -305,10 +324,14 @@ class Controller:
                 self.queue.done(key)
 
     def run(self, stop: threading.Event) -> None:
-        if self.leader is not None:
-            while not self.leader.leading.wait(0.5):
-                if stop.is_set():
-                    return
+        """Workers start once the caches are synced; with a leader they take keys only while
+        it leads (in-flight keys finish when the Lease is lost)."""
+        try:
+            self._run(stop)
+        finally:
+            self.ended.set()
+
+    def _run(self, stop: threading.Event) -> None:
         for informer in self._sources:
             while not informer.synced.wait(0.5):
                 if stop.is_set():
@@ -328,46 +351,135 @@ class Controller:
 # -- leader election --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LeaseTimings:
+    """client-go's leader election timings. A follower takes the Lease over only after it has
+    seen the Lease unchanged for `duration` (by its own clock, not the holder's renewTime); the
+    holder stops leading when it has not renewed for `renew_deadline` < `duration`, so the two
+    never lead at once. Each request gives up after `request_timeout` < `renew_deadline`."""
+
+    duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    request_timeout: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not (
+            0 < self.retry_period < self.renew_deadline < self.duration
+            and 0 < self.request_timeout < self.renew_deadline
+        ):
+            raise ValueError(
+                "lease timings need retry period and request timeout < renew deadline < "
+                f"lease duration, not {self}"
+            )
+
+
 class LeaderElector:
-    """Holds a Lease while alive; releases it on stop so a successor takes over at once."""
+    """Holds a Lease for the loops that must run on one replica only (`is_leading()` gates
+    their work queues). Losing the Lease pauses that work; nothing else in the process stops.
+    On stop it keeps renewing until the loops registered with `follow` have ended, then
+    releases the Lease so a successor takes over at once."""
 
     def __init__(
         self,
         kube: Kube,
         namespace: str,
         name: str,
-        duration: int = 15,
-        on_lost: Callable[[], None] | None = None,
+        timings: LeaseTimings = LeaseTimings(),
+        identity: str = "",
+        hold_on_stop: float = 30.0,
     ) -> None:
-        self.kube = kube
+        self.kube = kube.with_timeout(timings.request_timeout)
         self.namespace = namespace
         self.name = name
-        self.duration = duration
-        self.identity = f"{socket.gethostname()}-{os.getpid()}"
-        self.leading = threading.Event()
-        self.on_lost = on_lost
+        self.timings = timings
+        self.hold_on_stop = hold_on_stop  # at most this long for the loops to end on stop
+        self.identity = identity or f"{socket.gethostname()}-{os.getpid()}"
+        self.terms: list[tuple[float, float | None]] = []  # (began, ended), monotonic
+        self._lock = threading.Lock()
+        self._valid_until = 0.0  # monotonic; leading while before it
+        self._observed = ""  # resourceVersion of the Lease last read
+        self._observed_at = 0.0  # monotonic, when it last changed
         self._acquired = datetime.now(UTC)
+        self._followers: list[threading.Event] = []
+
+    def is_leading(self) -> bool:
+        with self._lock:
+            return time.monotonic() < self._valid_until
+
+    def follow(self, ended: threading.Event) -> None:
+        """Release the Lease on stop only once `ended` is set (a loop's workers have stopped)."""
+        self._followers.append(ended)
+
+    def wait_leading(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.is_leading():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            try:
-                held = self._try()
-            except ApiError as err:
-                log.warning("lease %s/%s: %s", self.namespace, self.name, err)
-                held = False
-            if held and not self.leading.is_set():
-                log.info("leading", extra={"fields": {"lease": self.name, "id": self.identity}})
-                self.leading.set()
-            elif not held and self.leading.is_set():
-                log.error("lost the lease %s/%s", self.namespace, self.name)
-                self.leading.clear()
-                if self.on_lost is not None:
-                    self.on_lost()
-            stop.wait(self.duration / 3 if held else 2.0)
-        if self.leading.is_set():
-            self._release()
+            self._round()
+            stop.wait(self.timings.retry_period * (1.0 if self.is_leading() else 1.2))
+        # Keep the Lease while the leader's workers finish, then hand it over.
+        deadline = time.monotonic() + self.hold_on_stop
+        for ended in self._followers:
+            while not ended.wait(self.timings.retry_period):
+                if time.monotonic() >= deadline:
+                    break
+                self._round()
+        self._release()
 
-    def _write(self, version: str, acquired: datetime, holder: str, duration: int) -> bool:
+    def _round(self) -> None:
+        began = time.monotonic()
+        try:
+            held = self._try(began)
+        except Exception as err:
+            log.warning("lease %s/%s: %s", self.namespace, self.name, err)
+            held = False
+        with self._lock:
+            now = time.monotonic()
+            was = bool(self.terms) and self.terms[-1][1] is None
+            if held:
+                self._valid_until = began + self.timings.renew_deadline
+                if not was:
+                    self.terms.append((now, None))
+            elif was and now >= self._valid_until:
+                self.terms[-1] = (self.terms[-1][0], self._valid_until)
+            else:
+                return
+        if held and not was:
+            log.info("leading", extra={"fields": {"lease": self.name, "id": self.identity}})
+        elif not held:
+            log.error(
+                "lost the lease %s/%s: not renewed for %.0f s; its loops pause until it is "
+                "held again",
+                self.namespace,
+                self.name,
+                self.timings.renew_deadline,
+            )
+
+    def _try(self, now: float) -> bool:
+        """Acquire or renew; False when another holder's Lease is not expired, or another
+        writer came first."""
+        value = self.kube.get(LEASES, self.name, self.namespace)
+        lease = Lease.of(value) if value is not None else None
+        if lease is not None and lease.resource_version != self._observed:
+            self._observed, self._observed_at = lease.resource_version, now
+        if (
+            lease is not None
+            and lease.holder not in (self.identity, "")
+            and now < self._observed_at + self.timings.duration
+        ):
+            return False
+        if lease is None or lease.holder != self.identity or not self.is_leading():
+            self._acquired = datetime.now(UTC)
+        version = lease.resource_version if lease is not None else ""
+        return self._write(version, self._acquired, self.identity, self.timings.duration)
+
+    def _write(self, version: str, acquired: datetime, holder: str, duration: float) -> bool:
         """Create the Lease (version "") or replace the one read at version; False when another
         writer came first (409)."""
         now = datetime.now(UTC)
@@ -382,7 +494,7 @@ class LeaderElector:
                 "holderIdentity": holder,
                 "acquireTime": stamp(acquired, fraction=True),
                 "renewTime": stamp(now, fraction=True),
-                "leaseDurationSeconds": duration,
+                "leaseDurationSeconds": max(1, int(duration)),
             },
         }
         try:
@@ -396,32 +508,23 @@ class LeaderElector:
             raise
         return True
 
-    def _try(self) -> bool:
-        now = datetime.now(UTC)
-        value = self.kube.get(LEASES, self.name, self.namespace)
-        lease = Lease.of(value) if value is not None else None
-        if lease is not None:
-            expired = lease.renewed is None or (
-                lease.renewed + timedelta(seconds=lease.duration or self.duration) < now
-            )
-            if lease.holder not in (self.identity, "") and not expired:
-                return False
-        if lease is None or lease.holder != self.identity or not self.leading.is_set():
-            self._acquired = now
-        version = lease.resource_version if lease is not None else ""
-        return self._write(version, self._acquired, self.identity, self.duration)
-
     def _release(self) -> None:
-        value = self.kube.get(LEASES, self.name, self.namespace)
-        if value is None or Lease.of(value).holder != self.identity:
+        with self._lock:
+            leading = time.monotonic() < self._valid_until
+            self._valid_until = 0.0
+            if self.terms and self.terms[-1][1] is None:
+                self.terms[-1] = (self.terms[-1][0], time.monotonic())
+        if not leading:
             return
         try:
-            # Held by nobody, expiring at once: a successor takes it on its next try.
+            value = self.kube.get(LEASES, self.name, self.namespace)
+            if value is None or Lease.of(value).holder != self.identity:
+                return
+            # Held by nobody: a successor takes it on its next try.
             if self._write(Lease.of(value).resource_version, datetime.now(UTC), "", 1):
                 log.info("released the lease", extra={"fields": {"lease": self.name}})
         except ApiError as err:
             log.warning("cannot release lease %s/%s: %s", self.namespace, self.name, err)
-        self.leading.clear()
 
 
 # -- runner ---------------------------------------------------------------------------------

@@ -61,6 +61,10 @@ class ControlPlane:
         self.processes.append((name, proc))
         log.close()
 
+    def process(self, name: str) -> subprocess.Popen[bytes]:
+        """The running daemon `name` (e.g. kube-apiserver), for faults injected into it."""
+        return next(proc for each, proc in self.processes if each == name)
+
     def log_tail(self, name: str, lines: int = 40) -> str:
         path = self.work / f"{name}.log"
         return (

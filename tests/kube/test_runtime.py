@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import signal
 import threading
 import time
+from collections.abc import Callable
 
 from reflinker_csi.kube.api import LEASES, NODES, VOLUMES, Kube
 from reflinker_csi.kube.model import Lease
@@ -12,10 +16,12 @@ from reflinker_csi.kube.runtime import (
     Controller,
     Informer,
     LeaderElector,
+    LeaseTimings,
     Result,
     Runner,
     WorkQueue,
 )
+from tests.e2e.cluster import ControlPlane
 
 
 def test_a_key_added_while_it_is_processed_is_processed_once_more_afterwards() -> None:
@@ -94,7 +100,7 @@ def test_a_failing_reconcile_is_retried_with_backoff() -> None:
         succeeded.set()
         return DONE
 
-    controller = Controller("test", reconcile, workers=1, max_backoff=0.5)
+    controller = Controller("test", reconcile, workers=1, max_backoff=1.5)
     stop = threading.Event()
     thread = threading.Thread(target=controller.run, args=(stop,))
     thread.start()
@@ -102,7 +108,10 @@ def test_a_failing_reconcile_is_retried_with_backoff() -> None:
     assert succeeded.wait(10)
     stop.set()
     thread.join(10)
-    assert len(calls) == 3 and calls[1] - calls[0] >= 0.4
+    # 1 s after the first failure, then 2 s capped at max_backoff (each ±10 %).
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert len(calls) == 3
+    assert 0.9 <= gaps[0] <= 1.3 and 1.35 <= gaps[1] <= 1.8, gaps
 
 
 def node(name: str) -> dict[str, object]:
@@ -148,33 +157,156 @@ def test_runner_stops_every_loop_and_closes_watches(admin: Kube) -> None:
         runner.start(informer.name, informer.run, informer.close)
     for informer in informers:
         assert informer.synced.wait(10)
-    time.sleep(0.5)  # let every watch request reach the server
+    for informer in informers:  # every watch is open on the server and blocked
+        assert wait(informer.watching, 10)
+    began = time.monotonic()
     assert runner.stop(10)
+    assert time.monotonic() - began < 3
+
+
+def wait(probe: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def overlapping(*electors: LeaderElector) -> list[tuple[str, str]]:
+    """Pairs of terms (one elector's each) that overlap in time: two leaders at once."""
+    now = time.monotonic()
+    terms = [
+        (e.identity, began, ended if ended is not None else now)
+        for e in electors
+        for began, ended in e.terms
+    ]
+    return [
+        (f"{a}@{a0:.2f}-{a1:.2f}", f"{b}@{b0:.2f}-{b1:.2f}")
+        for i, (a, a0, a1) in enumerate(terms)
+        for (b, b0, b1) in terms[i + 1 :]
+        if a != b and a0 < b1 and b0 < a1
+    ]
+
+
+class Electors:
+    """Electors on one Lease, each running in its own thread until stopped."""
+
+    def __init__(self, kube: Kube, namespace: str, timings: LeaseTimings) -> None:
+        self.kube, self.namespace, self.timings = kube, namespace, timings
+        self.running: list[tuple[LeaderElector, threading.Event, threading.Thread]] = []
+
+    def start(self, identity: str) -> LeaderElector:
+        elector = LeaderElector(self.kube, self.namespace, "lease", self.timings, identity)
+        stop = threading.Event()
+        thread = threading.Thread(target=elector.run, args=(stop,), daemon=True)
+        thread.start()
+        self.running.append((elector, stop, thread))
+        return elector
+
+    def stop(self, elector: LeaderElector) -> None:
+        for each, stop, thread in self.running:
+            if each is elector:
+                stop.set()
+                thread.join(20)
+                assert not thread.is_alive()
+
+    def close(self) -> None:
+        for elector, _, _ in self.running:
+            self.stop(elector)
 
 
 def test_one_leader_and_a_released_lease_is_taken_over_at_once(admin: Kube, namespace: str) -> None:
-    first = LeaderElector(admin, namespace, "lease", duration=60)
-    second = LeaderElector(admin, namespace, "lease", duration=60)
-    second.identity = "second"
-    stop_first, stop_second = threading.Event(), threading.Event()
-    one = threading.Thread(target=first.run, args=(stop_first,))
-    one.start()
-    assert first.leading.wait(10)
-    two = threading.Thread(target=second.run, args=(stop_second,))
-    two.start()
+    electors = Electors(admin, namespace, LeaseTimings(60, 40, 0.5, 5))
     try:
-        time.sleep(1)
-        value = admin.get(LEASES, "lease", namespace)
-        assert value is not None and Lease.of(value).holder == first.identity
-        assert not second.leading.is_set()
-        stop_first.set()
-        one.join(10)
+        first = electors.start("first")
+        assert first.wait_leading(10)
+        second = electors.start("second")
+        assert wait(lambda: second._observed != "", 10)  # it has read the held Lease
+        electors.stop(first)
         # Released, so the second takes over within its retry period, not after 60 s.
-        assert second.leading.wait(10)
+        assert second.wait_leading(10)
+        assert first.terms[-1][1] is not None
+        assert second.terms[0][0] - first.terms[-1][1] < 5
         value = admin.get(LEASES, "lease", namespace)
         assert value is not None and Lease.of(value).holder == "second"
+        assert overlapping(first, second) == []
     finally:
-        stop_first.set()
-        stop_second.set()
-        one.join(10)
-        two.join(10)
+        electors.close()
+
+
+def test_another_holders_lease_is_taken_only_once_seen_unchanged_for_its_duration(
+    admin: Kube, namespace: str
+) -> None:
+    """Expiry by the time this replica saw the Lease last change, never by comparing the
+    holder's renewTime with the local clock (the holder's clock may be behind)."""
+    admin.create(
+        LEASES,
+        {
+            "metadata": {"name": "lease"},
+            "spec": {
+                "holderIdentity": "holder-with-a-slow-clock",
+                "renewTime": "2000-01-01T00:00:00.000000Z",
+                "leaseDurationSeconds": 3,
+            },
+        },
+        namespace,
+    )
+    electors = Electors(admin, namespace, LeaseTimings(3, 2, 0.5, 1))
+    try:
+        began = time.monotonic()
+        elector = electors.start("newcomer")
+        assert elector.wait_leading(15)
+        assert time.monotonic() - began >= 3
+    finally:
+        electors.close()
+
+
+def test_a_hung_api_server_pauses_the_leader_before_another_may_lead(
+    plane: ControlPlane, admin: Kube, namespace: str
+) -> None:
+    """The API server frozen for longer than the Lease (SIGSTOP: requests hang, as in a network
+    partition) and resumed: the leader stops taking work within the renew deadline although
+    its request hangs, its process goes on, and there are never two leaders; afterwards one
+    leads again and its gated loop works."""
+    timings = LeaseTimings(duration=4, renew_deadline=2.5, retry_period=0.3, request_timeout=1)
+    electors = Electors(admin, namespace, timings)
+    done: list[tuple[str, float]] = []
+
+    def reconcile(key: str) -> Result:
+        done.append((key, time.monotonic()))
+        return DONE
+
+    try:
+        first = electors.start("first")
+        assert first.wait_leading(10)
+        second = electors.start("second")
+        assert wait(lambda: second._observed != "", 10)
+        gated = Controller("gated", reconcile, workers=1, leader=first)
+        stop = threading.Event()
+        worker = threading.Thread(target=gated.run, args=(stop,), daemon=True)
+        worker.start()
+        apiserver = plane.process("kube-apiserver")
+        os.kill(apiserver.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            assert wait(lambda: not first.is_leading(), timings.renew_deadline + 1)
+            paused = time.monotonic()
+            gated.queue.add("while-not-leading")
+            time.sleep(timings.duration + 2 - (paused - frozen))  # the fault lasts this long
+        finally:
+            os.kill(apiserver.pid, signal.SIGCONT)
+        assert paused - frozen <= timings.renew_deadline + 0.5
+        assert wait(lambda: first.is_leading() or second.is_leading(), 30)
+        leader = first if first.is_leading() else second
+        if leader is first:
+            assert wait(lambda: bool(done), 5)
+            assert done[0][1] >= first.terms[-1][0]  # taken only once leading again
+        else:
+            assert done == []  # the key waits for a Lease the first no longer holds
+        assert overlapping(first, second) == []
+        stop.set()
+        worker.join(10)
+    finally:
+        os.kill(plane.process("kube-apiserver").pid, signal.SIGCONT)
+        electors.close()
