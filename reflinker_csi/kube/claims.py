@@ -16,8 +16,10 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from ..core.access import require_claim_servable
 from ..core.errors import (
     FailedPrecondition,
     NotFound,
@@ -45,8 +47,17 @@ from ..core.layout import Layout
 from ..core.locator import SourceLocation
 from ..core.records import Phase, VolumeRecord
 from ..core.volumes import CreateSpec, VolumeService
-from .api import JSON, REFERENCEGRANTS, STORAGECLASSES, VOLUMES, ApiError, Kube, domain_error
-from .events import record_event
+from .api import (
+    CLAIMS,
+    JSON,
+    REFERENCEGRANTS,
+    STORAGECLASSES,
+    VOLUMES,
+    ApiError,
+    Kube,
+    domain_error,
+)
+from .events import EventRecorder
 from .fields import text
 from .locator import KubeSourceLocator
 from .model import (
@@ -90,8 +101,11 @@ class ClaimLoop:
         storage_class: str,
         namespace_path: tuple[str, ...],
         wait_seconds: float = WAIT_SECONDS,
+        on_error: Callable[[str], None] = lambda loop: None,
     ) -> None:
         self.kube = kube
+        self.on_error = on_error
+        self.events = EventRecorder(kube, CLAIM_LOOP_COMPONENT)
         self.wait_seconds = wait_seconds
         self.volumes = volumes
         self.claims = claims
@@ -159,15 +173,16 @@ class ClaimLoop:
         except Exception as err:
             failures = self._failures.get(key, 0) + 1
             self._failures[key] = failures
+            self.on_error("claim-loop")
             backoff = min(2.0**failures, MAX_BACKOFF)
             if isinstance(err, ReflinkerError):
                 message = str(err)
             else:
                 log.exception("claim %s", key)
                 message = f"internal error ({type(err).__name__}); the controller log has details"
-            self.event(
-                claim, "Warning", "ProvisioningFailed", f"{message} (retrying in {backoff:.0f} s)"
-            )
+            # The same failure again counts on the same Event (no delay in the message).
+            self.event(claim, "Warning", "ProvisioningFailed", message)
+            log.info("claim %s: again in %.0f s", key, backoff)
             return Requeue(backoff)
         self._forget(key)
         self._provisioned.add(key)
@@ -196,6 +211,7 @@ class ClaimLoop:
     def provision(self, claim: Claim) -> VolumeRecord:
         """Clone the claim's source through VolumeService and bind a new PV to the claim."""
         assert claim.source is not None
+        require_claim_servable(claim.meta.key, claim.access_modes, claim.volume_mode)
         source_ns, source = self._find_source(claim)
         if source_ns != claim.meta.namespace:
             self._check_consent(claim, source_ns, source.meta.name)
@@ -381,17 +397,14 @@ class ClaimLoop:
                 return DONE
         else:
             return DONE
-        claim = self._claim(record.context[CTX_CLAIM])
-        if (
-            claim is not None
-            and not claim.meta.deleting
-            and record.name
-            in (
-                request_name(claim),
-                SIDECAR_PREFIX + claim.meta.uid,
-            )
-        ):
+        if self._still_wanted(record, self._claim(record.context[CTX_CLAIM])):
             return DONE  # still being provisioned or retried
+        # The caches may be stale (a relist in progress, a watch behind): what they say is gone
+        # is read from the API server itself before anything is deleted.
+        if self._still_wanted(record, self._live_claim(record.context[CTX_CLAIM])) or (
+            self._live_pv(record.guid if record.name.startswith(REQUEST_PREFIX) else record.name)
+        ):
+            return DONE
         log.info(
             "removing volume %s: its claim %s is gone", record.guid, record.context.get(CTX_CLAIM)
         )
@@ -399,6 +412,28 @@ class ClaimLoop:
         # node agent removes the directory and then the finalizer.
         self.volumes.registry.remove(record.guid)
         return DONE
+
+    @staticmethod
+    def _still_wanted(record: VolumeRecord, claim: Claim | None) -> bool:
+        return (
+            claim is not None
+            and not claim.meta.deleting
+            and record.name in (request_name(claim), SIDECAR_PREFIX + claim.meta.uid)
+        )
+
+    def _live_claim(self, key: str) -> Claim | None:
+        namespace, _, name = key.rpartition("/")
+        try:
+            value = self.kube.get(CLAIMS, name, namespace)
+        except ApiError as err:
+            raise domain_error(err, f"read PersistentVolumeClaim {key}") from None
+        return None if value is None else Claim.of(value)
+
+    def _live_pv(self, name: str) -> bool:
+        try:
+            return self.kube.get(VOLUMES, name) is not None
+        except ApiError as err:
+            raise domain_error(err, f"read PersistentVolume {name}") from None
 
     def records_of_claim(self, key: str) -> list[str]:
         """The records made for claim key (to check when the claim changes or goes)."""
@@ -418,7 +453,7 @@ class ClaimLoop:
             "name": claim.meta.name,
             "uid": claim.meta.uid,
         }
-        record_event(self.kube, involved, kind, reason, message, CLAIM_LOOP_COMPONENT)
+        self.events.record(involved, kind, reason, message)
         log.info(
             "claim event",
             extra={"fields": {"claim": claim.meta.key, "reason": reason, "msg": message}},

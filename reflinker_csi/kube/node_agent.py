@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..core.errors import FailedPrecondition, ReflinkerError, SourceUnavailable, classify
@@ -29,7 +30,7 @@ from ..disk.local import LocalDisk, remove_tree
 from ..disk.usage import Usage, measure
 from ..metrics import Metrics
 from .api import JSON, NODES, ApiError, Kube
-from .events import record_event, stamp
+from .events import EventRecorder, stamp
 from .handoff import NodeSteps
 from .model import Meta, record_of
 from .registry import KubeRegistry
@@ -40,9 +41,15 @@ log = logging.getLogger(__name__)
 
 class NodeAgent:
     def __init__(
-        self, registry: KubeRegistry, disk: LocalDisk, node_id: str, recorder: Recorder
+        self,
+        registry: KubeRegistry,
+        disk: LocalDisk,
+        node_id: str,
+        recorder: Recorder,
+        on_error: Callable[[str], None] = lambda loop: None,
     ) -> None:
         self.recorder = recorder
+        self.on_error = on_error
         self.registry = registry
         self.disk = disk
         self.node_id = node_id
@@ -71,6 +78,7 @@ class NodeAgent:
             made = self._make(record)
         except (ReflinkerError, OSError) as err:
             log.warning("volume %s failed: %s", record.guid, err)
+            self.on_error("node-agent")
             known = classify(err)
             self.recorder.volume_made(record.method, known.code if known else "INTERNAL", 0)
             self.registry.set_phase(record, Phase.FAILED, err)
@@ -185,6 +193,7 @@ class NodeSpace:
         self.usage_interval = usage_interval
         self._warned = False
         self._measured: dict[str, Usage] = {}
+        self.events = EventRecorder(kube, NODE_COMPONENT, node_id)
 
     def report(self) -> None:
         free, floor, inodes = self.disk.space()
@@ -249,7 +258,7 @@ class NodeSpace:
             "name": self.node_id,
             "uid": Meta.of(node).uid,
         }
-        record_event(self.kube, involved, "Warning", reason, message, NODE_COMPONENT, self.node_id)
+        self.events.record(involved, "Warning", reason, message)
         log.warning("low free space", extra={"fields": {"node": self.node_id, "msg": message}})
 
     def run(self, stop: threading.Event) -> None:
@@ -261,8 +270,10 @@ class NodeSpace:
                     next_scan = time.monotonic() + self.usage_interval
                     self.scan()
             except (ApiError, ReflinkerError) as err:
+                self.metrics.reconcile_error("space")
                 log.warning("cannot report space on node %s: %s", self.node_id, err)
             except OSError as err:
+                self.metrics.reconcile_error("space")
                 log.warning("cannot measure space: %s", err)
             deadline = time.monotonic() + min(self.period, self.usage_interval)
             while not stop.is_set() and time.monotonic() < deadline:

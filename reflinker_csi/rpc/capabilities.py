@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from csi import csi_pb2
 
+from ..core.access import BLOCK_UNSUPPORTED, mode_unsupported
 from ..core.errors import InvalidArgument
 
 _Mode = csi_pb2.VolumeCapability.AccessMode
@@ -21,16 +22,13 @@ def unsupported_reason(cap: csi_pb2.VolumeCapability) -> str:
     """Why cap cannot be served, or "" when it can."""
     access = cap.WhichOneof("access_type")
     if access == "block":
-        return "block access is not supported: pg-reflinker volumes are directories (use mount)"
+        return BLOCK_UNSUPPORTED
     if access != "mount":
         return "access_type must be mount"
     mode = cap.access_mode.mode
     if mode not in SINGLE_NODE_MODES:
         name = _Mode.Mode.Name(mode) if mode in _Mode.Mode.values() else str(mode)
-        return (
-            f"access mode {name} is not supported: a volume lives on one node, so only "
-            "single-node modes (ReadWriteOnce, ReadWriteOncePod, ReadOnlyOnce) work"
-        )
+        return mode_unsupported(name)
     return ""
 
 
