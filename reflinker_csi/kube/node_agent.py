@@ -12,7 +12,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..core.errors import FailedPrecondition, ReflinkerError, SourceUnavailable, classify
+from ..core.errors import (
+    FailedPrecondition,
+    ReflinkerError,
+    ReflinkUnsupported,
+    SourceUnavailable,
+    classify,
+)
 from ..core.keys import (
     ANNOTATION_FLOOR_BYTES,
     ANNOTATION_FREE_BYTES,
@@ -26,6 +32,7 @@ from ..core.keys import (
 from ..core.observe import Recorder
 from ..core.records import CloneMode, Kind, Phase, VolumeRecord
 from ..core.space import size
+from ..disk import reflink
 from ..disk.local import LocalDisk, remove_tree
 from ..disk.usage import Usage, measure
 from ..metrics import Metrics
@@ -251,14 +258,7 @@ class NodeSpace:
         self.metrics.scan_seconds.labels(self.node_id).set(time.monotonic() - began)
 
     def _event(self, reason: str, message: str) -> None:
-        node = self.kube.get(NODES, self.node_id) or {}
-        involved: JSON = {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "name": self.node_id,
-            "uid": Meta.of(node).uid,
-        }
-        self.events.record(involved, "Warning", reason, message)
+        warn_on_node(self.events, self.kube, self.node_id, reason, message)
         log.warning("low free space", extra={"fields": {"node": self.node_id, "msg": message}})
 
     def run(self, stop: threading.Event) -> None:
@@ -280,3 +280,37 @@ class NodeSpace:
                 if self.changed.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
                     self.changed.clear()
                     break
+
+
+def warn_on_node(
+    events: EventRecorder, kube: Kube, node_id: str, reason: str, message: str
+) -> None:
+    """A Warning on this node's Node object (`kubectl describe node` shows it)."""
+    try:
+        node = kube.get(NODES, node_id) or {}
+    except ApiError as err:
+        log.warning("cannot read node %s for an event: %s", node_id, err)
+        return
+    involved: JSON = {"apiVersion": "v1", "kind": "Node", "name": node_id, "uid": Meta.of(node).uid}
+    events.record(involved, "Warning", reason, message)
+
+
+def require_reflink_prefix(kube: Kube, disk: LocalDisk, node_id: str) -> None:
+    """The node plugin starts only on a prefix that reflinks (XFS reflink=1 or btrfs): a
+    prefix on the wrong filesystem (the XFS not mounted yet, so the host's root) is named in
+    the log and on the Node, and the plugin exits; kubelet starts it again with backoff, so it
+    serves once the filesystem is there. Nothing is made on the wrong filesystem meanwhile."""
+    try:
+        reflink.probe(disk.layout.state_dir)
+    except ReflinkUnsupported as err:
+        message = (
+            f"{err}; the node plugin exits until HOSTPATH_PREFIX {disk.layout.prefix} reflinks"
+        )
+        warn_on_node(
+            EventRecorder(kube, NODE_COMPONENT, node_id),
+            kube,
+            node_id,
+            "ReflinkUnsupported",
+            message,
+        )
+        raise ReflinkUnsupported(message) from None

@@ -4,12 +4,14 @@ account), our node plugin, ReflinkVolume records, and a running PostgreSQL sourc
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 from kubernetes import client
 
 from reflinker_csi.kube.api import REFLINKVOLUMES
-from tests.e2e.stack import NS, Cluster, CnpgInstance, wait_for
+from tests.e2e.stack import NODE, NS, Cluster, CnpgInstance, wait_for
 
 pytestmark = pytest.mark.integration
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -168,3 +170,40 @@ def test_missing_replication_secret_is_named_and_the_claim_binds_once_it_exists(
         cluster.core.create_namespaced_secret(NS, secret)
     cluster.wait_bound("pg-xyz-nosecret", timeout=30)
     cluster.core.delete_namespaced_persistent_volume_claim("pg-xyz-nosecret", NS)
+
+
+def test_a_node_plugin_on_a_prefix_that_cannot_reflink_says_so_and_makes_nothing(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """HOSTPATH_PREFIX on the wrong filesystem (as when the XFS is not mounted yet and the
+    directory is on the host's root): the node plugin names the prefix and its filesystem in
+    its log and on the Node, exits, and has made no volume there."""
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(prefix)], check=True)
+    try:
+        args, env = cluster.commands["node"]
+        env = {
+            **env,
+            "HOSTPATH_PREFIX": str(prefix),
+            "CSI_ENDPOINT": f"unix://{tmp_path / 'csi.sock'}",
+            "METRICS_PORT": "0",
+        }
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert f"cannot reflink {prefix}" in last and "tmpfs filesystem" in last, last
+        assert "XFS (mkfs.xfs -m reflink=1) or btrfs" in last
+        assert sorted(p.name for p in prefix.iterdir()) == [".pg-reflinker"]
+        assert list((prefix / ".pg-reflinker").iterdir()) == []
+        assert not (tmp_path / "csi.sock").exists()
+        wait_for(
+            "the Warning on the Node",
+            lambda: any(
+                "ReflinkUnsupported" in e and str(prefix) in e
+                for e in cluster.events_for("Node", NODE, "default")
+            ),
+            10,
+        )
+    finally:
+        subprocess.run(["umount", str(prefix)], check=True)
