@@ -28,6 +28,7 @@ from .disk.local import LocalDisk
 from .disk.publish import Publisher
 from .kube import api as kube_api
 from .kube import app
+from .kube.node_agent import require_reflink_prefix
 from .kube.runtime import Runner
 from .metrics import Metrics
 from .pg.backup import native_hot_clone
@@ -176,7 +177,9 @@ def run_node(cfg: config.Config) -> int:
     metrics = Metrics()
     disk = LocalDisk(layout, (cfg.target_root,), cfg.free_space_floor)
     disk.apply_cow_extent_size(cfg.cow_extent_size)
-    started = app.node(kube_api.connect(), _settings(cfg), disk, metrics)
+    kube = kube_api.connect()
+    require_reflink_prefix(kube, disk, cfg.node_id)
+    started = app.node(kube, _settings(cfg), disk, metrics)
     metrics.serve(cfg.metrics_port)
     identity = IdentityServicer(
         cfg.driver_name, prefix_usable(str(layout.prefix)), controller=False

@@ -18,7 +18,7 @@ from .capture import Captures
 from .claims import ClaimLoop
 from .locator import KubeSourceLocator
 from .materializer import KubeMaterializer, NodeReports
-from .node_agent import NodeAgent, NodeSpace, require_reflink_prefix
+from .node_agent import NodeAgent, NodeSpace
 from .registry import KubeRegistry
 from .runtime import Controller, Informer, LeaderElector, Runner
 
@@ -141,7 +141,6 @@ def node(kube: api.Kube, settings: Settings, disk: LocalDisk, metrics: Metrics) 
     """The node plugin's loops, started: the node agent for this node's records, and the
     node's space (free-space report, each volume's own bytes, metrics)."""
     disk.layout.state_dir.mkdir(mode=0o700, exist_ok=True)
-    require_reflink_prefix(kube, disk, settings.node_id)
     disk.sweep()
     records = Informer(
         kube,

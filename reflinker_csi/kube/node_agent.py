@@ -300,6 +300,7 @@ def require_reflink_prefix(kube: Kube, disk: LocalDisk, node_id: str) -> None:
     prefix on the wrong filesystem (the XFS not mounted yet, so the host's root) is named in
     the log and on the Node, and the plugin exits; kubelet starts it again with backoff, so it
     serves once the filesystem is there. Nothing is made on the wrong filesystem meanwhile."""
+    disk.layout.state_dir.mkdir(mode=0o700, exist_ok=True)
     try:
         reflink.probe(disk.layout.state_dir)
     except ReflinkUnsupported as err:
