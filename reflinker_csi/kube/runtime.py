@@ -450,8 +450,11 @@ class LeaderElector:
                 self.terms[-1] = (self.terms[-1][0], self._valid_until)
             else:
                 return
+            ended = self._valid_until
+        # Each term's bounds on the wall clock, in the log: terms of replicas never overlap.
         if held and not was:
-            log.info("leading", extra={"fields": {"lease": self.name, "id": self.identity}})
+            fields = {"lease": self.name, "id": self.identity, "since": _wall(now)}
+            log.info("leading", extra={"fields": fields})
         elif not held:
             log.error(
                 "lost the lease %s/%s: not renewed for %.0f s; its loops pause until it is "
@@ -459,6 +462,7 @@ class LeaderElector:
                 self.namespace,
                 self.name,
                 self.timings.renew_deadline,
+                extra={"fields": {"lease": self.name, "id": self.identity, "until": _wall(ended)}},
             )
 
     def _try(self, now: float) -> bool:
@@ -510,10 +514,11 @@ class LeaderElector:
 
     def _release(self) -> None:
         with self._lock:
-            leading = time.monotonic() < self._valid_until
+            ended = time.monotonic()
+            leading = ended < self._valid_until
             self._valid_until = 0.0
             if self.terms and self.terms[-1][1] is None:
-                self.terms[-1] = (self.terms[-1][0], time.monotonic())
+                self.terms[-1] = (self.terms[-1][0], ended)
         if not leading:
             return
         try:
@@ -522,9 +527,16 @@ class LeaderElector:
                 return
             # Held by nobody: a successor takes it on its next try.
             if self._write(Lease.of(value).resource_version, datetime.now(UTC), "", 1):
-                log.info("released the lease", extra={"fields": {"lease": self.name}})
+                fields = {"lease": self.name, "id": self.identity, "until": _wall(ended)}
+                log.info("released the lease", extra={"fields": fields})
         except ApiError as err:
             log.warning("cannot release lease %s/%s: %s", self.namespace, self.name, err)
+
+
+def _wall(monotonic: float) -> str:
+    """A monotonic instant on the wall clock (UTC, milliseconds)."""
+    at = datetime.fromtimestamp(time.time() - (time.monotonic() - monotonic), UTC)
+    return at.isoformat(timespec="milliseconds")
 
 
 # -- runner ---------------------------------------------------------------------------------

@@ -229,11 +229,13 @@ def hot_clone_seconds(k8s: OneNodeCluster, guid: str) -> float | None:
     ).stdout
     with contextlib.suppress(ValueError, IndexError, KeyError):
         guid = json.loads(record)["items"][0]["spec"].get("capture") or guid
+    # Both replicas' logs: the clone ran on whichever led csi-provisioner or the claim loop.
     logs = k8s.kubectl(
         "logs",
         "-n",
         "pg-reflinker",
-        "pg-reflinker-controller-0",
+        "-l",
+        "app.kubernetes.io/name=pg-reflinker-controller",
         "-c",
         "controller",
         "--tail=2000",

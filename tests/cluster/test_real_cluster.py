@@ -6,7 +6,9 @@ The scenarios build on each other in file order (one source cluster for the pack
 
 from __future__ import annotations
 
+import itertools
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 import yaml
 
 from tests.cluster import cnpg
+from tests.cluster.test_deploy import memory_peaks
 from tests.e2e.onenode import NODE, PREFIX, OneNodeCluster
 
 NS = cnpg.NS
@@ -591,28 +594,59 @@ def test_node_plugin_restart_keeps_mounts_and_registers_again(k8s: OneNodeCluste
     k8s.wait("volume after-restart removed", lambda: guid not in _volume_dirs(), 60)
 
 
-def test_controller_restart_during_a_clone_ends_bound_without_orphans(
+def _lease_holder(k8s: OneNodeCluster, lease: str) -> str:
+    value = k8s.get("lease", lease, "-n", "pg-reflinker")
+    return str(value["spec"].get("holderIdentity") or "")
+
+
+def _controller_pods(k8s: OneNodeCluster) -> list[str]:
+    pods = k8s.get(
+        "pods", "-n", "pg-reflinker", "-l", "app.kubernetes.io/name=pg-reflinker-controller"
+    )
+    return [
+        p["metadata"]["name"] for p in pods["items"] if not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def test_the_leading_controller_pod_deleted_during_a_clone_the_other_replica_binds_it(
     k8s: OneNodeCluster, source: str
 ) -> None:
+    """deploy/ runs two controller replicas. The pod whose csi-provisioner leads is deleted
+    while a clone is in progress: the other replica's csi-provisioner takes the lease over and
+    its controller finishes the clone, within about a lease duration; nothing is left half-made
+    and the source leaves backup mode."""
+    # csi-provisioner's lease is named after the driver; its holder is "<pod name>" or starts
+    # with it.
+    leases = "pg-reflinker-csi"
+    pods = _controller_pods(k8s)
+    assert len(pods) == 2, pods
+    k8s.wait("a csi-provisioner leader", lambda: _lease_holder(k8s, leases), 60)
+    leader = next(p for p in pods if _lease_holder(k8s, leases).startswith(p))
     k8s.apply(_claim("restart-clone", source=source, size="8Gi"))
 
     def reserved() -> bool:
         return any(r["spec"].get("claim", "").endswith("restart-clone") for r in _records(k8s))
 
     k8s.wait("the clone's record (CreateVolume has started)", reserved, 60)
-    k8s.kubectl(
-        "delete",
-        "pod",
-        "pg-reflinker-controller-0",
-        "-n",
-        "pg-reflinker",
-        "--grace-period=1",
-        "--wait=false",
-    )
-    start = time.monotonic()
-    k8s.wait("claim restart-clone Bound", lambda: _phase(k8s, "restart-clone") == "Bound", 180)
-    print(f"\nclaim Bound {time.monotonic() - start:.1f} s after the controller pod was deleted")
-    k8s.wait_rollout("statefulset/pg-reflinker-controller", "pg-reflinker")
+    # As when its node is lost: no replacement can start (the only node is cordoned), so the
+    # other replica must take over.
+    k8s.kubectl("cordon", NODE)
+    try:
+        k8s.kubectl(
+            "delete", "pod", leader, "-n", "pg-reflinker", "--grace-period=1", "--wait=false"
+        )
+        start = time.monotonic()
+        k8s.wait("claim restart-clone Bound", lambda: _phase(k8s, "restart-clone") == "Bound", 90)
+        took = time.monotonic() - start
+        successor = _lease_holder(k8s, leases)
+    finally:
+        k8s.kubectl("uncordon", NODE)
+    print(f"\nclaim Bound {took:.1f} s after the leading controller pod was deleted")
+    [survivor] = [p for p in pods if p != leader]
+    assert successor.startswith(survivor), (successor, survivor)
+    # Within a lease duration (15 s), retries and the clone itself.
+    assert took < 60, took
+    k8s.wait_rollout("deployment/pg-reflinker-controller", "pg-reflinker")
 
     guid = _pv_of(k8s, "restart-clone")["spec"]["csi"]["volumeHandle"]
     assert (PREFIX / guid / "pgdata" / "PG_VERSION").exists()
@@ -632,6 +666,136 @@ def test_controller_restart_during_a_clone_ends_bound_without_orphans(
     )
     k8s.kubectl("delete", "pvc", "restart-clone", "-n", NS, "--wait=true", "--timeout=60s")
     k8s.wait("volume restart-clone removed", lambda: guid not in _volume_dirs(), 60)
+
+
+def _claim_loop_terms(k8s: OneNodeCluster) -> list[tuple[str, str, str]]:
+    """(since, until, pod) of every term each controller replica led the claim loop, from the
+    bounds its log gives (its current and previous container); an open term ends "~"."""
+    terms = []
+    for pod in _controller_pods(k8s):
+        for previous in ("--previous=true", "--previous=false"):
+            logs = k8s.kubectl(
+                "logs", pod, "-n", "pg-reflinker", "-c", "controller", previous, check=False
+            ).stdout
+            since = ""
+            for line in logs.splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("lease") != "pg-reflinker-claim-loop":
+                    continue
+                if entry["msg"] == "leading":
+                    since = entry["since"]
+                elif "until" in entry and since:
+                    terms.append((since, entry["until"], pod))
+                    since = ""
+            if since:
+                terms.append((since, "~", pod))
+    return sorted(terms)
+
+
+def _mounts_of(target: str) -> int:
+    return sum(
+        1 for line in Path("/proc/self/mountinfo").read_text().splitlines() if f" {target} " in line
+    )
+
+
+def test_api_server_frozen_past_the_lease_during_a_clone_then_kubelet_restarted(
+    k8s: OneNodeCluster, source: str
+) -> None:
+    """kube-apiserver is frozen (SIGSTOP) for longer than the claim loop's lease while a clone
+    is in progress: the replicas never both lead (from their logs), the clone is bound once the
+    API server is back, nothing is orphaned. Then kubelet is restarted while that clone and the
+    clone cluster's volume are published: both stay mounted once, their pods keep running, and
+    the clone is unpublished and removed normally afterwards."""
+    k8s.apply(_claim("frozen-api", source=source, size="8Gi"))
+    k8s.wait(
+        "the clone's record (CreateVolume has started)",
+        lambda: any(r["spec"].get("claim", "").endswith("frozen-api") for r in _records(k8s)),
+        60,
+    )
+    apiserver = k8s.plane.process("kube-apiserver")
+    apiserver.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(20)  # the fault: longer than the lease (15 s) and every renew deadline
+    finally:
+        apiserver.send_signal(signal.SIGCONT)
+    start = time.monotonic()
+    k8s.wait("claim frozen-api Bound", lambda: _phase(k8s, "frozen-api") == "Bound", 240)
+    print(f"\nclaim Bound {time.monotonic() - start:.1f} s after the API server came back")
+    terms = _claim_loop_terms(k8s)
+    print("claim-loop terms:", *terms, sep="\n  ")
+    assert terms
+    for (_, until, pod), (since, _, next_pod) in itertools.pairwise(terms):
+        assert until != "~" and until <= since, f"{pod} led until {until}, {next_pod} from {since}"
+    guid = _pv_of(k8s, "frozen-api")["spec"]["csi"]["volumeHandle"]
+    handles = {pv["spec"]["csi"]["volumeHandle"] for pv in k8s.get("pv")["items"]}
+    assert _volume_dirs() == handles
+    assert sorted(r["spec"]["guid"] for r in _records(k8s)) == sorted(handles)
+    slots = "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pg_reflinker%'"
+    assert cnpg.psql(k8s, source, slots) == "0"
+
+    # kubelet restarted with the clone published in a pod and the clone cluster running.
+    k8s.apply(_shell_pod("frozen-api", "frozen-api", "sleep 600"))
+    k8s.wait("pod frozen-api Running", lambda: _pod_phase(k8s, "frozen-api") == "Running", 90)
+    clone_pod = cnpg.primary_pod(k8s, CLONE)
+    pods = {p: k8s.get("pod", p, "-n", NS) for p in ("frozen-api", clone_pod)}
+    targets = {
+        p: f"/var/lib/kubelet/pods/{pod['metadata']['uid']}/volumes/kubernetes.io~csi"
+        for p, pod in pods.items()
+    }
+    published = {
+        p: [
+            line.split()[4]
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if f" {t}/" in line
+        ]
+        for p, t in targets.items()
+    }
+    assert all(len(m) >= 1 for m in published.values()), published
+    kubelet = k8s.daemons["kubelet"]
+    args = [str(a) for a in kubelet.process.args]  # type: ignore[union-attr]
+    kubelet.process.terminate()
+    kubelet.process.wait(30)
+    restarted = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    k8s.spawn("kubelet", args)
+    k8s.wait("the restarted kubelet's node status", lambda: _ready_since(k8s, restarted), 120)
+    # kubelet's volume manager finds the mounts again; it mounts nothing twice.
+    k8s.wait(
+        "kubelet's pods seen Running again",
+        lambda: all(_pod_phase(k8s, p) == "Running" for p in pods),
+        60,
+    )
+    for p, mounts in published.items():
+        assert all(_mounts_of(m) == 1 for m in mounts), (p, mounts)
+    for p, pod in pods.items():
+        now = k8s.get("pod", p, "-n", NS)
+        assert now["metadata"]["uid"] == pod["metadata"]["uid"]
+        restarts = [c["restartCount"] for c in now["status"]["containerStatuses"]]
+        assert restarts == [c["restartCount"] for c in pod["status"]["containerStatuses"]], p
+    # The clone's database kept its volume: it writes (once kubelet serves exec again).
+    write = "CREATE TABLE IF NOT EXISTS after_kubelet (i int); INSERT INTO after_kubelet VALUES (1)"
+    k8s.wait("a write on the clone", lambda: _psql_ok(k8s, clone_pod, write), 60)
+    k8s.kubectl("delete", "pod", "frozen-api", "-n", NS, "--wait=true", "--timeout=60s")
+    assert all(_mounts_of(m) == 0 for m in published["frozen-api"])
+    k8s.kubectl("delete", "pvc", "frozen-api", "-n", NS, "--wait=true", "--timeout=60s")
+    k8s.wait("volume frozen-api removed", lambda: guid not in _volume_dirs(), 60)
+
+
+def _psql_ok(k8s: OneNodeCluster, pod: str, sql: str) -> bool:
+    try:
+        cnpg.psql(k8s, pod, sql)
+    except AssertionError:
+        return False
+    return True
+
+
+def _ready_since(k8s: OneNodeCluster, since: str) -> bool:
+    """The node Ready, as reported by a kubelet at `since` or later."""
+    node = k8s.get("node", NODE)
+    ready = [c for c in node["status"]["conditions"] if c["type"] == "Ready"]
+    return bool(ready) and ready[0]["status"] == "True" and ready[0]["lastHeartbeatTime"] >= since
 
 
 def test_a_cluster_with_only_the_grants_and_a_wal_volume_is_cloned_natively(
@@ -1271,3 +1435,18 @@ def test_volume_snapshots_of_a_running_cluster_feed_five_volumes_and_cnpg_backup
         lambda: not [r for r in _records(k8s) if r["spec"]["guid"] in gone | snapshot_guids],
         60,
     )
+
+
+def test_every_driver_container_stayed_within_its_memory_limit(k8s: OneNodeCluster) -> None:
+    """Last, after every scenario: the highest memory use of each container (what deploy/'s
+    requests and limits are sized from, docs/install.md), none OOM-killed."""
+    peaks = memory_peaks(k8s)
+    print()
+    for where, peak, limit in peaks:
+        print(f"{peak / (1 << 20):8.1f} MiB of {limit >> 20:4d} MiB  {where}")
+    for where, peak, limit in peaks:
+        assert peak < limit, where
+    for pod in k8s.get("pods", "-n", "pg-reflinker")["items"]:
+        for status in pod["status"].get("containerStatuses", []):
+            ended = status.get("lastState", {}).get("terminated") or {}
+            assert ended.get("reason") != "OOMKilled", (pod["metadata"]["name"], status["name"])

@@ -774,7 +774,7 @@ def _deploy_driver(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
     def apply() -> None:
         c.kubectl("apply", "-k", str(OVERLAY))
         c.wait_rollout("daemonset/pg-reflinker-node", "pg-reflinker")
-        c.wait_rollout("statefulset/pg-reflinker-controller", "pg-reflinker")
+        c.wait_rollout("deployment/pg-reflinker-controller", "pg-reflinker")
         c.wait("the node plugin registered with kubelet (CSINode)", lambda: _registered(c), 60)
 
     c.step("apply deploy/ through the test overlay; wait for both plugins", announce, apply)
