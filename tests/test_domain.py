@@ -7,7 +7,7 @@ import pytest
 
 from reflinker_csi import TOPOLOGY_KEY
 from reflinker_csi.core import errors
-from reflinker_csi.core.layout import check_absolute_path, is_guid, new_guid, require_guid
+from reflinker_csi.core.layout import check_absolute_path, is_guid, require_guid
 from reflinker_csi.core.placement import check_clone_node, choose_node
 from reflinker_csi.core.volumes import CreateSpec
 from reflinker_csi.disk.mounts import parse_mountinfo
@@ -76,10 +76,6 @@ def test_only_canonical_lowercase_uuids_name_volumes(value: str) -> None:
     assert not is_guid(value)
     with pytest.raises((errors.NotFound, errors.InvalidArgument)):
         require_guid(value)
-
-
-def test_new_guids_are_canonical() -> None:
-    assert all(is_guid(new_guid()) for _ in range(100))
 
 
 @pytest.mark.parametrize("path", ["relative/target", "/a/../b", "/a\x00b", "/a\nb", ""])

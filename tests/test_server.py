@@ -151,6 +151,9 @@ def test_kill_during_clone_leaves_no_orphan_and_retry_gets_same_guid(driver: Dri
     driver.stop(signal.SIGKILL)
     with pytest.raises(grpc.RpcError):
         future.result(timeout=10)
+    # The kill came in the middle of the copy: its partial copy is there, not yet in place.
+    [partial] = [p for p in driver.prefix.iterdir() if p.name.endswith(".partial")]
+    assert not (driver.prefix / partial.name.removesuffix(".partial")).exists()
     record_files = list((driver.prefix / ".pg-reflinker" / "volumes").glob("*.json"))
     guids = {
         json.loads(p.read_text())["guid"]

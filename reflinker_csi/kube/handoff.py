@@ -247,6 +247,12 @@ class NodeSteps:
         if hand_off.done == hand_off.step:
             return False  # done; the controller's next step brings the record back
         partial = self.partial(record)
+        log.info(
+            "hot clone step",
+            extra={
+                "fields": {"guid": record.guid, "attempt": hand_off.attempt, "step": hand_off.step}
+            },
+        )
         # source_dir is <the source volume's directory on this node>/pgdata (the controller's
         # reading of the PV, not the source server's answer).
         named = Path(hand_off.source_dir)

@@ -14,7 +14,6 @@ from reflinker_csi.kube.api import REFLINKVOLUMES
 from tests.e2e.stack import NODE, NS, Cluster, CnpgInstance, wait_for
 
 pytestmark = pytest.mark.integration
-UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
 def record_of(cluster: Cluster, guid: str) -> list[dict]:  # type: ignore[type-arg]

@@ -6,6 +6,7 @@ real PostgreSQL playing the CNPG instance."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import uuid
@@ -135,6 +136,125 @@ def test_controller_killed_while_the_node_copies_then_the_retry_binds(
     assert record["spec"]["backup"]["attempt"] != first["spec"]["backup"]["attempt"]
     assert leftovers(cluster) == [] and slots_and_sessions(without_function) == "0,0"
     boots_with_the_rows(cluster, guid, without_function)
+
+
+STEP = re.compile(r"hot clone step guid=(\S+) attempt=(\S+) step=(\S+)")
+
+
+def steps_run(cluster: Cluster, guid: str, offset: int) -> list[tuple[str, str]]:
+    """(attempt, step) of every step the node agents ran for volume guid, in order, from the
+    node plugin's log after offset."""
+    log = (cluster.plane.work / "node.log").read_bytes()[offset:].decode(errors="replace")
+    return [(m[2], m[3]) for m in STEP.finditer(log) if m[1] == guid]
+
+
+def backup_of(cluster: Cluster, claim: str) -> dict[str, Any]:
+    record = record_for_claim(cluster, claim) or {}
+    return {
+        "guid": record.get("spec", {}).get("guid", ""),
+        **(record.get("spec", {}).get("backup") or {}),
+        "done": ((record.get("status") or {}).get("backup") or {}).get("done"),
+    }
+
+
+def node_log_size(cluster: Cluster) -> int:
+    return (cluster.plane.work / "node.log").stat().st_size
+
+
+def kill_and_restart_node(cluster: Cluster) -> None:
+    node = cluster.processes["node"]
+    node.send_signal(signal.SIGKILL)
+    node.wait(30)
+    cluster.restart("node")
+
+
+def ends_consistent(
+    cluster: Cluster, claim: str, source: PostgresServer, offset: int
+) -> list[tuple[str, str]]:
+    """The claim binds, its clone boots with the rows, no partial copy, slot or session is
+    left, and no node agent ran a step of an attempt after a newer one had begun."""
+    pv = cluster.wait_bound(claim, timeout=120)
+    guid = pv.spec.csi.volume_handle
+    wait_for("the source to leave backup mode", lambda: slots_and_sessions(source) == "0,0", 30)
+    assert leftovers(cluster) == []
+    steps = steps_run(cluster, guid, offset)
+    final = backup_of(cluster, claim)["attempt"]
+    assert [step for attempt, step in steps if attempt == final][-3:] == [
+        "Copy",
+        "Finish",
+        "Complete",
+    ], steps
+    attempts = list(dict.fromkeys(attempt for attempt, _ in steps))
+    order = [attempts.index(attempt) for attempt, _ in steps]
+    assert order == sorted(order), f"a step of an older attempt after a newer one: {steps}"
+    boots_with_the_rows(cluster, guid, source)
+    return steps
+
+
+def test_node_plugin_killed_with_the_copy_step_in_hand_then_the_clone_binds(
+    cluster: Cluster, cnpg: CnpgInstance, without_function: PostgresServer
+) -> None:
+    """The node plugin is frozen when the controller asks for the Copy (the source is in
+    backup mode) and killed: the restarted plugin copies for the same attempt, inside the
+    same backup, and the clone binds."""
+    offset = node_log_size(cluster)
+    cluster.processes["node"].send_signal(signal.SIGSTOP)
+    cluster.pvc("native-node-copy", source=cnpg.pvc)
+    asked = wait_for(
+        "the controller to ask for the copy",
+        lambda: (b := backup_of(cluster, "native-node-copy")).get("step") == "Copy" and b,
+        60,
+    )
+    assert slots_and_sessions(without_function) == "1,1"
+    kill_and_restart_node(cluster)
+    steps = ends_consistent(cluster, "native-node-copy", without_function, offset)
+    # The backup the controller held through the kill is the one the copy was made in.
+    assert steps == [(asked["attempt"], s) for s in ("Copy", "Finish", "Complete")], steps
+
+
+def test_node_plugin_killed_with_the_finish_step_in_hand_then_the_clone_binds(
+    cluster: Cluster, cnpg: CnpgInstance, without_function: PostgresServer
+) -> None:
+    """The node plugin is frozen right after it reported the Copy, so the Finish (backup
+    stopped, backup_label and WAL to write) reaches a frozen plugin, which is killed. The
+    restarted plugin either finishes that attempt or fails it (its partial copy is gone with
+    the old process's sweep) and the controller's next attempt binds; never a mix."""
+    node = cluster.processes["node"]
+    for round in range(3):
+        claim = f"native-node-finish-{round}"
+        offset = node_log_size(cluster)
+        node = cluster.processes["node"]
+        node.send_signal(signal.SIGSTOP)
+        cluster.pvc(claim, source=cnpg.pvc)
+        wait_for(
+            "the controller to ask for the copy",
+            lambda: backup_of(cluster, claim).get("step") == "Copy",  # noqa: B023
+            60,
+        )
+        node.send_signal(signal.SIGCONT)
+        wait_for(
+            "the node to report the copy",
+            lambda: backup_of(cluster, claim).get("done") in ("Copy", "Finish"),  # noqa: B023
+            30,
+            every=0.002,
+        )
+        node.send_signal(signal.SIGSTOP)
+        if backup_of(cluster, claim).get("done") == "Copy":
+            break
+        # The plugin finished before it was frozen: this round tested nothing; again.
+        node.send_signal(signal.SIGCONT)
+        cluster.wait_bound(claim, timeout=60)
+    else:
+        pytest.fail("the node plugin finished every time before it could be frozen")
+    asked = wait_for(
+        "the controller to ask for the finish",
+        lambda: (b := backup_of(cluster, claim)).get("step") == "Finish" and b,
+        30,
+    )
+    kill_and_restart_node(cluster)
+    steps = ends_consistent(cluster, claim, without_function, offset)
+    print(f"\nround {round}, steps the node agents ran:", *steps, sep="\n  ")
+    assert steps[0] == (asked["attempt"], "Copy"), steps
 
 
 def test_node_failure_mid_clone_ends_the_backup_and_names_the_cause(

@@ -5,7 +5,6 @@ and volumes can be deleted in any order."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -93,14 +92,20 @@ def pgbench_sums(server: PostgresServer) -> set[str]:
 def test_a_snapshot_of_a_running_database_under_load_gives_five_bootable_volumes(
     cluster: Cluster, cnpg: CnpgInstance
 ) -> None:
+    def committed() -> int:
+        return int(cnpg.server.psql("SELECT count(*) FROM pgbench_history", db="app"))
+
+    before = committed()
     bench = cnpg.server.pgbench_background("-n", "-c", "2", "-j", "2", "-T", "15")
     try:
-        time.sleep(2)  # transactions are committing
+        wait_for("transactions committing", lambda: committed() > before + 50, 15, every=0.05)
         snapshot(cluster, "golden", cnpg.pvc)
         snap = ready_snapshot(cluster, "golden")
+        at_snapshot = committed()
     finally:
         out, _ = bench.communicate(timeout=60)
     assert bench.returncode == 0, out
+    after = committed()
     guid = handle_of(cluster, snap)
     rec = record(cluster, guid)
     assert rec["spec"]["kind"] == "snapshot" and rec["spec"]["cloneMode"] == "hot"
@@ -118,6 +123,9 @@ def test_a_snapshot_of_a_running_database_under_load_gives_five_bootable_volumes
             assert clone.psql("SELECT pg_is_in_recovery()") == "f"
             sums = pgbench_sums(clone)
             assert len(sums) == 1 and sums != {"0"}, f"pgbench invariant: {sums}"
+            # Taken while transactions were committing: some, not all, of the load is in it.
+            copied = int(clone.psql("SELECT count(*) FROM pgbench_history", db="app"))
+            assert before + 50 < copied <= at_snapshot < after, (before, copied, at_snapshot, after)
             clone.amcheck()
         finally:
             clone.stop()
