@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import re
 import shutil
 import time
@@ -152,10 +153,13 @@ def test_below_the_floor_the_node_warns_and_takes_no_new_volume(admin: Kube, mod
     )
 
 
-def test_a_new_attempt_never_runs_the_old_attempts_step(admin: Kube, mode: Mode) -> None:
+def test_a_new_attempt_never_runs_the_old_attempts_step(
+    admin: Kube, mode: Mode, caplog: pytest.LogCaptureFixture
+) -> None:
     """A native attempt that failed at Copy, then the controller's retry: the old hand-off is
     gone before the record is Pending again, so the node agent does not run the old Copy (a
     copy outside any backup) and fail the new attempt with it; each step replaces spec.backup."""
+    caplog.set_level(logging.INFO, logger="reflinker_csi.kube.handoff")
     registry = mode.controller.volumes.registry
     record, _ = registry.reserve(
         VolumeRecord(
@@ -194,6 +198,13 @@ def test_a_new_attempt_never_runs_the_old_attempts_step(admin: Kube, mode: Mode)
     )
     current = registry.get(record.guid)
     assert refailed is None and current.phase == Phase.PENDING and current.hand_off is None
+    # The node agent's log: the old Copy ran once, for its own attempt, never again.
+    steps = [
+        (r.fields["attempt"], r.fields["step"])  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage() == "hot clone step" and r.fields["guid"] == record.guid  # type: ignore[attr-defined]
+    ]
+    assert steps == [("attempt-1", Step.COPY)], steps
     # Each step replaces spec.backup whole: no volume of an earlier step survives in it.
     registry.set_hand_off(record, old)  # type: ignore[attr-defined]
     new = dataclasses.replace(old, attempt="attempt-2", volumes={"/var/lib/postgresql/wal": "/c"})
