@@ -40,6 +40,7 @@ class Settings:
     backup_mode_limit: float = 60.0
     capture_wait: float = 600.0
     claim_wait_seconds: float = 20.0
+    claim_first_backoff: float = 2.0  # a failing claim's first retry; doubled up to 60 s
     report_period: float = 60.0
     usage_interval: float = 300.0
     shutdown_grace: float = 30.0
@@ -109,6 +110,7 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
         settings.namespace_path,
         settings.claim_wait_seconds,
         errors,
+        settings.claim_first_backoff,
     )
     claim_loop = Controller(
         "claim-loop", loop.reconcile, workers=settings.workers, leader=lease, on_error=errors

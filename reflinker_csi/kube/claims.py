@@ -102,8 +102,10 @@ class ClaimLoop:
         namespace_path: tuple[str, ...],
         wait_seconds: float = WAIT_SECONDS,
         on_error: Callable[[str], None] = lambda loop: None,
+        first_backoff: float = 2.0,
     ) -> None:
         self.kube = kube
+        self.first_backoff = first_backoff  # doubled on each failure, up to MAX_BACKOFF
         self.on_error = on_error
         self.events = EventRecorder(kube, CLAIM_LOOP_COMPONENT)
         self.wait_seconds = wait_seconds
@@ -174,7 +176,7 @@ class ClaimLoop:
             failures = self._failures.get(key, 0) + 1
             self._failures[key] = failures
             self.on_error("claim-loop")
-            backoff = min(2.0**failures, MAX_BACKOFF)
+            backoff = min(self.first_backoff * 2.0 ** (failures - 1), MAX_BACKOFF)
             if isinstance(err, ReflinkerError):
                 message = str(err)
             else:

@@ -115,7 +115,8 @@ def mode(
 ) -> Iterator[Mode]:
     """A controller and the node plugin of node `<namespace>-a` (in-process; the disk type and
     the free-space floor may be the test's parameter), with the claim loop waiting up to 30 s
-    for a node agent and looking for sources in namespace `<namespace>-src` too."""
+    for a node agent, retrying a failing claim after 0.5 s at first (2 s in the product) and
+    looking for sources in namespace `<namespace>-src` too."""
     prefix = tmp_path / "prefix"
     prefix.mkdir()
     node = f"{namespace}-a"
@@ -130,6 +131,7 @@ def mode(
         report_period=1.0,
         usage_interval=1.0,
         claim_wait_seconds=30.0,
+        claim_first_backoff=0.5,
     )
     add_node(admin, node, None)
     floor = getattr(request, "param", {}).get("floor", NO_FLOOR)
