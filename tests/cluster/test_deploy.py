@@ -129,19 +129,30 @@ def test_the_node_plugin_runs_on_a_node_tainted_for_databases(k8s: OneNodeCluste
         k8s.kubectl("taint", "node", NODE, TAINT.replace("=:", ":") + "-")
 
 
+def container_cgroup(pod: dict[str, Any], container: str) -> Path:
+    """The memory cgroup (cgroup v1) of a running container of pod."""
+    status = next(s for s in pod["status"]["containerStatuses"] if s["name"] == container)
+    cid = status["containerID"].split("://")[-1]
+    found = list(Path("/sys/fs/cgroup/memory").glob(f"**/pod{pod['metadata']['uid']}/{cid}"))
+    assert found, f"no memory cgroup for {container} of {pod['metadata']['name']}"
+    return found[0]
+
+
+def container_pids(pod: dict[str, Any], container: str) -> list[int]:
+    """The host PIDs of a running container's processes (for faults injected into them)."""
+    return [int(p) for p in (container_cgroup(pod, container) / "cgroup.procs").read_text().split()]
+
+
 def memory_peaks(k8s: OneNodeCluster) -> list[tuple[str, int, int]]:
     """(pod/container, highest memory use since it started, its limit) of every driver
     container, from its memory cgroup (cgroup v1: memory.max_usage_in_bytes)."""
     units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
     peaks = []
     for pod in _pods(k8s, CONTROLLER) + _pods(k8s, NODE_PLUGIN):
-        uid = pod["metadata"]["uid"]
         limits = {c["name"]: c["resources"]["limits"]["memory"] for c in pod["spec"]["containers"]}
         for status in pod["status"]["containerStatuses"]:
-            cid = status["containerID"].split("://")[-1]
-            found = list(Path("/sys/fs/cgroup/memory").glob(f"**/pod{uid}/{cid}"))
-            assert found, f"no memory cgroup for {status['name']} of {pod['metadata']['name']}"
-            peak = int((found[0] / "memory.max_usage_in_bytes").read_text())
+            cgroup = container_cgroup(pod, status["name"])
+            peak = int((cgroup / "memory.max_usage_in_bytes").read_text())
             number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi)", limits[status["name"]]).groups()  # type: ignore[union-attr]
             where = f"{pod['metadata']['name']}/{status['name']}"
             peaks.append((where, peak, int(number) * units[unit]))

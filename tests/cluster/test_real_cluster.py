@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from tests.cluster import cnpg
-from tests.cluster.test_deploy import memory_peaks
+from tests.cluster.test_deploy import container_pids, memory_peaks
 from tests.e2e.onenode import NODE, PREFIX, OneNodeCluster
 
 NS = cnpg.NS
@@ -781,6 +782,16 @@ def test_api_server_frozen_past_the_lease_during_a_clone_then_kubelet_restarted(
     assert all(_mounts_of(m) == 0 for m in published["frozen-api"])
     k8s.kubectl("delete", "pvc", "frozen-api", "-n", NS, "--wait=true", "--timeout=60s")
     k8s.wait("volume frozen-api removed", lambda: guid not in _volume_dirs(), 60)
+    # The CNPG operator lost its own lease in the freeze and restarts with kubelet's backoff:
+    # the scenarios after this one need its webhook answering again.
+    k8s.wait("CNPG's webhook answering again", lambda: _cnpg_webhook_answers(k8s), 240)
+
+
+def _cnpg_webhook_answers(k8s: OneNodeCluster) -> bool:
+    spec = cnpg.example("source-cluster.yaml", metadata__name="webhook-check")
+    manifest = yaml.safe_dump(spec)
+    done = k8s.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest, check=False)
+    return done.returncode == 0
 
 
 def _psql_ok(k8s: OneNodeCluster, pod: str, sql: str) -> bool:
@@ -844,6 +855,7 @@ def test_a_cluster_with_only_the_grants_and_a_wal_volume_is_cloned_natively(
     assert not (PREFIX / guid / "pgdata" / "pg_wal").is_symlink()
     assert cnpg.hot_clone_seconds(k8s, guid) is not None
     assert cnpg.psql(k8s, source, "SELECT count(*) FROM pg_replication_slots", db="postgres") == "0"
+    _controller_killed_with_a_native_copy_in_hand(k8s, source)
 
     restored_guids = _offline_backup_and_restore(k8s, source)
     guids = {
@@ -855,6 +867,71 @@ def test_a_cluster_with_only_the_grants_and_a_wal_volume_is_cloned_natively(
     cnpg.delete_cluster(k8s, "pg-lean")
     k8s.wait("the volumes removed", lambda: not (guids & _volume_dirs()), 120)
     assert not [p for p in PREFIX.iterdir() if p.name.endswith(".partial")]
+
+
+def _controller_killed_with_a_native_copy_in_hand(k8s: OneNodeCluster, source: str) -> None:
+    """The leading replica's controller is SIGKILLed while its session holds the source in
+    backup mode and the node plugin has the Copy step in hand (frozen, so the moment is
+    certain), under pgbench load. PostgreSQL aborts the backup and drops the slot; the copy the
+    node plugin makes once thawed is never put in place; the retry, a new attempt of the same
+    volume, binds a clone that boots and passes amcheck and pgbench's invariant."""
+    slots = "SELECT count(*) FROM pg_replication_slots"
+    holder = _lease_holder(k8s, "pg-reflinker-csi")
+    [leader] = [p for p in _controller_pods(k8s) if holder.startswith(p)]
+    leader_pod = k8s.get("pod", leader, "-n", "pg-reflinker")
+    [node] = k8s.get(
+        "pods", "-n", "pg-reflinker", "-l", "app.kubernetes.io/name=pg-reflinker-node"
+    )["items"]
+    node_pids = container_pids(node, "node")
+    size = k8s.get("pvc", source, "-n", NS)["spec"]["resources"]["requests"]["storage"]
+    load = cnpg.pgbench_background(k8s, source, seconds=30)
+    try:
+        for pid in node_pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            k8s.apply(_claim("lean-killed", source=source, size=size))
+
+            def copy_asked() -> dict[str, Any] | None:
+                for r in _records(k8s):
+                    if r["spec"].get("claim", "").endswith("/lean-killed"):
+                        step = (r["spec"].get("backup") or {}).get("step")
+                        return r if step == "Copy" else None
+                return None
+
+            first = k8s.wait("the Copy step handed to the node plugin", copy_asked, 90)
+            assert cnpg.psql(k8s, source, slots, db="postgres") == "1"  # in backup mode
+            for pid in container_pids(leader_pod, "controller"):
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            for pid in node_pids:
+                os.kill(pid, signal.SIGCONT)
+        k8s.wait(
+            "the source out of backup mode",
+            lambda: cnpg.psql(k8s, source, slots, db="postgres") == "0",
+            60,
+        )
+        k8s.wait("claim lean-killed Bound", lambda: _phase(k8s, "lean-killed") == "Bound", 180)
+    finally:
+        out, _ = load.communicate(timeout=120)
+    assert load.returncode == 0, f"pgbench on the source failed: {out}"
+    guid = _pv_of(k8s, "lean-killed")["spec"]["csi"]["volumeHandle"]
+    record = _record_for(k8s, guid)
+    assert guid == first["spec"]["guid"]  # the same volume
+    assert record["spec"]["backup"]["attempt"] != first["spec"]["backup"]["attempt"]
+    assert not [p for p in PREFIX.iterdir() if p.name.endswith(".partial")]
+    k8s.apply(_boot_pod("boot-killed", ["lean-killed"]))
+    k8s.wait(
+        "the boot pod to finish",
+        lambda: _pod_phase(k8s, "boot-killed") in ("Succeeded", "Failed"),
+        300,
+    )
+    logs = k8s.kubectl("logs", "boot-killed", "-n", NS).stdout
+    assert _pod_phase(k8s, "boot-killed") == "Succeeded", logs[-3000:]
+    [sums] = [line.split()[2] for line in logs.splitlines() if line.startswith("sums ")]
+    assert len(set(sums.split(","))) == 1 and sums.split(",")[0] != "0", sums
+    k8s.kubectl("delete", "pod", "boot-killed", "-n", NS, "--wait=true", "--timeout=60s")
+    k8s.kubectl("delete", "pvc", "lean-killed", "-n", NS, "--wait=true", "--timeout=60s")
+    k8s.wait("volume lean-killed removed", lambda: guid not in _volume_dirs(), 60)
 
 
 def _offline_backup(k8s: OneNodeCluster, cluster: str) -> list[dict[str, Any]]:
