@@ -13,7 +13,7 @@ TOOLS_CACHE ?= $(HOME)/.cache/pg-reflinker
 CSI_SANITY_VERSION := v5.4.0
 CSI_SANITY := $(TOOLS_CACHE)/csi-sanity-$(CSI_SANITY_VERSION)/csi-sanity
 DEBIAN_PACKAGES := xfsprogs util-linux coreutils openssl postgresql postgresql-contrib \
-	containerd runc containernetworking-plugins buildah debootstrap iptables iproute2 busybox-static procps
+	containerd runc containernetworking-plugins buildah debootstrap patchelf iptables iproute2 busybox-static procps
 PYTEST_ARGS ?=
 # Wall time of each set-up step and test stage, printed at the end of `make test`.
 TIMINGS := $(CURDIR)/$(STAMPS)/timings
@@ -68,13 +68,22 @@ $(CSI_SANITY):
 .PHONY: deps
 deps: $(STAMPS)/system $(STAMPS)/venv $(CSI_SANITY)
 
+# PostgreSQL 17 and 18 from Debian trixie and forky, beside this machine's 15: each a debootstrap
+# root, built once, outside /root so the postgres user can run its programs.
+PG_ROOTS ?= /var/cache/pg-reflinker/postgresql
+.PHONY: pg-majors
+pg-majors: $(STAMPS)/system $(STAMPS)/venv
+	@$(TIMER) start "PostgreSQL majors"
+	TIMINGS=$(TIMINGS) PG_ROOTS=$(PG_ROOTS) $(PY) -m tests.tools.pgmajors
+	@$(TIMER) end "PostgreSQL majors"
+
 # -- checks -------------------------------------------------------------------------------
 
 .PHONY: test
 test:
 	@$(TIMER) reset && $(TIMER) start "make test"
 	@status=0; \
-	$(MAKE) --no-print-directory deps k8s-tools conformance-tools lint || status=$$?; \
+	$(MAKE) --no-print-directory deps pg-majors k8s-tools conformance-tools lint || status=$$?; \
 	if [ $$status = 0 ]; then \
 		$(TIMER) start "pytest"; \
 		CSI_SANITY=$(CSI_SANITY) TIMINGS=$(TIMINGS) $(TOOLS_ENV) $(PY) -m pytest -ra $(PYTEST_ARGS) \
@@ -109,7 +118,7 @@ clean:
 	rm -rf $(VENV) $(STAMPS) .pytest_cache .mypy_cache .ruff_cache
 
 .PHONY: bench-clone
-bench-clone: $(STAMPS)/system $(STAMPS)/venv
+bench-clone: $(STAMPS)/system $(STAMPS)/venv pg-majors
 	$(PY) -m tests.bench.bench_clone
 
 .PHONY: bench-space
@@ -206,7 +215,7 @@ $(CONFORMANCE_TOOLS)/.built: tests/tools/conformance/go.mod tests/tools/conforma
 	@$(TIMER) end "build e2e.test, ginkgo and agnhost"
 	@touch $@
 
-TOOLS_ENV := K8S_TOOLS=$(K8S_TOOLS) CNPG_TOOLS=$(CNPG_TOOLS) TOOLS_CACHE=$(TOOLS_CACHE)
+TOOLS_ENV := K8S_TOOLS=$(K8S_TOOLS) CNPG_TOOLS=$(CNPG_TOOLS) TOOLS_CACHE=$(TOOLS_CACHE) PG_ROOTS=$(PG_ROOTS)
 
 .PHONY: k8s-tools
 k8s-tools: $(K8S_TOOLS)/.built $(SNAPSHOTTER_BUILT) $(CNPG_TOOLS)/.built $(GATEWAY_CRD)

@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,32 @@ FUNCTION_SQL = ROOT / "deploy" / "postgres" / "reflink_snapshot.sql"
 PG_USER = "postgres"
 
 
+# Where `make pg-majors` puts the PostgreSQL majors this machine's Debian release lacks: one
+# Debian root per suite (tests/tools/pgmajors.py), its programs made to run from there.
+PG_ROOTS = Path(os.environ.get("PG_ROOTS", "/var/cache/pg-reflinker/postgresql"))
+
+
+def _major(bindir: str) -> int:
+    return int(re.findall(r"/(\d+)/bin$", bindir)[0])
+
+
+def pg_majors() -> dict[int, Path]:
+    """Every PostgreSQL major whose server can run here, by major: this machine's Debian
+    packages (/usr/lib/postgresql) and the relocated roots under PG_ROOTS."""
+    found = {
+        _major(str(Path(p).parent)): Path(p).parent
+        for p in glob.glob("/usr/lib/postgresql/*/bin/postgres")
+    }
+    for marker in glob.glob(f"{PG_ROOTS}/*/.relocated"):
+        for p in glob.glob(f"{Path(marker).parent}/usr/lib/postgresql/*/bin/postgres"):
+            found.setdefault(_major(str(Path(p).parent)), Path(p).parent)
+    return dict(sorted(found.items()))
+
+
 def pg_bin() -> Path:
-    """The newest PostgreSQL server installed from Debian packages."""
+    """This machine's own PostgreSQL server, from its Debian packages (the newest if several)."""
     found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/postgres"),
-        key=lambda p: int(re.findall(r"/(\d+)/bin", p)[0]),
+        glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: _major(str(Path(p).parent))
     )
     if not found:
         raise FileNotFoundError(
@@ -170,6 +191,12 @@ class PostgresServer:
     port: int
     socket_dir: Path
     certs: Certificates | None = None
+    # The programs of the major this instance runs (pg_majors()).
+    bin: Path = field(default_factory=pg_bin)
+
+    @property
+    def major(self) -> int:
+        return _major(str(self.bin))
 
     @property
     def pgdata(self) -> Path:
@@ -190,7 +217,7 @@ class PostgresServer:
             wal_args = ["--waldir", str(waldir)]
         run_as_postgres(
             [
-                str(pg_bin() / "initdb"),
+                str(self.bin / "initdb"),
                 "-D",
                 str(self.pgdata),
                 *wal_args,
@@ -233,7 +260,7 @@ class PostgresServer:
         )
         run_as_postgres(
             [
-                str(pg_bin() / "pg_ctl"),
+                str(self.bin / "pg_ctl"),
                 "-D",
                 str(self.pgdata),
                 "-l",
@@ -251,7 +278,7 @@ class PostgresServer:
     def stop(self, mode: str = "fast") -> None:
         subprocess.run(
             as_postgres(
-                [str(pg_bin() / "pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "stop"]
+                [str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "stop"]
             ),
             capture_output=True,
             check=False,
@@ -261,7 +288,7 @@ class PostgresServer:
     def psql(self, sql: str, db: str = "postgres") -> str:
         out = run_as_postgres(
             [
-                str(pg_bin() / "psql"),
+                str(self.bin / "psql"),
                 "-h",
                 str(self.socket_dir),
                 "-p",
@@ -285,7 +312,7 @@ class PostgresServer:
         self.psql("CREATE ROLE streaming_replica LOGIN REPLICATION")
         run_as_postgres(
             [
-                str(pg_bin() / "psql"),
+                str(self.bin / "psql"),
                 "-h",
                 str(self.socket_dir),
                 "-p",
@@ -307,7 +334,7 @@ class PostgresServer:
     ) -> subprocess.CompletedProcess[str]:
         return run_as_postgres(
             [
-                str(pg_bin() / "pgbench"),
+                str(self.bin / "pgbench"),
                 "-h",
                 str(self.socket_dir),
                 "-p",
@@ -323,7 +350,7 @@ class PostgresServer:
         return subprocess.Popen(
             as_postgres(
                 [
-                    str(pg_bin() / "pgbench"),
+                    str(self.bin / "pgbench"),
                     "-h",
                     str(self.socket_dir),
                     "-p",
@@ -345,7 +372,7 @@ class PostgresServer:
         chown_postgres(target)
         run_as_postgres(
             [
-                str(pg_bin() / "pg_basebackup"),
+                str(self.bin / "pg_basebackup"),
                 "-h",
                 str(self.socket_dir),
                 "-p",
@@ -367,7 +394,7 @@ class PostgresServer:
         """pg_amcheck --heapallindexed over every table and index; raises on corruption."""
         run_as_postgres(
             [
-                str(pg_bin() / "pg_amcheck"),
+                str(self.bin / "pg_amcheck"),
                 "-h",
                 str(self.socket_dir),
                 "-p",
@@ -379,6 +406,14 @@ class PostgresServer:
             ],
             capture_output=True,
         )
+
+    def checksums(self) -> str:
+        """pg_checksums --check on this stopped instance; raises on a block that fails it."""
+        out = run_as_postgres(
+            [str(self.bin / "pg_checksums"), "--check", "-D", str(self.pgdata)],
+            capture_output=True,
+        )
+        return str(out.stdout)
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -392,9 +427,12 @@ class PostgresServer:
                 time.sleep(0.2)
 
 
-def boot_clone(label_dir: Path, socket_dir: Path) -> PostgresServer:
-    """Start a PostgreSQL server on a cloned <label> directory (local socket only)."""
-    clone = PostgresServer(volume=label_dir, port=free_port(), socket_dir=socket_dir)
+def boot_clone(label_dir: Path, socket_dir: Path, bin: Path | None = None) -> PostgresServer:
+    """Start a PostgreSQL server on a cloned <label> directory (local socket only), with the
+    programs of bin (the source's major) or this machine's own."""
+    clone = PostgresServer(
+        volume=label_dir, port=free_port(), socket_dir=socket_dir, bin=bin or pg_bin()
+    )
     clone.start(extra="-c listen_addresses='' -c ssl=off")
     clone.wait_ready()
     return clone

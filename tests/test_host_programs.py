@@ -97,13 +97,20 @@ def python_uses(path: Path) -> Iterator[Use]:
                     if program and not program.startswith("-") and " " not in program:
                         yield Use(program, where)
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
-            # pg_bin() / "pg_ctl": a PostgreSQL program of the Debian server package.
+            # pg_bin() / "pg_ctl", or self.bin / "pg_ctl" in PostgresServer: a PostgreSQL
+            # program of the Debian server package (this machine's major; 17's and 18's are
+            # the same programs in the roots `make pg-majors` builds).
             left, right = node.left, node.right
+            server_bin = (
+                rel.name == "pgserver.py"
+                and isinstance(left, ast.Attribute)
+                and left.attr == "bin"
+                and getattr(left.value, "id", "") == "self"
+            )
             if (
-                isinstance(left, ast.Call)
-                and getattr(left.func, "id", "") == "pg_bin"
-                and isinstance(right, ast.Constant)
-            ):
+                server_bin
+                or (isinstance(left, ast.Call) and getattr(left.func, "id", "") == "pg_bin")
+            ) and isinstance(right, ast.Constant):
                 yield Use(f"/usr/lib/postgresql/*/bin/{right.value}", where)
         if (
             isinstance(node, ast.Constant)

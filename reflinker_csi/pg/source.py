@@ -32,6 +32,9 @@ FUNCTION = "reflink_snapshot(text)"
 INSTALL_HINT = "install deploy/postgres/reflink_snapshot.sql (see deploy/postgres/README.md)"
 # Key material lives only in memory-backed storage, never on a disk.
 KEY_DIR_PARENT = Path("/dev/shm")
+# The PostgreSQL majors a source may run (pg_backup_start/stop came in 15; docs/install.md has
+# what each was tested on). A source outside them is refused before anything is asked of it.
+SUPPORTED_MAJORS = range(15, 19)
 
 # libpq reports a failed connection without a SQLSTATE (checked with psycopg 3): its message is
 # the only signal there. These client-side TLS failures are configuration, not outages.
@@ -178,7 +181,18 @@ def session(
         except psycopg.OperationalError as err:
             raise _connect_error(err, server) from None
     with conn:
+        check_major(conn.info.server_version, server)
         yield conn
+
+
+def check_major(server_version: int, server: SourceServer) -> None:
+    """server_version as libpq reports it (180006 for 18.6)."""
+    major = server_version // 10000
+    if major not in SUPPORTED_MAJORS:
+        raise FailedPrecondition(
+            f"{server.where} runs PostgreSQL {major}, which pg-reflinker does not clone: "
+            f"supported majors are {SUPPORTED_MAJORS[0]} to {SUPPORTED_MAJORS[-1]}"
+        )
 
 
 def has_function(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
