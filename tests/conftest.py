@@ -248,7 +248,16 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
-    """Each test module's wall time (set-up, tests and teardown), also for `make test`'s summary."""
+    """Each test module's wall time (set-up, tests and teardown), also for `make test`'s summary,
+    and the tests that failed, for the end of that summary."""
+    timings.record_failures(
+        [
+            report.nodeid
+            for key in ("failed", "error")
+            for report in terminalreporter.stats.get(key, [])
+            if getattr(report, "nodeid", "")
+        ]
+    )
     if not _module_seconds:
         return
     terminalreporter.write_sep("-", "wall time per test module")

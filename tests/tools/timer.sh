@@ -10,6 +10,7 @@ case "$1" in
 reset)
     mkdir -p "$(dirname "$TIMINGS")"
     : >"$TIMINGS"
+    rm -f "$TIMINGS.failed"
     rm -rf "$starts" && mkdir -p "$starts"
     ;;
 start)
@@ -28,6 +29,10 @@ report)
     for file in "$starts"/*; do
         [ -e "$file" ] && echo "   (did not finish: $(basename "$file"))"
     done
+    if [ -s "$TIMINGS.failed" ]; then
+        echo "== failed tests"
+        sed 's/^/   /' "$TIMINGS.failed"
+    fi
     true
     ;;
 *)
