@@ -33,7 +33,8 @@ help:
 	@echo "make sanity    run csi-sanity against reflinker-csi standalone on a fresh XFS"
 	@echo "make lint      ruff and mypy --strict"
 	@echo "make proto     regenerate csi/ from proto/csi.proto"
-	@echo "make bench-clone  hot clone vs bare reflink copy vs pg_basebackup"
+	@echo "make bench-clone  hot clone vs bare reflink copy vs pg_basebackup, per PostgreSQL major"
+	@echo "make pg-majors PostgreSQL 17 and 18 from Debian trixie and forky (once, for the host tests)"
 	@echo "make bench-space  filesystem growth of written clones per XFS CoW extent size hint"
 
 # -- set-up -------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any
 
 from tests.bench.report import DOCS, plot, write_section
 from tests.cluster import cnpg
+from tests.e2e import images
 from tests.e2e.onenode import PREFIX, OneNodeCluster, running_cluster
 
 NS = cnpg.NS
@@ -134,7 +135,7 @@ def claim_and_pod(k8s: OneNodeCluster, source_claim: str) -> tuple[float, float,
             "containers": [
                 {
                     "name": "shell",
-                    "image": "localhost/postgresql:15",
+                    "image": images.POSTGRES,
                     "imagePullPolicy": "Never",
                     "command": ["sleep", "3600"],
                     "volumeMounts": [{"name": "data", "mountPath": "/data"}],
@@ -401,7 +402,8 @@ def write_report(rows: list[dict[str, Any]], runs: int, seconds: float) -> None:
         "",
         "A one-node cluster on this machine: kubelet and containerd running real pods, the",
         "pg-reflinker image built from the Dockerfile, deploy/ through the test overlay, the",
-        "CloudNativePG 1.30.0 operator, PostgreSQL 15 from Debian's packages; one XFS",
+        f"CloudNativePG 1.30.0 operator, PostgreSQL {images.PG_MAJOR} from Debian's packages; "
+        "one XFS",
         "(`reflink=1`) loop filesystem holds the source and every copy.",
         "",
         f"- machine: {os.cpu_count()} cores, "

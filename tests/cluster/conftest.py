@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import mount_unavailable
+from tests.e2e import images
 from tests.e2e.onenode import (
     OneNodeCluster,
     clean_after_a_killed_run,
@@ -59,7 +60,10 @@ def k8s() -> Iterator[OneNodeCluster]:
     clean_after_a_killed_run()
     before = host_snapshot()
     started = time.monotonic()
-    with running_cluster(k8s_tools, cnpg_tools, announce=print) as cluster:
+    # PG_MAJOR's image for every scenario; 15's and 17's for the clone scenario run on each.
+    with running_cluster(
+        k8s_tools, cnpg_tools, announce=print, pg_majors=sorted(images.PG_SUITES)
+    ) as cluster:
         _setup.extend(cluster.timings)
         _setup.append(("whole set-up", time.monotonic() - started))
         yield cluster

@@ -19,6 +19,7 @@ import yaml
 
 from tests.cluster import cnpg
 from tests.cluster.test_deploy import container_pids, memory_peaks
+from tests.e2e import images
 from tests.e2e.onenode import NODE, PREFIX, OneNodeCluster
 
 NS = cnpg.NS
@@ -57,7 +58,7 @@ def test_source_cluster_runs_on_a_pg_reflinker_volume_with_the_function(
     record = _record_for(k8s, guid)
     assert record["status"]["phase"] == "Ready"
     assert record["spec"]["claim"] == f"{NS}/{source}"
-    assert (PREFIX / guid / "pgdata" / "PG_VERSION").read_text().strip() == "15"
+    assert (PREFIX / guid / "pgdata" / "PG_VERSION").read_text().strip() == str(images.PG_MAJOR)
     # postInitSQLRefs installed the function where streaming_replica can call it.
     assert (
         cnpg.psql(
@@ -369,6 +370,52 @@ def test_new_cluster_from_a_running_cluster_under_pgbench_load(
     assert not list((PREFIX / source_guid).glob(".pg-reflinker/*"))
 
 
+@pytest.mark.parametrize(
+    "major", [m for m in sorted(images.PG_SUITES) if m != images.PG_MAJOR], ids=lambda m: f"pg{m}"
+)
+def test_a_cluster_of_another_major_is_cloned_under_load_into_a_new_one(
+    k8s: OneNodeCluster, major: int
+) -> None:
+    """Every other scenario runs PG_MAJOR (18 unless set); this one runs the other majors the
+    images are built for: a Cluster on that major's image with the native grants, a new Cluster
+    made from it under pgbench load boots on the same major with pgbench's invariant and
+    amcheck, and both go away with their volumes."""
+    cnpg.ensure_namespace(k8s)
+    name = f"pg-v{major}"
+    spec = cnpg.example("source-cluster-native.yaml", metadata__name=name)
+    spec["spec"]["imageName"] = images.postgres_image(major)
+    del spec["spec"]["walStorage"]
+    k8s.apply(spec)
+    cnpg.wait_healthy(k8s, name)
+    source = cnpg.primary_pod(k8s, name)
+    cnpg.pgbench(k8s, source, "-i", "-s", "2", "-q")
+    load = cnpg.pgbench_background(k8s, source, seconds=15)
+    try:
+        k8s.wait(
+            f"pgbench transactions on {name}",
+            lambda: int(cnpg.psql(k8s, source, "SELECT count(*) FROM pgbench_history")) > 0,
+            60,
+        )
+        clone_spec = cnpg.example("clone-cluster.yaml", metadata__name=f"{name}-dev")
+        clone_spec["spec"]["imageName"] = images.postgres_image(major)
+        clone_spec["spec"]["bootstrap"]["recovery"]["volumeSnapshots"]["storage"]["name"] = source
+        k8s.apply(clone_spec)
+        cnpg.wait_healthy(k8s, f"{name}-dev")
+    finally:
+        out, _ = load.communicate(timeout=120)
+    assert load.returncode == 0, f"pgbench on the source failed: {out}"
+    pod = cnpg.primary_pod(k8s, f"{name}-dev")
+    assert int(cnpg.psql(k8s, pod, "SHOW server_version_num")) // 10000 == major
+    sums = cnpg.pgbench_sums(k8s, pod)
+    assert len(sums) == 1 and sums != {"0"}, f"pgbench invariant in the clone: {sums}"
+    cnpg.amcheck(k8s, pod)
+    assert int(cnpg.psql(k8s, pod, "SELECT count(*) FROM pgbench_accounts")) == 200000
+    guids = {_pv_of(k8s, c)["spec"]["csi"]["volumeHandle"] for c in (source, pod)}
+    cnpg.delete_cluster(k8s, f"{name}-dev")
+    cnpg.delete_cluster(k8s, name)
+    k8s.wait("the volumes removed", lambda: not (guids & _volume_dirs()), 120)
+
+
 def test_kubelet_hands_fs_group_to_the_driver_instead_of_walking_the_clone(
     k8s: OneNodeCluster,
 ) -> None:
@@ -534,7 +581,6 @@ def _claim(name: str, source: str = "", size: str = "1Gi") -> dict[str, Any]:
 
 def _shell_pod(name: str, claim: str, script: str) -> dict[str, Any]:
     """A pod that mounts `claim` at /data and runs `script` (as CNPG's uid, with fsGroup 26)."""
-    from tests.e2e import images
 
     return {
         "apiVersion": "v1",
@@ -1316,7 +1362,6 @@ def _snapshot_ready(k8s: OneNodeCluster, name: str) -> bool:
 def _boot_pod(name: str, claims: list[str]) -> dict[str, Any]:
     """One pod that starts PostgreSQL on each claim in turn (as CNPG's uid, with no TLS and no
     archiving), prints the pgbench sums, runs pg_amcheck and stops it."""
-    from tests.e2e import images
 
     script = (
         "set -eu; echo 'local all all trust' > /tmp/hba; : > /tmp/ident; "

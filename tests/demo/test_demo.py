@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, mount_unavailable
+from tests.e2e import images
 from tests.e2e.onenode import clean_after_a_killed_run, host_snapshot
 
 
@@ -109,6 +111,11 @@ def test_ctrl_c_ends_a_kept_demo_and_restores_the_host(demo: list[Demo]) -> None
     text = "".join(d.output)
     assert code == 0, text[-3000:]
     assert "SIGINT received" in text and "row counts equal" in text, text[-3000:]
+    # The source and the clone run CNPG's default major (PG_MAJOR unless set).
+    major = images.PG_MAJOR
+    assert re.search(rf"PostgreSQL +source +{major}\.\d+ .* clone +{major}\.\d+", text), text[
+        -3000:
+    ]
     after = host_snapshot()
     assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
 

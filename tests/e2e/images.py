@@ -37,9 +37,26 @@ SNAPSHOT_CONTROLLER = "localhost/snapshot-controller:v8.6.0"
 REGISTRAR = "localhost/node-driver-registrar-standin:test"
 LIVENESS = "localhost/livenessprobe-standin:test"
 OPERATOR = "localhost/cloudnative-pg:1.30.0"
-# CNPG reads the PostgreSQL major version from the image tag.
-POSTGRES = "localhost/postgresql:15"
+# The PostgreSQL instance images CNPG runs, by major, each from the Debian suite that ships it;
+# CNPG reads the major from the tag. The scenarios run PG_MAJOR (CNPG's default, 18).
+PG_SUITES = {15: "bookworm", 17: "trixie", 18: "forky"}
+PG_MAJOR = int(os.environ.get("PG_MAJOR", "18"))
+if PG_MAJOR not in PG_SUITES:
+    raise SystemExit(f"PG_MAJOR={PG_MAJOR}: the test images are built for {sorted(PG_SUITES)}")
+
+
+def postgres_image(major: int = PG_MAJOR) -> str:
+    return f"localhost/postgresql:{major}"
+
+
+POSTGRES = postgres_image()
 DEBIAN_BASE = "docker.io/library/debian:bookworm-slim"
+# debootstrap in bookworm has no script for a suite after trixie; sid's serves every later one.
+DEBOOTSTRAP_SID = "/usr/share/debootstrap/scripts/sid"
+
+
+def debian_image(suite: str) -> str:
+    return f"docker.io/library/debian:{suite}-slim"
 
 
 def tools_cache() -> Path:
@@ -187,27 +204,27 @@ class Builder:
             self._save(name, archive)
         return archive
 
-    def debian_base(self) -> None:
-        """debian:bookworm-slim in buildah's storage, from the configured Debian mirror."""
-        marker = self.store / "debian-bookworm-slim.done"
+    def debian_base(self, suite: str = "bookworm") -> None:
+        """debian:<suite>-slim in buildah's storage, from the configured Debian mirror."""
+        image = debian_image(suite)
+        marker = self.store / f"debian-{suite}-slim.done"
         if marker.exists():
             try:
-                self.buildah("inspect", "--type", "image", DEBIAN_BASE)
+                self.buildah("inspect", "--type", "image", image)
                 return
             except RuntimeError:
                 pass
 
         def build() -> None:
-            rootfs = self.store / "debian-rootfs"
+            rootfs = self.store / f"debian-rootfs-{suite}"
             subprocess.run(["rm", "-rf", str(rootfs)], check=True)
+            script = (
+                []
+                if Path(f"/usr/share/debootstrap/scripts/{suite}").exists()
+                else [DEBOOTSTRAP_SID]
+            )
             subprocess.run(
-                [
-                    "debootstrap",
-                    "--variant=minbase",
-                    "bookworm",
-                    str(rootfs),
-                    debian_mirror(),
-                ],
+                ["debootstrap", "--variant=minbase", suite, str(rootfs), debian_mirror(), *script],
                 check=True,
                 capture_output=True,
             )
@@ -238,20 +255,29 @@ class Builder:
                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 ctr,
             )
-            self.buildah("commit", "--rm", ctr, DEBIAN_BASE)
+            self.buildah("commit", "--rm", ctr, image)
             subprocess.run(["rm", "-rf", str(rootfs)], check=True)
             marker.touch()
 
-        self._timed(f"{DEBIAN_BASE} (debootstrap)", build)
+        self._timed(f"{image} (debootstrap)", build)
 
     def containerfile(
-        self, name: str, context: Path, containerfile: Path, inputs: list[Path]
+        self,
+        name: str,
+        context: Path,
+        containerfile: Path,
+        inputs: list[Path],
+        args: dict[str, str] | None = None,
     ) -> Path:
-        """`buildah bud` of a Dockerfile on the local debian:bookworm-slim, never pulling."""
-        archive = self.archive(name, _digest(_tree(containerfile, *inputs)))
+        """`buildah bud` of a Dockerfile on a local debian:<SUITE>-slim (bookworm unless the
+        build argument SUITE says otherwise), never pulling."""
+        args = args or {}
+        archive = self.archive(
+            name, _digest([*_tree(containerfile, *inputs), repr(sorted(args.items()))])
+        )
         if archive.exists():
             return archive
-        self.debian_base()
+        self.debian_base(args.get("SUITE", "bookworm"))
 
         def build() -> None:
             # RUN steps reach Debian's archive and PyPI through this machine's network, whose
@@ -268,6 +294,7 @@ class Builder:
                 "--isolation",
                 "chroot",
                 *trust,
+                *[f"--build-arg={k}={v}" for k, v in sorted(args.items())],
                 "-f",
                 str(containerfile),
                 "-t",
@@ -291,9 +318,13 @@ def busybox(b: Builder, name: str) -> Path:
 
 
 def build_all(
-    k8s_tools: Path, cnpg_tools: Path, announce: Callable[[str], None] = lambda s: None
+    k8s_tools: Path,
+    cnpg_tools: Path,
+    announce: Callable[[str], None] = lambda s: None,
+    pg_majors: Iterable[int] = (PG_MAJOR,),
 ) -> dict[str, Path]:
-    """Every image the test cluster runs, as {name: docker-archive}."""
+    """Every image the test cluster runs, as {name: docker-archive}; a PostgreSQL image for
+    each of pg_majors."""
     b = Builder(tools_cache(), announce)
     b.store.mkdir(parents=True, exist_ok=True)
     images = {
@@ -333,11 +364,13 @@ def build_all(
                 ROOT / "reflinker_csi",
             ],
         ),
-        POSTGRES: b.containerfile(
-            POSTGRES,
+    }
+    for major in pg_majors:
+        images[postgres_image(major)] = b.containerfile(
+            postgres_image(major),
             HERE / "images" / "postgresql",
             HERE / "images" / "postgresql" / "Containerfile",
             [],
-        ),
-    }
+            {"SUITE": PG_SUITES[major], "MAJOR": str(major)},
+        )
     return images

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -859,8 +859,10 @@ def running_cluster(
     cnpg_tools: Path,
     disk: str = "24G",
     announce: Callable[[str], None] = lambda step: None,
+    pg_majors: Iterable[int] = (images.PG_MAJOR,),
 ) -> Iterator[OneNodeCluster]:
-    """The whole cluster; stopped and the host restored on exit, even after a failed set-up."""
+    """The whole cluster; stopped and the host restored on exit, even after a failed set-up.
+    pg_majors: the PostgreSQL images it holds (images.postgres_image())."""
     clean_after_a_killed_run()
     work = Path(tempfile.mkdtemp(prefix="pg-reflinker-cluster."))
     os.chmod(work, 0o755)
@@ -881,7 +883,10 @@ def running_cluster(
             "build images (cached by input)",
             announce,
             lambda: images.build_all(
-                k8s_tools, cnpg_tools, lambda what: print(f"     {what}", flush=True)
+                k8s_tools,
+                cnpg_tools,
+                lambda what: print(f"     {what}", flush=True),
+                pg_majors,
             ),
         )
         _start_node(c, announce)

@@ -98,7 +98,8 @@ def main() -> int:
             story.step(f"load pgbench data into pg-prod, scale {scale} (about {scale * 15} MB)")
             cnpg.pgbench(k8s, source, "-i", "-s", str(scale), "-q")
             db_size = cnpg.psql(k8s, source, "SELECT pg_size_pretty(pg_database_size('app'))")
-            print(f"     source database: {db_size}")
+            version = cnpg.psql(k8s, source, "SHOW server_version")
+            print(f"     source database: {db_size}, PostgreSQL {version}")
 
             story.step("create the clone: CNPG Cluster apps/pg-prod-dev from claim pg-prod-1")
             clone_doc = cnpg.example("clone-cluster.yaml")
@@ -127,6 +128,8 @@ def main() -> int:
                 )
                 for t in tables
             }
+            versions = (version, cnpg.psql(k8s, clone, "SHOW server_version"))
+            print(f"     {'PostgreSQL':<18} source {versions[0]:>10}   clone {versions[1]:>10}")
             for table, (a, b) in rows.items():
                 print(f"     {table:<18} source {a:>10}   clone {b:>10}")
             equal = all(a == b for a, b in rows.values())
