@@ -463,7 +463,8 @@ def _kube_proxy_config(c: OneNodeCluster) -> Path:
 
 def clean_after_a_killed_run() -> None:
     """RUN_DIR exists only while a cluster runs: a run that was killed before its teardown
-    (a CI time-out, a kill -9) left it, and with it processes, mounts and the node IP."""
+    (a CI time-out, a kill -9) left it, and with it processes, mounts, pod network namespaces
+    and the node IP."""
     if not RUN_DIR.exists():
         return
     print(f"     cleaning up after a run that did not finish ({RUN_DIR} exists)", flush=True)
@@ -486,6 +487,8 @@ def clean_after_a_killed_run() -> None:
         _run("pkill", "-9", "-f", f"{pattern}.*pg-reflinker-cluster", check=False)
     _kill_pods()
     _remove_kubepods_cgroups()
+    with contextlib.suppress(OSError, ValueError):
+        _remove_netns(set(json.loads((RUN_DIR / "netns.json").read_text())))
     for path in (KUBELET_ROOT, PREFIX, RUN_DIR):
         _unmount_tree(path)
         shutil.rmtree(path, ignore_errors=True)
@@ -528,6 +531,8 @@ def _start_node(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
     netns_dir = Path("/run/netns")
     host.directory(netns_dir)
     netns_before = set(os.listdir(netns_dir))
+    # So is the list of network namespaces the pods' will be told from.
+    (RUN_DIR / "netns.json").write_text(json.dumps(sorted(netns_before)))
     # Undone in reverse: containers are ended first, then their cgroups, netns and bridge.
     host.then("remove the pod bridge", lambda: _remove_link(BRIDGE))
     host.then("remove pod network namespaces", lambda: _remove_netns(netns_before))
