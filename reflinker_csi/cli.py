@@ -139,7 +139,7 @@ def _settings(cfg: config.Config) -> app.Settings:
         node_id=cfg.node_id,
         hostpath_prefix=cfg.hostpath_prefix,
         target_root=cfg.target_root,
-        storage_class=cfg.storage_class,
+        storage_classes=cfg.storage_classes,
         namespace_path=cfg.namespace_path,
         pod_namespace=cfg.pod_namespace,
         workers=cfg.reconcile_workers,

@@ -73,7 +73,7 @@ class Config:
     hostpath_prefix: Path
     target_root: Path
     namespace_path: tuple[str, ...]
-    storage_class: str
+    storage_classes: tuple[str, ...]
     pod_namespace: str
     log_level: str
     log_format: str
@@ -166,11 +166,16 @@ def _positive_seconds(raw: str) -> float:
     return value
 
 
-def _namespaces(raw: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in raw.split(",") if part.strip())
-    if not all(_NAMESPACE_RE.match(name) for name in names):
-        raise ValueError
-    return names
+def _names(regex: re.Pattern[str], at_least_one: bool = False) -> Callable[[str], tuple[str, ...]]:
+    """A comma-separated list of names, each matching regex (blanks around them ignored)."""
+
+    def parse(raw: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in raw.split(",") if part.strip())
+        if (at_least_one and not names) or not all(regex.match(name) for name in names):
+            raise ValueError
+        return names
+
+    return parse
 
 
 MODES = ("standalone", "controller", "node")
@@ -234,14 +239,14 @@ def load(env: Mapping[str, str] | None = None, mode: str = "standalone") -> Conf
             "NAMESPACE_PATH",
             "",
             "a comma-separated list of Kubernetes namespace names",
-            _namespaces,
+            _names(_NAMESPACE_RE),
         ),
-        storage_class=_parse(
+        storage_classes=_parse(
             env,
             "STORAGE_CLASS",
             "pg-reflinker",
-            "a StorageClass name (lowercase letters, digits, '-', '.')",
-            _matching(_SC_RE),
+            "a comma-separated list of StorageClass names (lowercase letters, digits, '-', '.')",
+            _names(_SC_RE, at_least_one=True),
         ),
         pod_namespace=_parse(
             env,

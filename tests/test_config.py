@@ -29,6 +29,9 @@ def test_defaults_and_parsing(tmp_path: Path) -> None:
     cfg = config.load(env)
     assert cfg.driver_name == "pg-reflinker.csi"
     assert cfg.namespace_path == ("templates", "shared")
+    assert cfg.storage_classes == ("pg-reflinker",)
+    classes = config.load(env | {"STORAGE_CLASS": "pg-reflinker, pg-reflinker-native"})
+    assert classes.storage_classes == ("pg-reflinker", "pg-reflinker-native")
     assert cfg.log_format == "json"
     assert cfg.endpoint == tmp_path / "csi.sock"
     with pytest.raises(AttributeError):
@@ -52,6 +55,8 @@ def test_defaults_and_parsing(tmp_path: Path) -> None:
         ("DRIVER_NAME", "-bad-"),
         ("NODE_ID", "node with spaces"),
         ("NAMESPACE_PATH", "Templates"),
+        ("STORAGE_CLASS", " , "),
+        ("STORAGE_CLASS", "pg-reflinker,Fast_SSD"),
         ("LOG_LEVEL", "loud"),
         ("LOG_FORMAT", "xml"),
         ("GRPC_WORKERS", "0"),

@@ -31,7 +31,7 @@ class Settings:
     node_id: str
     hostpath_prefix: Path
     target_root: Path
-    storage_class: str
+    storage_classes: tuple[str, ...]
     namespace_path: tuple[str, ...]
     pod_namespace: str
     workers: int = 4
@@ -106,7 +106,7 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
         locator,
         layout,
         settings.driver_name,
-        settings.storage_class,
+        settings.storage_classes,
         settings.namespace_path,
         settings.claim_wait_seconds,
         errors,

@@ -98,7 +98,7 @@ class ClaimLoop:
         locator: KubeSourceLocator,
         layout: Layout,
         driver_name: str,
-        storage_class: str,
+        storage_classes: tuple[str, ...],
         namespace_path: tuple[str, ...],
         wait_seconds: float = WAIT_SECONDS,
         on_error: Callable[[str], None] = lambda loop: None,
@@ -116,7 +116,7 @@ class ClaimLoop:
         self.locator = locator
         self.layout = layout
         self.driver_name = driver_name
-        self.storage_class = storage_class
+        self.storage_classes = storage_classes  # the classes whose claims this loop serves
         self.namespace_path = namespace_path
         self._lock = threading.Lock()
         self._waiting: dict[str, set[str]] = {}  # source claim name -> waiting claim keys
@@ -143,7 +143,7 @@ class ClaimLoop:
     def _is_ours(self, claim: Claim) -> bool:
         if (
             claim.source is None
-            or claim.storage_class != self.storage_class
+            or claim.storage_class not in self.storage_classes
             or claim.volume_name
             or claim.phase != "Pending"
             or claim.meta.deleting
@@ -316,9 +316,9 @@ class ClaimLoop:
 
     def _create_pv(self, claim: Claim, record: VolumeRecord) -> None:
         try:
-            sc = self.kube.get(STORAGECLASSES, self.storage_class)
+            sc = self.kube.get(STORAGECLASSES, claim.storage_class)
         except ApiError as err:
-            raise domain_error(err, f"read StorageClass {self.storage_class}") from None
+            raise domain_error(err, f"read StorageClass {claim.storage_class}") from None
         attributes = {
             CTX_GUID: record.guid,
             CTX_NODE: record.node,
@@ -352,7 +352,7 @@ class ClaimLoop:
                     "uid": claim.meta.uid,
                 },
                 "persistentVolumeReclaimPolicy": text(sc, "reclaimPolicy") or "Delete",
-                "storageClassName": self.storage_class,
+                "storageClassName": claim.storage_class,
                 "csi": {
                     "driver": self.driver_name,
                     "volumeHandle": record.guid,

@@ -125,7 +125,7 @@ def mode(
         node_id=node,
         hostpath_prefix=prefix,
         target_root=tmp_path / "kubelet",
-        storage_class="pg-reflinker",
+        storage_classes=("pg-reflinker", "pg-reflinker-native"),
         namespace_path=(f"{namespace}-src",),
         pod_namespace=namespace,
         report_period=1.0,

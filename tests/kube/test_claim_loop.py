@@ -84,6 +84,23 @@ def test_a_missing_source_is_named_and_found_once_it_exists(
     )
 
 
+def test_the_claim_loop_serves_every_class_it_is_given_and_no_other(
+    admin: Kube, mode: Mode, namespace: str
+) -> None:
+    """STORAGE_CLASS lists the driver's classes (the chart sets all of its own): a claim of the
+    second class is served like one of the first; a claim of a class not listed is left alone."""
+    foreign = claim("foreign-dev", source="absent")
+    foreign["spec"]["storageClassName"] = "someone-elses"
+    admin.create(CLAIMS, foreign, namespace)  # first: it would be answered first if served
+    other = claim("native-dev", source="absent")
+    other["spec"]["storageClassName"] = "pg-reflinker-native"
+    admin.create(CLAIMS, other, namespace)
+    served = wait_for("an event on the claim", lambda: events(admin, namespace, "native-dev"))
+    assert "source claim 'absent' not found" in served[0], served
+    assert events(admin, namespace, "foreign-dev") == []
+    forget(admin, namespace, "native-dev", "foreign-dev")
+
+
 def source_volume(admin: Kube, mode: Mode, ns: str, node: str) -> str:
     """A Ready pg-reflinker volume on `node` (where no node plugin runs) bound to claim ns/src."""
     guid = str(uuid.uuid4())
