@@ -53,6 +53,12 @@ class Filesystem:
         subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
         subprocess.run(["mount", "-o", "loop", str(image), str(self.mnt)], check=True)
 
+    def trim(self) -> None:
+        """Give the blocks of removed files back to the host: the loop file is sparse, and
+        without this it grows with every byte ever written (a benchmark that writes and removes
+        tens of GiB would fill the host's disk under it)."""
+        subprocess.run(["fstrim", str(self.mnt)], check=True)
+
     def close(self) -> None:
         # A server a failed set-up left running would keep the filesystem busy.
         for proc in Path("/proc").iterdir():

@@ -1,6 +1,7 @@
 """A fenced CNPG instance is a stopped database: its volume is copied cold while its pod still
 mounts it, but only while its PostgreSQL is down (no postmaster.pid, a control file that says it
-was shut down), checked before and after the copy. Real PostgreSQL on a real XFS volume."""
+was shut down), checked before and after the copy. Real PostgreSQL on a real XFS volume, on each
+major here (the control file's state is read the same way on each)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ from tests.pgserver import (
     boot_clone,
     chown_postgres,
     free_port,
+    pg_majors,
     remove,
 )
 
 pytestmark = pytest.mark.integration
 
 INSTANCE = "apps/pg-prod-1"
+MAJORS = pg_majors()
 
 
 def record(guid: str = "") -> VolumeRecord:
@@ -42,8 +45,10 @@ def record(guid: str = "") -> VolumeRecord:
     )
 
 
-@pytest.fixture
-def instance(xfs: Filesystem) -> Iterator[tuple[LocalDisk, VolumeRecord, PostgresServer]]:
+@pytest.fixture(params=list(MAJORS), ids=lambda major: f"pg{major}")
+def instance(
+    xfs: Filesystem, request: pytest.FixtureRequest
+) -> Iterator[tuple[LocalDisk, VolumeRecord, PostgresServer]]:
     os.chmod(xfs.work, 0o755)  # postgres reaches its volume through it
     prefix = xfs.mnt / f"fenced-{uuid.uuid4().hex[:8]}"
     prefix.mkdir()
@@ -56,7 +61,11 @@ def instance(xfs: Filesystem) -> Iterator[tuple[LocalDisk, VolumeRecord, Postgre
     certs = Certificates.create(prefix / ".certs", "pg-prod", "apps")
     os.chmod(certs.directory, 0o755)
     server = PostgresServer(
-        volume=volume, port=free_port(), socket_dir=xfs.work / "sock", certs=certs
+        volume=volume,
+        port=free_port(),
+        socket_dir=xfs.work / "sock",
+        certs=certs,
+        bin=MAJORS[request.param],
     )
     server.initdb()
     server.start(extra="-c listen_addresses='' -c ssl=off")
@@ -99,7 +108,7 @@ def test_a_fenced_instance_is_copied_only_once_its_postgresql_has_shut_down(inst
     server.stop("fast")
     disk.reflink_copy(source, copy, stopped=pgdata)
     assert copies(disk) == sorted([source.guid, copy.guid])
-    clone = boot_clone(disk.data_dir(copy), server.socket_dir)
+    clone = boot_clone(disk.data_dir(copy), server.socket_dir, server.bin)
     try:
         assert clone.psql("SELECT count(*) FROM kept") == "1000"
     finally:

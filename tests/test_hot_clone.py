@@ -199,7 +199,8 @@ def test_clones_taken_under_write_load_boot_and_pass_amcheck(source: Source, met
     before = history_rows(source.server)
     # -n: keep pgbench_history (the default truncates it, which would break the invariant
     # between sum(delta) and the balances once the test runs for the second method).
-    bench = source.server.pgbench_background("-n", "-c", "2", "-j", "2", "-T", "25")
+    # 12 s: the three clones below are taken within about 5 s of the first commit.
+    bench = source.server.pgbench_background("-n", "-c", "2", "-j", "2", "-T", "12")
     clones: list[tuple[str, int]] = []  # label, rows committed before the clone began
     try:
         # The first clone is taken once the load has committed transactions, however long
@@ -211,7 +212,8 @@ def test_clones_taken_under_write_load_boot_and_pass_amcheck(source: Source, met
         for _ in range(3):
             committed = history_rows(source.server)
             clones.append((take(source, method).name, committed))
-            time.sleep(2)
+            time.sleep(1.5)
+        assert bench.poll() is None, "pgbench ended before the last clone: no load to clone under"
     finally:
         out, _ = bench.communicate(timeout=120)
     assert bench.returncode == 0, out

@@ -104,6 +104,7 @@ def bench_scale(
         target = fs.mnt / f"bb-{uuid.uuid4()}"
         seconds = timed(lambda: server.basebackup(target))
         remove(target)
+        fs.trim()  # each pg_basebackup writes the whole database again
         return seconds
 
     def one_checkpoint() -> float:
@@ -128,6 +129,7 @@ def bench_scale(
         )
     server.stop()
     remove(server.volume)
+    fs.trim()
     return result
 
 
@@ -207,4 +209,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except subprocess.CalledProcessError as failed:
+        sys.exit(f"{failed}\n{failed.stderr or ''}")

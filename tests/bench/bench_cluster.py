@@ -401,7 +401,7 @@ def write_report(rows: list[dict[str, Any]], runs: int, seconds: float) -> None:
         "## On a real cluster with CloudNativePG (`make bench`)",
         "",
         "A one-node cluster on this machine: kubelet and containerd running real pods, the",
-        "pg-reflinker image built from the Dockerfile, deploy/ through the test overlay, the",
+        "pg-reflinker image built from the Dockerfile, installed with helm from the chart, the",
         f"CloudNativePG 1.30.0 operator, PostgreSQL {images.PG_MAJOR} from Debian's packages; "
         "one XFS",
         "(`reflink=1`) loop filesystem holds the source and every copy.",
