@@ -216,19 +216,55 @@ $(CONFORMANCE_TOOLS)/.built: tests/tools/conformance/go.mod tests/tools/conforma
 	@$(TIMER) end "build e2e.test, ginkgo and agnhost"
 	@touch $@
 
-TOOLS_ENV := K8S_TOOLS=$(K8S_TOOLS) CNPG_TOOLS=$(CNPG_TOOLS) TOOLS_CACHE=$(TOOLS_CACHE) PG_ROOTS=$(PG_ROOTS)
+# Helm 4, Helm 3 and helm-docs for the chart (charts/pg-reflinker), from their Go modules.
+HELM_VERSION := v4.3.2
+HELM3_VERSION := v3.21.4
+# Helm 3 takes the Kubernetes version it renders for when none is asked from its build (1.20
+# otherwise, which the chart's kubeVersion refuses): the test cluster's.
+HELM3_KUBE := $(word 2,$(subst ., ,$(K8S_VERSION)))
+HELM3_LDFLAGS := -X helm.sh/helm/v3/internal/version.version=$(HELM3_VERSION) \
+	$(foreach pkg,pkg/chartutil pkg/lint/rules,-X helm.sh/helm/v3/$(pkg).k8sVersionMajor=1 \
+	-X helm.sh/helm/v3/$(pkg).k8sVersionMinor=$(HELM3_KUBE))
+HELM_TOOLS_KEY := $(shell (cat tests/tools/helm/go.sum; echo '$(HELM_VERSION) $(HELM3_LDFLAGS)') \
+	2>/dev/null | sha256sum | cut -c1-12)
+HELM_TOOLS := $(TOOLS_CACHE)/helm-$(HELM_TOOLS_KEY)
+
+$(HELM_TOOLS)/.built: tests/tools/helm/go.mod tests/tools/helm/go.sum
+	@echo "building helm $(HELM_VERSION), helm $(HELM3_VERSION) and helm-docs into $(HELM_TOOLS) (once, ~5 minutes)"
+	@$(TIMER) start "build helm and helm-docs"
+	mkdir -p $(HELM_TOOLS)
+	cd tests/tools/helm && CGO_ENABLED=0 go build -trimpath \
+		-ldflags "-X helm.sh/helm/v4/internal/version.version=$(HELM_VERSION)" -o $(HELM_TOOLS)/ \
+		helm.sh/helm/v4/cmd/helm github.com/norwoodj/helm-docs/cmd/helm-docs
+	cd tests/tools/helm && CGO_ENABLED=0 go build -trimpath \
+		-ldflags "$(HELM3_LDFLAGS)" -o $(HELM_TOOLS)/helm3 \
+		helm.sh/helm/v3/cmd/helm
+	@$(TIMER) end "build helm and helm-docs"
+	@touch $@
+
+.PHONY: helm-tools
+helm-tools: $(HELM_TOOLS)/.built
+
+# deploy/ (for kubectl apply -k) and the chart's README, both generated from the chart.
+.PHONY: deploy
+deploy: $(STAMPS)/venv $(HELM_TOOLS)/.built
+	HELM_TOOLS=$(HELM_TOOLS) $(PY) -m tests.tools.chart
+
+TOOLS_ENV := K8S_TOOLS=$(K8S_TOOLS) CNPG_TOOLS=$(CNPG_TOOLS) HELM_TOOLS=$(HELM_TOOLS) \
+	TOOLS_CACHE=$(TOOLS_CACHE) PG_ROOTS=$(PG_ROOTS)
 
 .PHONY: k8s-tools
-k8s-tools: $(K8S_TOOLS)/.built $(SNAPSHOTTER_BUILT) $(CNPG_TOOLS)/.built $(GATEWAY_CRD)
+k8s-tools: $(K8S_TOOLS)/.built $(SNAPSHOTTER_BUILT) $(CNPG_TOOLS)/.built $(GATEWAY_CRD) $(HELM_TOOLS)/.built
 
 # Core and reconciler tests: no root, no loop devices, no PostgreSQL; a real kube-apiserver and
 # etcd for the reconcilers. Seconds, not minutes.
 UNIT_TESTS := tests/test_domain.py tests/test_config.py tests/test_kube_units.py \
-	tests/test_layout_rules.py tests/test_proto.py tests/test_docs.py tests/test_host_programs.py tests/kube
+	tests/test_layout_rules.py tests/test_proto.py tests/test_docs.py tests/test_host_programs.py tests/kube \
+	tests/test_chart.py
 
 .PHONY: unit
-unit: $(STAMPS)/venv $(K8S_TOOLS)/.built $(GATEWAY_CRD)
-	K8S_TOOLS=$(K8S_TOOLS) $(PY) -m pytest -ra -p no:cacheprovider $(UNIT_TESTS) $(PYTEST_ARGS)
+unit: $(STAMPS)/venv $(K8S_TOOLS)/.built $(GATEWAY_CRD) $(HELM_TOOLS)/.built
+	K8S_TOOLS=$(K8S_TOOLS) HELM_TOOLS=$(HELM_TOOLS) $(PY) -m pytest -ra -p no:cacheprovider $(UNIT_TESTS) $(PYTEST_ARGS)
 
 .PHONY: e2e
 e2e: deps k8s-tools

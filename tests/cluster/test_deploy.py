@@ -1,5 +1,6 @@
-"""deploy/ as cluster admins apply it (through the test overlay, which changes only image names,
-pull policy, the prefix's host directory and CAPTURE_WAIT), checked on the real cluster: every
+"""The chart as cluster admins install it (helm install with tests/e2e/values-test.yaml, which
+changes only image names, pull policy, the prefix's host directory and captureWait), checked on
+the real cluster: every value set's rendering is accepted by the real API server, every
 container has requests and a memory limit, every probe answers on the endpoint it names, the
 node plugin runs on a tainted database node, and the controller's replicas, priority, grace and
 worker counts are what keep provisioning going through a lost node."""
@@ -13,6 +14,7 @@ from typing import Any
 import urllib3
 
 from tests.e2e.onenode import NODE, OneNodeCluster
+from tests.tools import chart
 
 DRIVER_NS = "pg-reflinker"
 CONTROLLER = "app.kubernetes.io/name=pg-reflinker-controller"
@@ -53,6 +55,27 @@ def _probe_urls(pod: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def _answers(url: str) -> int:
     return urllib3.request("GET", url, timeout=5, retries=False).status
+
+
+def test_every_value_set_of_the_chart_is_accepted_by_the_api_server(k8s: OneNodeCluster) -> None:
+    """helm template with the defaults and with each other value set (tests/tools/chart.py),
+    applied as a server-side dry run: the real API server's validation and admission (the
+    admission policies' CEL included) accept every object, over the installed release too."""
+    made = []
+    for namespace in ("storage", "ledger", "analytics"):
+        if k8s.kubectl("get", "namespace", namespace, check=False).returncode != 0:
+            k8s.kubectl("create", "namespace", namespace)
+            made.append(namespace)
+    try:
+        for name, args in chart.VALUE_SETS.items():
+            result = k8s.kubectl(
+                "apply", "--dry-run=server", "-f", "-", input=chart.template(*args), check=False
+            )
+            assert result.returncode == 0, f"value set {name}: {result.stderr}"
+            assert "created (server dry run)" in result.stdout or "configured" in result.stdout
+    finally:
+        for namespace in made:
+            k8s.kubectl("delete", "namespace", namespace, "--wait=false")
 
 
 def test_every_container_has_requests_a_memory_limit_and_probes_that_answer(

@@ -1,5 +1,5 @@
 """pg-reflinker in a real one-node cluster: real kubelet and containerd running real pods, our
-image built from the Dockerfile, deploy/ applied through the test overlay, and the real
+image built from the Dockerfile, the chart installed with helm, and the real
 CloudNativePG operator creating the databases and their clones.
 
 The scenarios build on each other in file order (one source cluster for the package)."""
@@ -20,7 +20,15 @@ import yaml
 from tests.cluster import cnpg
 from tests.cluster.test_deploy import container_pids, memory_peaks
 from tests.e2e import images
-from tests.e2e.onenode import NODE, PREFIX, OneNodeCluster
+from tests.e2e.onenode import (
+    NODE,
+    PREFIX,
+    OneNodeCluster,
+    driver_registered,
+    helm_install,
+    tag_image,
+)
+from tests.tools import chart
 
 NS = cnpg.NS
 SOURCE = "pg-prod"
@@ -639,6 +647,84 @@ def test_node_plugin_restart_keeps_mounts_and_registers_again(k8s: OneNodeCluste
     k8s.kubectl("delete", "pod", "after-restart", "-n", NS, "--wait=true", "--timeout=60s")
     k8s.kubectl("delete", "pvc", "after-restart", "-n", NS, "--wait=true", "--timeout=60s")
     k8s.wait("volume after-restart removed", lambda: guid not in _volume_dirs(), 60)
+
+
+def _driver_pods(k8s: OneNodeCluster) -> dict[str, str]:
+    """The driver's running pods: name -> image of its first container."""
+    pods = k8s.get("pods", "-n", "pg-reflinker")["items"]
+    return {
+        p["metadata"]["name"]: p["spec"]["containers"][0]["image"]
+        for p in pods
+        if not p["metadata"].get("deletionTimestamp") and p["status"].get("phase") == "Running"
+    }
+
+
+def _new_clone_boots(k8s: OneNodeCluster, name: str, source: str) -> None:
+    """A clone of the source claim, made now, mounted by a pod that finds the data in it."""
+    k8s.apply(_claim(name, source=source, size="8Gi"))
+    k8s.apply(_shell_pod(name, name, "test -s /data/pgdata/PG_VERSION && echo found && sleep 600"))
+    k8s.wait(f"pod {name} Running", lambda: _pod_phase(k8s, name) == "Running", 120)
+    k8s.wait(
+        f"pod {name} found the clone's data",
+        lambda: "found" in k8s.kubectl("logs", name, "-n", NS, check=False).stdout,
+        60,
+    )
+    k8s.kubectl("delete", "pod", name, "-n", NS, "--wait=true", "--timeout=60s")
+    k8s.kubectl("delete", "pvc", name, "-n", NS, "--wait=true", "--timeout=60s")
+
+
+def test_helm_upgrade_while_databases_serve_then_uninstall_and_install_again(
+    k8s: OneNodeCluster, source: str
+) -> None:
+    """helm upgrade to another image tag while the source Cluster runs on a pg-reflinker volume
+    and its clone pg-prod-dev is mounted: the node plugin and both controller replicas roll, a
+    bounded pgbench run on the source across the upgrade completes with no failed transaction,
+    the clone keeps serving, and a new clone works after it. Then helm uninstall and install:
+    the CRD, the records and the volumes stay, and the volumes are still served."""
+    clone_pod = cnpg.primary_pod(k8s, CLONE)
+    before = _driver_pods(k8s)
+    upgraded = tag_image(k8s, images.PROJECT, "upgraded")
+    load = cnpg.pgbench_background(k8s, source, 40)
+    started = time.monotonic()
+    k8s.helm(
+        "upgrade",
+        "pg-reflinker",
+        str(chart.CHART),
+        "-n",
+        "pg-reflinker",
+        "--reuse-values",
+        "--set",
+        "image.tag=upgraded",
+        "--wait",
+        "--timeout",
+        "180s",
+    )
+    k8s.wait_rollout("daemonset/pg-reflinker-node", "pg-reflinker")
+    k8s.wait_rollout("deployment/pg-reflinker-controller", "pg-reflinker")
+    print(f"\nhelm upgrade rolled both plugins in {time.monotonic() - started:.1f} s")
+    out, _ = load.communicate(timeout=180)
+    assert load.returncode == 0, out
+    assert "number of failed transactions: 0" in out, out
+    after = _driver_pods(k8s)
+    assert not set(before) & set(after), "every driver pod should have been replaced"
+    assert set(after.values()) == {upgraded}, after
+    assert len(cnpg.pgbench_sums(k8s, source)) == 1
+    cnpg.psql(k8s, clone_pod, "INSERT INTO only_in_clone VALUES (3)")
+    _new_clone_boots(k8s, "after-upgrade", source)
+
+    # Uninstall: the CRD (from the chart's crds/), the records and the data stay.
+    records = {r["spec"]["guid"] for r in _records(k8s)}
+    k8s.helm("uninstall", "pg-reflinker", "-n", "pg-reflinker", "--wait", "--timeout", "120s")
+    k8s.wait("the driver's pods gone", lambda: not _driver_pods(k8s), 120)
+    assert {r["spec"]["guid"] for r in _records(k8s)} == records
+    assert cnpg.psql(k8s, clone_pod, "SELECT count(*) FROM only_in_clone") == "3"
+    helm_install(k8s, "--wait", "--timeout", "180s")
+    k8s.wait("the node plugin registered with kubelet", lambda: driver_registered(k8s), 60)
+    # The clone's Cluster restarted: its volume is published again by the new node plugin.
+    k8s.kubectl("delete", "pod", clone_pod, "-n", NS, "--wait=true", "--timeout=60s")
+    cnpg.wait_healthy(k8s, CLONE)
+    assert cnpg.psql(k8s, cnpg.primary_pod(k8s, CLONE), "SELECT count(*) FROM only_in_clone") == "3"
+    _new_clone_boots(k8s, "after-reinstall", source)
 
 
 def _lease_holder(k8s: OneNodeCluster, lease: str) -> str:

@@ -177,7 +177,10 @@ def main() -> int:
     report = Path(tempfile.mkdtemp(prefix="pg-reflinker-conformance.")) / "report.json"
     b = images.Builder(images.tools_cache(), lambda s: print(f"== {s}", flush=True))
     archives = e2e_images(b, tools, k8s_tools)
-    with running_cluster(k8s_tools, cnpg_tools, announce=lambda s: print(f"== {s}")) as k8s:
+    # deploy/ through kustomize here (the other scenarios install the chart with helm).
+    with running_cluster(
+        k8s_tools, cnpg_tools, announce=lambda s: print(f"== {s}"), install="kustomize"
+    ) as k8s:
         import_images(k8s, archives)
         code = run_suites(k8s, tools, report, procs)
     summary = summarize(report)

@@ -1,8 +1,9 @@
 """A real one-node Kubernetes cluster on this machine, for the real-cluster tests, the demo and
 the benchmark: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy and
 kubelet (all built from the pinned k8s.io/kubernetes module in tests/tools/k8s), Debian's
-containerd, runc and CNI bridge plugin, images built locally (tests/e2e/images.py), deploy/
-applied through the test overlay (tests/e2e/overlay), and the CloudNativePG operator.
+containerd, runc and CNI bridge plugin, images built locally (tests/e2e/images.py), the chart
+installed with helm (tests/e2e/values-test.yaml; or deploy/ through the test overlay,
+tests/e2e/overlay), and the CloudNativePG operator.
 
 Everything runs as host processes with its own state directories and high ports. The host is put
 back as it was found on exit: processes are ended by PID, and every address, bridge, netns,
@@ -35,6 +36,7 @@ from tests.conftest import ROOT, Filesystem
 from tests.e2e import images
 from tests.e2e.cluster import ControlPlane, reference_grant_crd
 from tests.pgserver import free_port
+from tests.tools import chart
 
 NODE = "pg-reflinker-test-node"
 NODE_IP = "10.245.255.1"
@@ -46,7 +48,11 @@ KUBELET_ROOT = Path("/var/lib/kubelet")
 # The overlay's HOSTPATH_PREFIX: where the harness mounts its XFS reflink filesystem.
 PREFIX = Path("/var/lib/pg-reflinker-test")
 RUN_DIR = Path("/run/pg-reflinker-test")
+# Each run's work directory (containerd's state, logs, the control plane's files) in the temp dir.
+WORK_PREFIX = "pg-reflinker-cluster."
 OVERLAY = ROOT / "tests" / "e2e" / "overlay"
+# The same changes for helm install: the chart's values for this cluster.
+TEST_VALUES = ROOT / "tests" / "e2e" / "values-test.yaml"
 CNPG_NAMESPACE = "cnpg-system"
 
 # Kernel settings kubelet, kube-proxy or the bridge plugin may change; restored on exit.
@@ -196,6 +202,13 @@ class OneNodeCluster:
         )
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """helm (built from its Go module, HELM_TOOLS) against this cluster."""
+        result = chart.helm(f"--kubeconfig={self.kubeconfig}", *args, check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
         return result
 
     def apply(self, manifest: str | dict[str, Any] | list[dict[str, Any]]) -> None:
@@ -496,6 +509,18 @@ def clean_after_a_killed_run() -> None:
     _remove_link(BRIDGE)
 
 
+def _remove_stale_work_dirs() -> None:
+    """The work directories of earlier runs that ended without their teardown (containerd's
+    state with every image, the logs: gigabytes each). One cluster runs on a host at a time
+    (RUN_DIR, the node IP), so any found here is stale."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
+        if not (stale / "containerd").exists():
+            continue  # the logs an E2E_KEEP run kept on purpose
+        print(f"     removing {stale}, left by a run that did not finish", flush=True)
+        _unmount_tree(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _start_node(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
     host = c.host
     # The node IP: kubelet refuses a loopback address, so one of our own goes on lo.
@@ -550,22 +575,24 @@ def _start_node(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
     )
 
 
+def _images(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """ctr images ... in the node's containerd (kubelet's namespace)."""
+    socket = str(RUN_DIR / "containerd.sock")
+    return _run("ctr", "--address", socket, "-n", "k8s.io", "images", *args, check=check)
+
+
 def import_images(c: OneNodeCluster, archives: dict[str, Path]) -> None:
     for name, archive in archives.items():
-        result = _run(
-            "ctr",
-            "--address",
-            str(RUN_DIR / "containerd.sock"),
-            "-n",
-            "k8s.io",
-            "images",
-            "import",
-            "--no-unpack",
-            str(archive),
-            check=False,
-        )
+        result = _images("import", "--no-unpack", str(archive), check=False)
         if result.returncode != 0:
             raise RuntimeError(f"importing {name} from {archive}: {result.stderr}")
+
+
+def tag_image(c: OneNodeCluster, image: str, tag: str) -> str:
+    """Another name for an image containerd holds (an upgrade to a new tag); return it."""
+    name = f"{image.rsplit(':', 1)[0]}:{tag}"
+    _images("tag", "--force", image, name)
+    return name
 
 
 def _remove_link(name: str) -> None:
@@ -775,17 +802,33 @@ def _install_snapshots(c: OneNodeCluster, announce: Callable[[str], None]) -> No
     )
 
 
-def _deploy_driver(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
+def helm_install(c: OneNodeCluster, *args: str) -> None:
+    """helm install of the chart with this cluster's values (TEST_VALUES)."""
+    chart_args = [str(chart.CHART), "-n", "pg-reflinker", "-f", str(TEST_VALUES)]
+    c.helm("install", "pg-reflinker", *chart_args, *args)
+
+
+def _deploy_driver(c: OneNodeCluster, announce: Callable[[str], None], install: str) -> None:
     def apply() -> None:
-        c.kubectl("apply", "-k", str(OVERLAY))
+        if install == "helm":
+            # The namespace as deploy/ makes it (labelled for the privileged node plugin).
+            c.kubectl("apply", "-f", str(ROOT / "deploy" / "namespace.yaml"))
+            helm_install(c)
+        else:
+            c.kubectl("apply", "-k", str(OVERLAY))
         c.wait_rollout("daemonset/pg-reflinker-node", "pg-reflinker")
         c.wait_rollout("deployment/pg-reflinker-controller", "pg-reflinker")
-        c.wait("the node plugin registered with kubelet (CSINode)", lambda: _registered(c), 60)
+        c.wait(
+            "the node plugin registered with kubelet (CSINode)", lambda: driver_registered(c), 60
+        )
 
-    c.step("apply deploy/ through the test overlay; wait for both plugins", announce, apply)
+    how = (
+        "helm install the chart" if install == "helm" else "apply deploy/ through the test overlay"
+    )
+    c.step(f"{how}; wait for both plugins", announce, apply)
 
 
-def _registered(c: OneNodeCluster) -> bool:
+def driver_registered(c: OneNodeCluster) -> bool:
     result = c.kubectl("get", "csinode", NODE, "-o", "json", check=False)
     if result.returncode != 0:
         return False
@@ -865,11 +908,14 @@ def running_cluster(
     disk: str = "24G",
     announce: Callable[[str], None] = lambda step: None,
     pg_majors: Iterable[int] = (images.PG_MAJOR,),
+    install: str = "helm",
 ) -> Iterator[OneNodeCluster]:
     """The whole cluster; stopped and the host restored on exit, even after a failed set-up.
-    pg_majors: the PostgreSQL images it holds (images.postgres_image())."""
+    pg_majors: the PostgreSQL images it holds (images.postgres_image()). install: the driver by
+    helm install of the chart (with TEST_VALUES), or "kustomize": deploy/ through OVERLAY."""
     clean_after_a_killed_run()
-    work = Path(tempfile.mkdtemp(prefix="pg-reflinker-cluster."))
+    _remove_stale_work_dirs()
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
     os.chmod(work, 0o755)
     host = HostState()
     host.record_sysctls()
@@ -898,7 +944,7 @@ def running_cluster(
         c.step("import images into containerd", announce, lambda: import_images(c, archives))
         _start_kubernetes(c, announce)
         _install_snapshots(c, announce)
-        _deploy_driver(c, announce)
+        _deploy_driver(c, announce, install)
         _install_cnpg(c, cnpg_tools, announce)
         yield c
     finally:
