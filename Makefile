@@ -80,11 +80,14 @@ pg-majors: $(STAMPS)/system $(STAMPS)/venv
 
 # -- checks -------------------------------------------------------------------------------
 
+# The set-up runs two steps at a time: the Go builds use the CPU while the debootstraps of the
+# PostgreSQL majors mostly wait on the network and the disk (each step's output comes whole).
 .PHONY: test
 test:
 	@$(TIMER) reset && $(TIMER) start "make test"
 	@status=0; \
-	$(MAKE) --no-print-directory deps pg-majors k8s-tools conformance-tools lint || status=$$?; \
+	$(MAKE) --no-print-directory -j2 --output-sync=target deps pg-majors k8s-tools conformance-tools lint \
+		|| status=$$?; \
 	if [ $$status = 0 ]; then \
 		$(TIMER) start "pytest"; \
 		CSI_SANITY=$(CSI_SANITY) TIMINGS=$(TIMINGS) $(TOOLS_ENV) $(PY) -m pytest -ra $(PYTEST_ARGS) \
