@@ -13,7 +13,8 @@ TOOLS_CACHE ?= $(HOME)/.cache/pg-reflinker
 CSI_SANITY_VERSION := v5.4.0
 CSI_SANITY := $(TOOLS_CACHE)/csi-sanity-$(CSI_SANITY_VERSION)/csi-sanity
 DEBIAN_PACKAGES := xfsprogs util-linux coreutils openssl postgresql postgresql-contrib \
-	containerd runc containernetworking-plugins buildah debootstrap patchelf iptables iproute2 busybox-static procps
+	containerd runc containernetworking-plugins buildah debootstrap patchelf iptables iproute2 busybox-static procps \
+	btrfs-progs
 PYTEST_ARGS ?=
 # Wall time of each set-up step and test stage, printed at the end of `make test`.
 TIMINGS := $(CURDIR)/$(STAMPS)/timings
@@ -80,13 +81,15 @@ pg-majors: $(STAMPS)/system $(STAMPS)/venv
 
 # -- checks -------------------------------------------------------------------------------
 
-# The set-up runs two steps at a time: the Go builds use the CPU while the debootstraps of the
-# PostgreSQL majors mostly wait on the network and the disk (each step's output comes whole).
+# After the packages and the venv, the set-up runs two steps at a time, the PostgreSQL majors
+# first: their debootstraps mostly wait on the network and the disk while the Go builds use the
+# CPU (each step's output comes whole, when it ends).
 .PHONY: test
 test:
 	@$(TIMER) reset && $(TIMER) start "make test"
 	@status=0; \
-	$(MAKE) --no-print-directory -j2 --output-sync=target deps pg-majors k8s-tools conformance-tools lint \
+	$(MAKE) --no-print-directory deps && \
+	$(MAKE) --no-print-directory -j2 --output-sync=target pg-majors k8s-tools conformance-tools lint \
 		|| status=$$?; \
 	if [ $$status = 0 ]; then \
 		$(TIMER) start "pytest"; \

@@ -37,9 +37,11 @@ requires_mount = pytest.mark.skipif(bool(mount_unavailable()), reason=mount_unav
 
 
 class Filesystem:
-    """A filesystem mounted on a loop file (or tmpfs) for the length of a test session."""
+    """A filesystem mounted on a loop file (XFS with reflinks, btrfs, or a tmpfs) for the
+    length of a test session."""
 
     def __init__(self, kind: str, size: str = "4G") -> None:
+        self.kind = kind
         self.work = Path(tempfile.mkdtemp(prefix=f"pg-reflinker-{kind}."))
         self.mnt = self.work / "mnt"
         self.mnt.mkdir()
@@ -50,8 +52,19 @@ class Filesystem:
             return
         image = self.work / "disk.img"
         subprocess.run(["truncate", "-s", size, str(image)], check=True)
-        subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+        if kind == "btrfs":
+            subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+        else:
+            subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
         subprocess.run(["mount", "-o", "loop", str(image), str(self.mnt)], check=True)
+
+    def new_volume(self, path: Path) -> Path:
+        """A directory as the driver makes a volume here: a subvolume on btrfs."""
+        if self.kind == "btrfs":
+            subprocess.run(["btrfs", "-q", "subvolume", "create", str(path)], check=True)
+        else:
+            path.mkdir()
+        return path
 
     def trim(self) -> None:
         """Give the blocks of removed files back to the host: the loop file is sparse, and

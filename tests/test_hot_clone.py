@@ -2,7 +2,8 @@
 
 A real server on a real XFS reflink filesystem; clones are booted as real servers and checked.
 Every test runs on each PostgreSQL major obtained here (pg_majors(): 15, 17 and 18 after
-`make pg-majors`), the clone booted by the source's own major."""
+`make pg-majors`), the clone booted by the source's own major, and again on the newest major
+with the source's volume a btrfs subvolume (a native copy is then a subvolume snapshot)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import pytest
 from reflinker_csi.core import errors
 from reflinker_csi.core.locator import SourceServer
 from reflinker_csi.disk.backup import LocalCopier
+from reflinker_csi.disk.subvolume import is_subvolume
 from reflinker_csi.pg import source as source_module
 from reflinker_csi.pg.backup import native_hot_clone
 from reflinker_csi.pg.source import hot_clone
@@ -58,7 +60,7 @@ class Source:
         os.chmod(fs.work, 0o755)
         os.chmod(self.certs.directory, 0o755)
         self.server = PostgresServer(
-            volume=fs.mnt / "volume-src",
+            volume=fs.new_volume(fs.mnt / "volume-src"),
             port=free_port(),
             socket_dir=fs.work / "sock",
             certs=self.certs,
@@ -93,14 +95,28 @@ class Source:
         return self.server.volume / ".pg-reflinker"
 
 
-@pytest.fixture(scope="session", params=list(MAJORS), ids=lambda major: f"pg{major}")
-def major(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
+# (major, filesystem): every major on XFS, the newest on btrfs too.
+SETUPS = [(major, "xfs") for major in MAJORS] + [(max(MAJORS), "btrfs")]
+
+
+@pytest.fixture(
+    scope="session",
+    params=SETUPS,
+    ids=lambda setup: f"pg{setup[0]}" + ("" if setup[1] == "xfs" else f"-{setup[1]}"),
+)
+def setup(request: pytest.FixtureRequest) -> tuple[int, str]:
+    return (int(request.param[0]), str(request.param[1]))
 
 
 @pytest.fixture(scope="session")
-def source(major: int) -> Iterator[Source]:
-    fs = Filesystem("xfs", size="16G")
+def major(setup: tuple[int, str]) -> int:
+    return setup[0]
+
+
+@pytest.fixture(scope="session")
+def source(setup: tuple[int, str]) -> Iterator[Source]:
+    major, kind = setup
+    fs = Filesystem(kind, size="16G")
     try:
         src = Source(fs, major)
         yield src
@@ -220,6 +236,9 @@ def test_clones_taken_under_write_load_boot_and_pass_amcheck(source: Source, met
     assert "tps" in out
     for label, committed in clones:
         directory = source.clone_area / label
+        # On btrfs the native copy is one snapshot of the source's subvolume, whatever its size;
+        # the function's copy (cp --reflink in the server) is a directory of reflinked files.
+        assert is_subvolume(directory) == (method == "native" and source.fs.kind == "btrfs")
         clone = check_clone(source, directory)
         try:
             rows = history_rows(clone)
@@ -478,11 +497,12 @@ def test_a_major_outside_the_supported_range_is_refused_in_one_line(version: int
 
 @METHODS
 def test_a_source_with_wal_on_another_filesystem_clones_with_every_row(
-    major: int, method: str
+    setup: tuple[int, str], method: str
 ) -> None:
     """CNPG's walStorage: pg_wal links to a second volume (here a second XFS filesystem), which
     cannot be reflinked into the clone; the WAL written during the backup is copied instead."""
-    data, wal = Filesystem("xfs", size="4G"), Filesystem("xfs", size="2G")
+    major, kind = setup
+    data, wal = Filesystem(kind, size="4G"), Filesystem("xfs", size="2G")
     try:
         os.chmod(wal.work, 0o755)
         src = Source(data, major, waldir=wal.mnt / "wal" / "pg_wal", scale=5)
@@ -544,7 +564,7 @@ def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source, meth
         certs=source.certs,
         bin=source.server.bin,
     )
-    standby.volume.mkdir()
+    source.fs.new_volume(standby.volume)
     chown_postgres(standby.volume)
     source.server.basebackup(standby.pgdata, standby=True)
     standby.start()

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..core.backup import BackupStart, BackupStop, parse_lsn
 from ..core.errors import FailedPrecondition, ReflinkUnsupported
 from ..core.layout import PARTIAL_SUFFIX
-from . import reflink
+from . import reflink, subvolume
 from .local import remove_tree
 from .reflink import Leave
 
@@ -116,12 +116,14 @@ def copy_data(
             "instance's own volume"
         )
     remove_tree(partial)
-    os.mkdir(partial, 0o700)
-    # The new volume's top directory is owned like the source volume's (CNPG: postgres).
-    volume = os.stat(source.parent)
-    os.chown(partial, volume.st_uid, volume.st_gid)
-    os.chmod(partial, stat.S_IMODE(volume.st_mode))
-    files = 0
+    snapshot = _snapshot(source, partial)  # the files in it, or None
+    if snapshot is None:
+        os.mkdir(partial, 0o700)
+        # The new volume's top directory is owned like the source volume's (CNPG: postgres).
+        volume = os.stat(source.parent)
+        os.chown(partial, volume.st_uid, volume.st_gid)
+        os.chmod(partial, stat.S_IMODE(volume.st_mode))
+    files = snapshot or 0
     if tablespaces:
         os.mkdir(partial / "tablespaces", 0o700)
     for name, (top, inside) in sorted((tablespaces or {}).items()):
@@ -133,15 +135,80 @@ def copy_data(
         files += reflink.copy_tree(
             top / inside, into / inside, leave=_leave_in_tablespace, live=True, workers=COPY_WORKERS
         )
-    files += reflink.copy_tree(
-        source, partial / "pgdata", leave=_leave, live=True, workers=COPY_WORKERS
-    )
+    if snapshot is not None:
+        _recopy_control_file(source, partial / "pgdata")
+    else:
+        files += reflink.copy_tree(
+            source, partial / "pgdata", leave=_leave, live=True, workers=COPY_WORKERS
+        )
     archive = partial / "pgdata" / "pg_wal" / "archive_status"
     archive.mkdir(mode=0o700)
     st = os.stat(partial / "pgdata")
     os.chown(archive, st.st_uid, st.st_gid)
     (partial / ATTEMPT_FILE).write_text(attempt + "\n")
     return files
+
+
+def _snapshot(source: Path, partial: Path) -> int | None:
+    """On btrfs, with the source volume a subvolume: take partial as its snapshot, one atomic
+    copy whatever the size, then leave out of partial/pgdata what a copy leaves out (_leave)
+    and drop everything else the volume holds; return the number of files kept. None where no
+    snapshot can be taken (the files are reflinked then)."""
+    volume = source.parent
+    if source.name != "pgdata" or not subvolume.is_subvolume(volume):
+        return None
+    try:
+        subvolume.snapshot(volume, partial)
+    except OSError as err:
+        if err.errno in (errno.EXDEV, errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP):
+            return None  # another filesystem: the copy says what is wrong
+        raise
+    for entry in os.listdir(partial):
+        if entry != "pgdata":
+            remove_tree(partial / entry)
+    pgdata = partial / "pgdata"
+    owner = os.lstat(pgdata)
+    kept = 0
+    for root, dirs, names in os.walk(pgdata):
+        top = os.path.relpath(root, pgdata)
+        rel = "" if top == "." else top + "/"
+        for name in [*dirs, *names]:
+            what = _leave(rel + name)
+            path = Path(root) / name
+            if what in (Leave.NOTHING, Leave.LAST) and name in names:
+                kept += 1
+            elif what == Leave.OUT:
+                remove_tree(path)
+            elif what == Leave.CONTENTS:
+                if path.is_symlink() or not path.is_dir():
+                    path.unlink()  # pg_wal linked to a WAL volume: a directory of its own
+                    os.mkdir(path, 0o700)
+                    os.chown(path, owner.st_uid, owner.st_gid)
+                else:
+                    for inner in os.listdir(path):
+                        remove_tree(path / inner)
+        dirs[:] = [d for d in dirs if _leave(rel + d) == Leave.NOTHING]
+    return kept
+
+
+def _recopy_control_file(source: Path, pgdata: Path) -> None:
+    """global/pg_control again from the source, after every other file (a standby's backup
+    ends where its copied control file says)."""
+    top = reflink.open_dir(source)
+    try:
+        global_fd = reflink.open_dir("global", top)
+    finally:
+        os.close(top)
+    try:
+        fd = reflink.open_regular("pg_control", global_fd)
+    finally:
+        os.close(global_fd)
+    try:
+        target = pgdata / "global" / "pg_control"
+        target.unlink()
+        reflink.clone_fd(fd, target, os.fstat(fd), source / "global" / "pg_control")
+    finally:
+        os.close(fd)
 
 
 def _write(path: Path, data: str, owner: os.stat_result) -> None:

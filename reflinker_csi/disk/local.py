@@ -1,10 +1,14 @@
 """Disk work on this host: directories under HOSTPATH_PREFIX, reflink copies, removal.
 
-Used directly by standalone mode and by the node agent in Kubernetes mode."""
+On btrfs each volume is a subvolume with a qgroup limit of its size, and a copy of a whole
+volume or snapshot is a subvolume snapshot (disk/subvolume.py); elsewhere (XFS) a volume is a
+directory and a copy clones its files one by one. Used directly by standalone mode and by the
+node agent in Kubernetes mode."""
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -17,7 +21,7 @@ from ..core.keys import CTX_SOURCE_POD
 from ..core.layout import DELETING_SUFFIX, PARTIAL_SUFFIX, Layout, is_guid
 from ..core.records import Kind, VolumeRecord
 from ..core.space import SpaceFloor, check_room
-from . import reflink
+from . import reflink, subvolume
 from .mounts import mounts_of
 from .usage import cow_extent_size, set_cow_extent_size
 
@@ -31,6 +35,9 @@ def remove_tree(path: Path) -> None:
         return
     if path.is_symlink() or not path.is_dir():
         path.unlink()
+        return
+    if subvolume.is_subvolume(path):
+        subvolume.delete(path)  # one call, whatever it holds
         return
     # On Linux rmtree works through directory file descriptors and never follows symlinks
     # (shutil.rmtree.avoids_symlink_attacks).
@@ -82,6 +89,25 @@ class LocalDisk:
         # directory): the only places adopt() takes a directory from.
         self.source_roots = tuple(Path(os.path.realpath(r)) for r in source_roots)
 
+    @functools.cached_property
+    def subvolumes(self) -> bool:
+        """The prefix is on btrfs: volumes are subvolumes, copies of them snapshots."""
+        return subvolume.is_btrfs(self.layout.prefix)
+
+    def new_top(self, path: Path, mode: int = 0o700) -> None:
+        """A new volume's top directory: a subvolume on btrfs, a directory elsewhere."""
+        if self.subvolumes:
+            subvolume.create(path, mode)
+        else:
+            os.mkdir(path, mode)
+
+    def limit(self, record: VolumeRecord, path: Path) -> None:
+        """On btrfs, cap a volume's subvolume at the volume's size (a write past it fails with
+        EDQUOT there, its neighbours unharmed). Snapshots and captures are never written."""
+        size = record.capacity_bytes
+        if self.subvolumes and record.kind == Kind.VOLUME and size and subvolume.is_subvolume(path):
+            subvolume.limit(path, size)
+
     def data_dir(self, record: VolumeRecord) -> Path:
         if record.kind == Kind.SNAPSHOT:
             return self.layout.snapshot_dir(record.guid)
@@ -131,8 +157,13 @@ class LocalDisk:
 
     def make_empty(self, record: VolumeRecord) -> None:
         final = self.data_dir(record)
-        if not os.path.lexists(final):
-            final.mkdir(mode=0o750)
+        if os.path.lexists(final):
+            return
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        remove_tree(partial)
+        self.new_top(partial, 0o750)
+        self.limit(record, partial)
+        os.rename(partial, final)
 
     def reflink_copy(
         self, source: VolumeRecord, record: VolumeRecord, stopped: Path | None = None
@@ -163,20 +194,25 @@ class LocalDisk:
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         remove_tree(partial)
         try:
-            files = reflink.copy_tree(src, partial)
+            if self.subvolumes and subvolume.is_subvolume(src):
+                subvolume.snapshot(src, partial)
+                how = "snapshot"
+            else:
+                how = f"{reflink.copy_tree(src, partial)} files"
             if stopped is not None:
                 self.check_stopped(stopped, instance)  # and it stayed down throughout
+            self.limit(record, partial)
             os.rename(partial, final)
         except BaseException:
             remove_tree(partial)
             raise
         log.info(
-            "reflinked %s %s from %s %s (%d files)",
+            "copied %s %s from %s %s (%s)",
             record.kind,
             record.guid,
             source.kind,
             source.guid,
-            files,
+            how,
         )
 
     def cut_piece(
@@ -197,7 +233,7 @@ class LocalDisk:
         remove_tree(partial)
         try:
             if part.into:
-                os.mkdir(partial, 0o700)
+                self.new_top(partial)
                 # The new volume's top directory is owned like the capture's (CNPG: postgres).
                 st = os.stat(top)
                 os.chown(partial, st.st_uid, st.st_gid)
@@ -210,7 +246,9 @@ class LocalDisk:
                     os.symlink(wal_link, wal)
                     os.lchown(wal, st.st_uid, st.st_gid)
             else:
-                files = reflink.copy_tree(src, partial)
+                self.new_top(partial)
+                files = reflink.copy_tree(src, partial, into_existing=True)
+            self.limit(record, partial)
             os.rename(partial, final)
         except BaseException:
             remove_tree(partial)
@@ -244,6 +282,7 @@ class LocalDisk:
                 f"hot clone directory {moved_from} has no pgdata directory inside"
             )
         try:
+            self.limit(record, real)
             os.rename(real, final)
             return
         except OSError as err:

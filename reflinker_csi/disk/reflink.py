@@ -100,8 +100,10 @@ def copy_tree(
     leave: Callable[[str], Leave] | None = None,
     live: bool = False,
     workers: int = 1,
+    into_existing: bool = False,
 ) -> int:
-    """Reflink-copy the tree at src to dst (which must not exist); return the number of files.
+    """Reflink-copy the tree at src to dst (which must not exist, or must be an empty directory
+    made for it when into_existing); return the number of files.
 
     Ownership, modes and times are kept; symlinks are recreated, never followed. The walk goes
     through directory descriptors (each opened without following a link, each file opened
@@ -115,7 +117,7 @@ def copy_tree(
     top = open_dir(src)
     fds = [top]
     try:
-        return _copy_from(top, src, dst, leave, live, workers, fds)
+        return _copy_from(top, src, dst, leave, live, workers, fds, into_existing)
     finally:
         for fd in fds:
             os.close(fd)
@@ -129,9 +131,11 @@ def _copy_from(
     live: bool,
     workers: int,
     fds: list[int],
+    into_existing: bool = False,
 ) -> int:
     top_st = os.fstat(top)
-    os.mkdir(dst, 0o700)
+    if not into_existing:
+        os.mkdir(dst, 0o700)
     stack: list[tuple[int, Path, os.stat_result, str]] = [(top, dst, top_st, "")]
     dirs_done: list[tuple[Path, os.stat_result]] = []
     files: list[_File] = []
