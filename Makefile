@@ -37,6 +37,7 @@ help:
 	@echo "make bench-clone  hot clone vs bare reflink copy vs pg_basebackup, per PostgreSQL major"
 	@echo "make pg-majors PostgreSQL 17 and 18 from Debian trixie and forky (once, for the host tests)"
 	@echo "make bench-space  filesystem growth of written clones per XFS CoW extent size hint"
+	@echo "make bench-scale  clone time against size and fragmentation, XFS and btrfs"
 
 # -- set-up -------------------------------------------------------------------------------
 
@@ -131,6 +132,10 @@ bench-clone: $(STAMPS)/system $(STAMPS)/venv pg-majors
 .PHONY: bench-space
 bench-space: $(STAMPS)/system $(STAMPS)/venv
 	$(PY) -m tests.bench.bench_space
+
+.PHONY: bench-scale
+bench-scale: $(STAMPS)/system $(STAMPS)/venv pg-majors
+	$(PY) -m tests.bench.bench_scale
 
 # -- Kubernetes control plane for the end-to-end tests --------------------------------------
 K8S_TOOLS_KEY := $(shell sha256sum tests/tools/k8s/go.sum 2>/dev/null | cut -c1-12)

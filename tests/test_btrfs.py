@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from csi import csi_pb2
+from reflinker_csi.core.capture import PG_DATA, PG_WAL, WAL_LINK, tablespace_piece
+from reflinker_csi.core.layout import Layout, new_guid
+from reflinker_csi.core.records import Kind, VolumeRecord
+from reflinker_csi.disk import subvolume
+from reflinker_csi.disk.local import LocalDisk
 from reflinker_csi.disk.subvolume import is_subvolume
 from reflinker_csi.disk.usage import measure
 from tests.conftest import Driver, Filesystem, create_request, mount_unavailable
@@ -103,3 +110,46 @@ def test_a_fresh_clone_owns_nothing_and_owns_what_is_written_into_it(driver: Dri
     # btrfs copies on write the blocks written, no more (no extent size hint as on XFS).
     assert used(driver, clone, driver.target_root / "clone") == 10 * MiB
     assert measure(driver.prefix / source).used_bytes == 256 * MiB
+
+
+def test_the_pieces_of_a_capture_start_where_cnpg_mounts_them(btrfs: Filesystem) -> None:
+    """A capture of a whole instance (a native copy: a subvolume) cut into its pieces: the
+    PG_DATA piece is a snapshot of it holding pgdata alone, its pg_wal the link to the new
+    instance's WAL volume; the WAL and tablespace pieces are reflinked into subvolumes of
+    their own, each capped at its size."""
+    layout = Layout(btrfs.mnt / f"prefix-{uuid.uuid4().hex[:8]}")
+    layout.prefix.mkdir()
+    disk = LocalDisk(layout)
+    capture = VolumeRecord(new_guid(), "capture-x", "node-a", 0, 0, kind=Kind.CAPTURE)
+    top = disk.data_dir(capture)
+    top.parent.mkdir(parents=True)
+    subvolume.create(top)
+    (top / "pgdata" / "pg_wal").mkdir(parents=True)
+    (top / "pgdata" / "PG_VERSION").write_text("18\n")
+    (top / "pgdata" / "pg_wal" / "000000010000000000000003").write_bytes(b"w" * 4096)
+    (top / "tablespaces" / "ts1" / "data").mkdir(parents=True)
+    (top / "tablespaces" / "ts1" / "data" / "16384").write_bytes(b"t" * 4096)
+
+    def piece(name: str, wal_link: str = "") -> Path:
+        record = VolumeRecord(new_guid(), f"pvc-{name}", "node-a", 64 * MiB, 0)
+        disk.cut_piece(capture, record, name, wal_link)
+        made = disk.data_dir(record)
+        assert is_subvolume(made)
+        return made
+
+    data = piece(PG_DATA, WAL_LINK)
+    assert sorted(os.listdir(data)) == ["pgdata"]
+    assert (data / "pgdata" / "PG_VERSION").read_text() == "18\n"
+    # A snapshot keeps the inode numbers of its subvolume (a copy would make new files).
+    version = "pgdata/PG_VERSION"
+    assert os.stat(data / version).st_ino == os.stat(top / version).st_ino
+    assert os.readlink(data / "pgdata" / "pg_wal") == WAL_LINK
+    wal = piece(PG_WAL)
+    assert os.listdir(wal / "pg_wal") == ["000000010000000000000003"]
+    space = piece(tablespace_piece("ts1"))
+    assert (space / "data" / "16384").read_bytes() == b"t" * 4096
+    with pytest.raises(OSError) as err:
+        write(space / "data" / "big", 80 * MiB)
+    assert err.value.errno == errno.EDQUOT
+    # The capture itself is untouched by the cutting.
+    assert os.listdir(top / "pgdata" / "pg_wal") == ["000000010000000000000003"]

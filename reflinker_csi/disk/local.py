@@ -219,8 +219,9 @@ class LocalDisk:
         self, capture: VolumeRecord, record: VolumeRecord, piece: str, wal_link: str = ""
     ) -> None:
         """A piece of a capture (core/capture.py): reflink the capture's part for it into
-        <dir>.partial, then rename it into place. Nothing uses a capture but this. wal_link:
-        a PG_DATA piece whose WAL is in the WAL piece: its pg_wal becomes that link."""
+        <dir>.partial, then rename it into place; on btrfs the PG_DATA piece is a snapshot of
+        the capture with everything but pgdata removed. Nothing uses a capture but this.
+        wal_link: a PG_DATA piece whose WAL is in the WAL piece: its pg_wal becomes that link."""
         final = self.data_dir(record)
         if os.path.lexists(final):
             return
@@ -232,34 +233,40 @@ class LocalDisk:
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         remove_tree(partial)
         try:
-            if part.into:
+            if part.into == "pgdata" and self.subvolumes and subvolume.is_subvolume(top):
+                subvolume.snapshot(top, partial)  # the whole capture at once, then trimmed
+                for entry in os.listdir(partial):
+                    if entry != part.into:
+                        remove_tree(partial / entry)
+                how = "snapshot"
+            elif part.into:
                 self.new_top(partial)
                 # The new volume's top directory is owned like the capture's (CNPG: postgres).
                 st = os.stat(top)
                 os.chown(partial, st.st_uid, st.st_gid)
                 os.chmod(partial, stat.S_IMODE(st.st_mode))
-                files = reflink.copy_tree(src, partial / part.into)
-                wal = partial / part.into / "pg_wal"
-                if wal_link and part.into == "pgdata" and not wal.is_symlink():
-                    st = os.stat(wal)
-                    remove_tree(wal)
-                    os.symlink(wal_link, wal)
-                    os.lchown(wal, st.st_uid, st.st_gid)
+                how = f"{reflink.copy_tree(src, partial / part.into)} files"
             else:
                 self.new_top(partial)
-                files = reflink.copy_tree(src, partial, into_existing=True)
+                how = f"{reflink.copy_tree(src, partial, into_existing=True)} files"
+            wal = partial / part.into / "pg_wal"
+            if wal_link and part.into == "pgdata" and not wal.is_symlink():
+                st = os.stat(wal)
+                remove_tree(wal)
+                os.symlink(wal_link, wal)
+                os.lchown(wal, st.st_uid, st.st_gid)
             self.limit(record, partial)
             os.rename(partial, final)
         except BaseException:
             remove_tree(partial)
             raise
         log.info(
-            "cut %s %s from capture %s (%s, %d files)",
+            "cut %s %s from capture %s (%s, %s)",
             record.kind,
             record.guid,
             capture.guid,
             piece,
-            files,
+            how,
         )
 
     def adopt(self, record: VolumeRecord, moved_from: Path) -> None:

@@ -286,6 +286,7 @@ class NodeSteps:
                 hand_off.segment_bytes,
             )
         else:
+            self.disk.limit(record, partial)  # btrfs: the new volume's size
             backup.complete(partial, self.disk.data_dir(record), hand_off.attempt)
             return True
         self.registry.set_step_done(record, hand_off.attempt, hand_off.step)

@@ -6,7 +6,9 @@ Cluster on a pg-reflinker volume with about 1 GB of pgbench data, then a second 
 from the running first one (deploy/examples/clone-cluster.yaml), row counts side by side.
 
 Settings: DEMO_SCALE (pgbench scale, default 70: about 1 GB), DEMO_KEEP=1 (keep everything
-running at the end and print how to connect; Ctrl-C or SIGTERM tears it down).
+running at the end and print how to connect; Ctrl-C or SIGTERM tears it down), DEMO_FS=btrfs
+(HOSTPATH_PREFIX on btrfs instead of XFS: volumes are subvolumes and the StorageClass clones by
+the native method, so the clone is a subvolume snapshot).
 
 Ctrl-C (SIGINT) or SIGTERM at any step ends the demo the same way: everything is torn down and
 the host restored; a second signal during the teardown is ignored so that it can finish."""
@@ -20,8 +22,18 @@ import time
 import traceback
 from pathlib import Path
 
+from reflinker_csi.disk.subvolume import is_subvolume
 from tests.cluster import cnpg
-from tests.e2e.onenode import running_cluster
+from tests.e2e.onenode import PREFIX, running_cluster
+
+# DEMO_FS -> the chart's values for it: on btrfs the native method, whose copy is a snapshot.
+FILESYSTEMS: dict[str, tuple[str, ...]] = {
+    "xfs": (),
+    "btrfs": (
+        "--set-json",
+        'storageClasses=[{"name": "pg-reflinker", "cloneMethod": "native"}]',
+    ),
+}
 
 HINTS = {
     "build image": "buildah and debootstrap (make demo installs them); the Debian mirror in "
@@ -32,7 +44,7 @@ HINTS = {
     "apply deploy/": "kubectl -n pg-reflinker get pods; the node plugin's and controller's logs",
     "install the CloudNativePG": "kubectl -n cnpg-system get pods; the operator's log",
     "create the source": "kubectl -n apps get cluster,pods,pvc; events of namespace apps",
-    "load pgbench": "free space on the XFS loop filesystem",
+    "load pgbench": "free space on the loop filesystem",
     "create the clone": "kubectl -n apps describe pvc pg-prod-dev-1; the controller's log",
 }
 
@@ -78,6 +90,10 @@ def main() -> int:
     cnpg_tools = Path(os.environ.get("CNPG_TOOLS", ""))
     scale = int(os.environ.get("DEMO_SCALE", "70"))
     keep = os.environ.get("DEMO_KEEP") == "1"
+    filesystem = os.environ.get("DEMO_FS", "xfs")
+    if filesystem not in FILESYSTEMS:
+        print(f"DEMO_FS={filesystem}: choose one of {', '.join(FILESYSTEMS)}", file=sys.stderr)
+        return 2
     disk = f"{max(16, scale * 15 * 4 // 1024 + 16)}G"
     size = f"{max(4, scale * 15 * 2 // 1024 + 4)}Gi"
     story = Story()
@@ -85,7 +101,14 @@ def main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _stop)
     try:
-        with running_cluster(k8s_tools, cnpg_tools, disk=disk, announce=story.step) as k8s:
+        with running_cluster(
+            k8s_tools,
+            cnpg_tools,
+            disk=disk,
+            announce=story.step,
+            filesystem=filesystem,
+            helm_args=FILESYSTEMS[filesystem],
+        ) as k8s:
             story.step("create the source: CNPG Cluster apps/pg-prod on StorageClass pg-reflinker")
             cnpg.ensure_namespace(k8s)
             cnpg.install_function_configmap(k8s)
@@ -111,6 +134,9 @@ def main() -> int:
             clone = cnpg.primary_pod(k8s, "pg-prod-dev")
             hot = cnpg.hot_clone_seconds(k8s, cnpg.volume_handle(k8s, clone))
             print(f"     Cluster pg-prod-dev healthy {ready:.1f} s after apply")
+            volume = PREFIX / cnpg.volume_handle(k8s, clone)
+            kind = "a btrfs subvolume" if is_subvolume(volume) else "a directory"
+            print(f"     the clone's volume is {kind} on {filesystem} ({volume})")
 
             story.step("show what Kubernetes has")
             print(
