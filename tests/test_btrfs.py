@@ -23,7 +23,7 @@ from reflinker_csi.disk.subvolume import is_subvolume
 from reflinker_csi.disk.usage import measure
 from tests.conftest import Driver, Filesystem, create_request, mount_unavailable
 from tests.test_node import publish
-from tests.test_space import MiB, used, write
+from tests.test_space import MiB, write
 
 pytestmark = pytest.mark.integration
 
@@ -99,16 +99,43 @@ def test_deleting_a_source_leaves_its_clones_and_snapshots_intact(driver: Driver
     assert digest(snap_dir / "base") == expected  # the snapshot is not written through
 
 
-def test_a_fresh_clone_owns_nothing_and_owns_what_is_written_into_it(driver: Driver) -> None:
+def stats(driver: Driver, volume_id: str, target: Path) -> tuple[int, int, int]:
+    """(used, available, total) bytes as NodeGetVolumeStats reports them to kubelet, after a
+    sync: btrfs updates qgroups when it commits."""
+    os.sync()
+    answer = driver.node.NodeGetVolumeStats(
+        csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=str(target))
+    )
+    [usage] = [u for u in answer.usage if u.unit == csi_pb2.VolumeUsage.BYTES]
+    return int(usage.used), int(usage.available), int(usage.total)
+
+
+def test_a_clone_owns_what_is_written_into_it_and_sees_room_up_to_its_size(
+    driver: Driver,
+) -> None:
+    """Own bytes and room from the clone's qgroup, no walk over its files: kubelet's used bytes
+    are what the clone alone holds, its capacity the volume's size, its available bytes what
+    it may still write before EDQUOT."""
     source = volume(driver, "pvc-src", 512 * MiB)
     write(driver.prefix / source / "base", 256 * MiB)
     clone = volume(driver, "pvc-clone", 512 * MiB, source)
-    publish(driver, clone, driver.target_root / "clone")
-    assert used(driver, clone, driver.target_root / "clone") == 0
+    target = driver.target_root / "clone"
+    publish(driver, clone, target)
+    own, available, total = stats(driver, clone, target)
+    assert own < 1 * MiB  # its own metadata; every data block is shared with the source
+    assert total == 512 * MiB
+    assert 255 * MiB <= available <= 256 * MiB
 
-    write(driver.target_root / "clone" / "base", 10 * MiB, offset=100 * MiB, byte=b"\x02")
+    write(target / "base", 10 * MiB, offset=100 * MiB, byte=b"\x02")
     # btrfs copies on write the blocks written, no more (no extent size hint as on XFS).
-    assert used(driver, clone, driver.target_root / "clone") == 10 * MiB
+    own, available, total = stats(driver, clone, target)
+    assert 10 * MiB <= own <= 11 * MiB
+    # The rewritten blocks count towards the cap: the clone still refers to the rest of each
+    # old extent, and btrfs counts an extent whole while any of it is referred to.
+    assert 245 * MiB <= available <= 246 * MiB
+    write(target / "new", 50 * MiB)
+    assert 195 * MiB <= stats(driver, clone, target)[1] <= 196 * MiB
+    # The walk over the files agrees with the qgroup on what the source holds.
     assert measure(driver.prefix / source).used_bytes == 256 * MiB
 
 

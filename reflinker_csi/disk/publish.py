@@ -21,7 +21,7 @@ from .mounts import (
     read_mountinfo,
     unmount,
 )
-from .usage import measure
+from .usage import volume_usage
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,13 @@ class Publisher:
         stats = _stats(os.statvfs(path), abnormal=False, message="volume is healthy")
         # The filesystem is shared with other volumes: "used" is what this volume alone holds
         # (bytes shared with no other file), so kubelet_volume_stats_used_bytes is its cost.
-        return dataclasses.replace(stats, bytes_used=measure(source).own_bytes)
+        usage, cap = volume_usage(source)
+        stats = dataclasses.replace(stats, bytes_used=usage.own_bytes)
+        if cap:
+            # A btrfs volume capped at its size: what it may still write before EDQUOT.
+            room = min(stats.bytes_available, max(0, cap - usage.used_bytes))
+            stats = dataclasses.replace(stats, bytes_total=cap, bytes_available=room)
+        return stats
 
 
 def parse_mount_group(value: str) -> int | None:

@@ -11,6 +11,7 @@ import fcntl
 import os
 import stat
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from .mounts import mount_containing
@@ -120,3 +121,65 @@ def limit(path: Path, size_bytes: int) -> None:
             fcntl.ioctl(fd, BTRFS_IOC_QGROUP_LIMIT, args)
     finally:
         os.close(fd)
+
+
+# -- what a subvolume holds, from its qgroup -----------------------------------------------------
+
+# _IOWR(0x94, 17, struct btrfs_ioctl_search_args): a 104-byte key (tree, min/max objectid,
+# offset and transid, min/max type, the number of items), then a buffer of items, each a
+# header (transid, objectid, offset, type, length) and its data.
+BTRFS_IOC_TREE_SEARCH = 0xD0009411
+_SEARCH_KEY = struct.Struct("=QQQQQQQLLLL32x")
+_SEARCH_HEADER = struct.Struct("=QQQLL")
+# _IOWR(0x94, 18, struct btrfs_ioctl_ino_lookup_args): tree id, object id, then a name buffer;
+# tree 0 and the top directory's object id answer with the subvolume's id.
+BTRFS_IOC_INO_LOOKUP = 0xD0009412
+_INO_LOOKUP = struct.Struct("=QQ4080s")
+_QUOTA_TREE = 8
+_QGROUP_INFO_KEY = 242  # generation, referenced, referenced compressed, exclusive, ...
+_QGROUP_LIMIT_KEY = 244  # flags, max referenced, max exclusive, ...
+_FIVE = struct.Struct("=QQQQQ")
+
+
+@dataclass(frozen=True)
+class Qgroup:
+    referenced: int  # bytes the subvolume refers to, shared or not
+    exclusive: int  # bytes no other subvolume refers to
+    limit: int  # the cap on referenced bytes (0: none)
+
+
+def _search_one(fd: int, item_type: int, qgroup_id: int) -> tuple[int, ...] | None:
+    args = bytearray(4096)
+    _SEARCH_KEY.pack_into(
+        args, 0, _QUOTA_TREE, 0, 0, qgroup_id, qgroup_id, 0, 2**64 - 1, item_type, item_type, 1, 0
+    )
+    fcntl.ioctl(fd, BTRFS_IOC_TREE_SEARCH, args)
+    if _SEARCH_KEY.unpack_from(args, 0)[9] == 0:  # nr_items found
+        return None
+    _, _, offset, found_type, length = _SEARCH_HEADER.unpack_from(args, _SEARCH_KEY.size)
+    if found_type != item_type or offset != qgroup_id or length < _FIVE.size:
+        return None
+    return _FIVE.unpack_from(args, _SEARCH_KEY.size + _SEARCH_HEADER.size)
+
+
+def qgroup(path: Path) -> Qgroup | None:
+    """The qgroup numbers of the subvolume at path, as of btrfs's last commit; None where
+    qgroups are off (or the subvolume has none yet)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        lookup = bytearray(_INO_LOOKUP.pack(0, _FIRST_FREE_OBJECTID, b""))
+        fcntl.ioctl(fd, BTRFS_IOC_INO_LOOKUP, lookup)
+        subvolume_id = _INO_LOOKUP.unpack_from(lookup, 0)[0]
+        try:
+            info = _search_one(fd, _QGROUP_INFO_KEY, subvolume_id)
+            limits = _search_one(fd, _QGROUP_LIMIT_KEY, subvolume_id)
+        except OSError as err:
+            if err.errno == errno.ENOENT:  # no quota tree: qgroups are off
+                return None
+            raise
+    finally:
+        os.close(fd)
+    if info is None:
+        return None
+    cap = limits[1] if limits is not None and limits[0] & _LIMIT_MAX_RFER else 0
+    return Qgroup(referenced=info[1], exclusive=info[3], limit=cap)

@@ -34,7 +34,7 @@ from ..core.records import CloneMode, Kind, Phase, VolumeRecord
 from ..core.space import size
 from ..disk import reflink
 from ..disk.local import LocalDisk, remove_tree
-from ..disk.usage import Usage, measure
+from ..disk.usage import Usage, volume_usage
 from ..metrics import Metrics
 from .api import JSON, NODES, ApiError, Kube
 from .events import EventRecorder, stamp
@@ -239,7 +239,7 @@ class NodeSpace:
             directory = self.disk.data_dir(record)
             if not directory.is_dir():
                 continue
-            usage = measure(directory)
+            usage, _ = volume_usage(directory)
             seen.add(record.guid)
             self.metrics.used.labels(record.guid, self.node_id).set(usage.used_bytes)
             self.metrics.own.labels(record.guid, self.node_id).set(usage.own_bytes)
