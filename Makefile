@@ -36,6 +36,7 @@ help:
 	@echo "make proto     regenerate csi/ from proto/csi.proto"
 	@echo "make bench-clone  hot clone vs bare reflink copy vs pg_basebackup, per PostgreSQL major"
 	@echo "make pg-majors PostgreSQL 17 and 18 from Debian trixie and forky (once, for the host tests)"
+	@echo "make images    the test cluster's Debian-based images (project, PostgreSQL 15/17/18), once per input"
 	@echo "make bench-space  filesystem growth of written clones per XFS CoW extent size hint"
 	@echo "make bench-scale  clone time against size and fragmentation, XFS and btrfs"
 
@@ -82,15 +83,15 @@ pg-majors: $(STAMPS)/system $(STAMPS)/venv
 
 # -- checks -------------------------------------------------------------------------------
 
-# After the packages and the venv, the set-up runs two steps at a time, the PostgreSQL majors
-# first: their debootstraps mostly wait on the network and the disk while the Go builds use the
-# CPU (each step's output comes whole, when it ends).
+# After the packages and the venv, the set-up runs two steps at a time, the PostgreSQL majors and
+# the container images beside the Go builds: their debootstraps mostly wait on the network and
+# the disk while the Go builds use the CPU (each step's output comes whole, when it ends).
 .PHONY: test
 test:
 	@$(TIMER) reset && $(TIMER) start "make test"
 	@status=0; \
 	$(MAKE) --no-print-directory deps && \
-	$(MAKE) --no-print-directory -j2 --output-sync=target pg-majors k8s-tools conformance-tools lint \
+	$(MAKE) --no-print-directory -j2 --output-sync=target pg-majors k8s-tools images conformance-tools lint \
 		|| status=$$?; \
 	if [ $$status = 0 ]; then \
 		$(TIMER) start "pytest"; \
@@ -124,6 +125,14 @@ proto: $(STAMPS)/venv
 .PHONY: clean
 clean:
 	rm -rf $(VENV) $(STAMPS) .pytest_cache .mypy_cache .ruff_cache
+
+# The Debian-based container images of the test cluster (the project's from the Dockerfile, and
+# CNPG's PostgreSQL 15, 17 and 18), once per input into the tool cache (tests/e2e/images.py).
+.PHONY: images
+images: $(STAMPS)/system $(STAMPS)/venv
+	@$(TIMER) start "container images"
+	TIMINGS=$(TIMINGS) TOOLS_CACHE=$(TOOLS_CACHE) $(PY) -m tests.e2e.images
+	@$(TIMER) end "container images"
 
 .PHONY: bench-clone
 bench-clone: $(STAMPS)/system $(STAMPS)/venv pg-majors

@@ -1,4 +1,4 @@
-"""docs/benchmarks.md is written by two benchmarks; each replaces only its own section."""
+"""docs/benchmarks.md is written by several benchmarks; each replaces only its own sections."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ REPORT = DOCS / "benchmarks.md"
 HEADER = [
     "# Benchmarks",
     "",
-    "Two benchmarks write this page, each its own section, from one run on one machine:",
-    "`make bench` (a real one-node cluster with the CNPG operator, tests/bench/bench_cluster.py)",
-    "and `make bench-stack` (the driver's stack with kubelet and CNPG played,",
-    "tests/bench/bench_stack.py).",
+    "Each benchmark writes its own sections of this page, each from one run on one machine:",
+    "`make bench` (a real one-node cluster with the CNPG operator, tests/bench/bench_cluster.py),",
+    "`make bench-stack` (the driver's stack with kubelet and CNPG played,",
+    "tests/bench/bench_stack.py), `make bench-clone`, `make bench-space` and `make bench-scale`",
+    "(host benchmarks of the copy itself, tests/bench/).",
     "",
 ]
 

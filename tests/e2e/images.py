@@ -351,6 +351,15 @@ def build_all(
             "/operator/manager_amd64",
             {"/manager": "/operator/manager_amd64"},
         ),
+    }
+    images.update(debian_images(b, pg_majors))
+    return images
+
+
+def debian_images(b: Builder, pg_majors: Iterable[int]) -> dict[str, Path]:
+    """The images built on Debian from a Containerfile: the project's and the PostgreSQL
+    instance images (they need no Go build, so `make test` builds them beside those)."""
+    images = {
         PROJECT: b.containerfile(
             PROJECT,
             ROOT,
@@ -363,7 +372,7 @@ def build_all(
                 ROOT / "csi",
                 ROOT / "reflinker_csi",
             ],
-        ),
+        )
     }
     for major in pg_majors:
         images[postgres_image(major)] = b.containerfile(
@@ -374,3 +383,11 @@ def build_all(
             {"SUITE": PG_SUITES[major], "MAJOR": str(major)},
         )
     return images
+
+
+if __name__ == "__main__":
+    # `make images`: the Debian-based images of every major, into the cache the cluster uses.
+    builder = Builder(tools_cache(), lambda what: print(what, flush=True))
+    builder.store.mkdir(parents=True, exist_ok=True)
+    for name, archive in debian_images(builder, sorted(PG_SUITES)).items():
+        print(f"{name}: {archive}", flush=True)
