@@ -40,7 +40,11 @@ class Filesystem:
     """A filesystem mounted on a loop file (XFS with reflinks, btrfs, or a tmpfs) for the
     length of a test session."""
 
+    KINDS = ("xfs", "btrfs", "tmpfs")
+
     def __init__(self, kind: str, size: str = "4G") -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"no test filesystem of kind {kind!r}; one of {self.KINDS}")
         self.kind = kind
         self.work = Path(tempfile.mkdtemp(prefix=f"pg-reflinker-{kind}."))
         self.mnt = self.work / "mnt"

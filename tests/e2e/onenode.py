@@ -918,6 +918,8 @@ def running_cluster(
     pg_majors: the PostgreSQL images it holds (images.postgres_image()). install: the driver by
     helm install of the chart (with TEST_VALUES and helm_args), or "kustomize": deploy/ through
     OVERLAY. filesystem: what HOSTPATH_PREFIX is on, "xfs" (reflink=1) or "btrfs"."""
+    if install not in ("helm", "kustomize") or filesystem not in ("xfs", "btrfs"):
+        raise ValueError(f"install {install!r} on {filesystem!r}: helm or kustomize, xfs or btrfs")
     clean_after_a_killed_run()
     _remove_stale_work_dirs()
     work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
