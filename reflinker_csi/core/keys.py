@@ -59,6 +59,8 @@ PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 ANNOTATION_FREE_BYTES = "capacity." + _P + "free-bytes"
 ANNOTATION_FLOOR_BYTES = "capacity." + _P + "floor-bytes"  # FREE_SPACE_FLOOR in bytes
 ANNOTATION_REPORTED_AT = "capacity." + _P + "reported-at"
+# The type of HOSTPATH_PREFIX's filesystem (xfs, btrfs): on btrfs cloneMethod auto is native.
+ANNOTATION_FILESYSTEM = "capacity." + _P + "filesystem"
 
 # -- other components ------------------------------------------------------------------------
 CNPG_CLUSTER_LABEL = "cnpg.io/cluster"

@@ -22,7 +22,7 @@ from ..core.layout import DELETING_SUFFIX, PARTIAL_SUFFIX, Layout, is_guid
 from ..core.records import Kind, VolumeRecord
 from ..core.space import SpaceFloor, check_room
 from . import reflink, subvolume
-from .mounts import mounts_of
+from .mounts import mount_containing, mounts_of
 from .usage import cow_extent_size, set_cow_extent_size
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,14 @@ class LocalDisk:
         self.source_roots = tuple(Path(os.path.realpath(r)) for r in source_roots)
 
     @functools.cached_property
+    def filesystem(self) -> str:
+        """The type of the prefix's filesystem (xfs, btrfs)."""
+        return mount_containing(self.layout.prefix).fs_type
+
+    @property
     def subvolumes(self) -> bool:
         """The prefix is on btrfs: volumes are subvolumes, copies of them snapshots."""
-        return subvolume.is_btrfs(self.layout.prefix)
+        return self.filesystem == "btrfs"
 
     def new_top(self, path: Path, mode: int = 0o700) -> None:
         """A new volume's top directory: a subvolume on btrfs, a directory elsewhere."""

@@ -21,6 +21,7 @@ from ..core.errors import (
     from_code,
 )
 from ..core.keys import (
+    ANNOTATION_FILESYSTEM,
     ANNOTATION_FLOOR_BYTES,
     ANNOTATION_FREE_BYTES,
     ANNOTATION_REPORTED_AT,
@@ -101,6 +102,15 @@ class NodeReports:
                 continue
             report[meta.name] = (int(raw), int(floor) if floor.isdigit() else 0)
         return report
+
+    def filesystem(self, node: str) -> str:
+        """The type of the node's HOSTPATH_PREFIX filesystem as its plugin reported it ("" if
+        unknown)."""
+        for value in self.nodes.items():
+            meta = Meta.of(value)
+            if meta.name == node:
+                return meta.annotations.get(ANNOTATION_FILESYSTEM, "")
+        return ""
 
 
 class KubeMaterializer:
@@ -260,8 +270,9 @@ class KubeMaterializer:
         self, record: VolumeRecord, location: SourceLocation, budget: float, deadline: float
     ) -> VolumeRecord | None:
         """Take the hot clone by the StorageClass's method (auto: the function when the source
-        has it, native otherwise). Native: the volume, Ready. Function: None; the node agent
-        moves the copy into place."""
+        has it, native otherwise or on a btrfs node, where the native copy is one subvolume
+        snapshot). Native: the volume, Ready. Function: None; the node agent moves the copy
+        into place."""
         server = location.server
         assert server is not None
         began = time.monotonic()
@@ -274,7 +285,10 @@ class KubeMaterializer:
         with session(server, self.connect_timeout, budget) as conn:
             method = wanted
             if method == CloneMethod.AUTO:
-                use_function = not spaces and has_function(conn)
+                # On btrfs the function's copy, made file by file inside the source's
+                # subvolume, would be copied again out of it; the native one is a snapshot.
+                snapshots = self.reports.filesystem(record.node) == "btrfs"
+                use_function = not spaces and not snapshots and has_function(conn)
                 method = CloneMethod.FUNCTION if use_function else CloneMethod.NATIVE
             self.registry.set_clone_method(record, str(method))
             fields: dict[str, object] = {

@@ -20,6 +20,7 @@ from ..core.errors import (
     classify,
 )
 from ..core.keys import (
+    ANNOTATION_FILESYSTEM,
     ANNOTATION_FLOOR_BYTES,
     ANNOTATION_FREE_BYTES,
     ANNOTATION_REPORTED_AT,
@@ -214,6 +215,7 @@ class NodeSpace:
                     ANNOTATION_FREE_BYTES: str(free),
                     ANNOTATION_FLOOR_BYTES: str(floor),
                     ANNOTATION_REPORTED_AT: now,
+                    ANNOTATION_FILESYSTEM: self.disk.filesystem,
                 }
             }
         }

@@ -224,6 +224,13 @@ def delete_cluster(k8s: OneNodeCluster, name: str, ns: str = NS) -> None:
 def hot_clone_seconds(k8s: OneNodeCluster, guid: str) -> float | None:
     """How long the hot clone of volume `guid` (or of the capture it was cut from) took, from
     the controller's log line."""
+    entry = hot_clone_taken(k8s, guid)
+    return float(entry["s"]) if entry else None
+
+
+def hot_clone_taken(k8s: OneNodeCluster, guid: str) -> dict[str, Any] | None:
+    """The controller's log line on the hot clone of volume `guid` (or of the capture it was
+    cut from): its method ("function", "native") and seconds ("s")."""
     record = k8s.kubectl(
         "get", "reflinkvolumes", "-l", f"pg-reflinker.csi/guid={guid}", "-o", "json", check=False
     ).stdout
@@ -245,7 +252,7 @@ def hot_clone_seconds(k8s: OneNodeCluster, guid: str) -> float | None:
         with contextlib.suppress(ValueError):
             entry = json.loads(line)
             if entry.get("msg") == "hot clone taken" and entry.get("guid") == guid:
-                return float(entry["s"])
+                return dict(entry)
     return None
 
 

@@ -113,8 +113,10 @@ def test_ctrl_c_ends_a_kept_demo_and_restores_the_host(demo: list[Demo]) -> None
     text = "".join(d.output)
     assert code == 0, text[-3000:]
     assert "SIGINT received" in text and "row counts equal" in text, text[-3000:]
-    # The new Cluster's volume is a snapshot of the capture of the source's subvolume.
-    assert "the clone's volume is a btrfs subvolume on btrfs" in text, text[-3000:]
+    # cloneMethod auto takes the native method on btrfs (the source has reflink_snapshot()),
+    # and the new Cluster's volume is a snapshot of the capture of the source's subvolume.
+    assert "volume is a btrfs subvolume on btrfs" in text, text[-3000:]
+    assert "copied by the native method" in text, text[-3000:]
     # The source and the clone run CNPG's default major (PG_MAJOR unless set).
     major = images.PG_MAJOR
     assert re.search(rf"PostgreSQL +source +{major}\.\d+ .* clone +{major}\.\d+", text), text[

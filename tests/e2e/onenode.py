@@ -24,7 +24,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -808,14 +808,12 @@ def helm_install(c: OneNodeCluster, *args: str) -> None:
     c.helm("install", "pg-reflinker", *chart_args, *args)
 
 
-def _deploy_driver(
-    c: OneNodeCluster, announce: Callable[[str], None], install: str, helm_args: Sequence[str]
-) -> None:
+def _deploy_driver(c: OneNodeCluster, announce: Callable[[str], None], install: str) -> None:
     def apply() -> None:
         if install == "helm":
             # The namespace as deploy/ makes it (labelled for the privileged node plugin).
             c.kubectl("apply", "-f", str(ROOT / "deploy" / "namespace.yaml"))
-            helm_install(c, *helm_args)
+            helm_install(c)
         else:
             c.kubectl("apply", "-k", str(OVERLAY))
         c.wait_rollout("daemonset/pg-reflinker-node", "pg-reflinker")
@@ -912,12 +910,11 @@ def running_cluster(
     pg_majors: Iterable[int] = (images.PG_MAJOR,),
     install: str = "helm",
     filesystem: str = "xfs",
-    helm_args: Sequence[str] = (),
 ) -> Iterator[OneNodeCluster]:
     """The whole cluster; stopped and the host restored on exit, even after a failed set-up.
     pg_majors: the PostgreSQL images it holds (images.postgres_image()). install: the driver by
-    helm install of the chart (with TEST_VALUES and helm_args), or "kustomize": deploy/ through
-    OVERLAY. filesystem: what HOSTPATH_PREFIX is on, "xfs" (reflink=1) or "btrfs"."""
+    helm install of the chart (with TEST_VALUES), or "kustomize": deploy/ through OVERLAY.
+    filesystem: what HOSTPATH_PREFIX is on, "xfs" (reflink=1) or "btrfs"."""
     if install not in ("helm", "kustomize") or filesystem not in ("xfs", "btrfs"):
         raise ValueError(f"install {install!r} on {filesystem!r}: helm or kustomize, xfs or btrfs")
     clean_after_a_killed_run()
@@ -951,7 +948,7 @@ def running_cluster(
         c.step("import images into containerd", announce, lambda: import_images(c, archives))
         _start_kubernetes(c, announce)
         _install_snapshots(c, announce)
-        _deploy_driver(c, announce, install, helm_args)
+        _deploy_driver(c, announce, install)
         _install_cnpg(c, cnpg_tools, announce)
         yield c
     finally:

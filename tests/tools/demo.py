@@ -7,8 +7,8 @@ from the running first one (deploy/examples/clone-cluster.yaml), row counts side
 
 Settings: DEMO_SCALE (pgbench scale, default 70: about 1 GB), DEMO_KEEP=1 (keep everything
 running at the end and print how to connect; Ctrl-C or SIGTERM tears it down), DEMO_FS=btrfs
-(HOSTPATH_PREFIX on btrfs instead of XFS: volumes are subvolumes and the StorageClass clones by
-the native method, so the clone is a subvolume snapshot).
+(HOSTPATH_PREFIX on btrfs instead of XFS: volumes are subvolumes, cloneMethod auto takes the
+native method there, and the clone is a subvolume snapshot).
 
 Ctrl-C (SIGINT) or SIGTERM at any step ends the demo the same way: everything is torn down and
 the host restored; a second signal during the teardown is ignored so that it can finish."""
@@ -26,14 +26,7 @@ from reflinker_csi.disk.subvolume import is_subvolume
 from tests.cluster import cnpg
 from tests.e2e.onenode import PREFIX, running_cluster
 
-# DEMO_FS -> the chart's values for it: on btrfs the native method, whose copy is a snapshot.
-FILESYSTEMS: dict[str, tuple[str, ...]] = {
-    "xfs": (),
-    "btrfs": (
-        "--set-json",
-        'storageClasses=[{"name": "pg-reflinker", "cloneMethod": "native"}]',
-    ),
-}
+FILESYSTEMS = ("xfs", "btrfs")  # DEMO_FS: what HOSTPATH_PREFIX is on
 
 HINTS = {
     "build image": "buildah and debootstrap (make demo installs them); the Debian mirror in "
@@ -107,7 +100,6 @@ def main() -> int:
             disk=disk,
             announce=story.step,
             filesystem=filesystem,
-            helm_args=FILESYSTEMS[filesystem],
         ) as k8s:
             story.step("create the source: CNPG Cluster apps/pg-prod on StorageClass pg-reflinker")
             cnpg.ensure_namespace(k8s)
@@ -132,11 +124,15 @@ def main() -> int:
             cnpg.wait_healthy(k8s, "pg-prod-dev", timeout=300)
             ready = time.monotonic() - started
             clone = cnpg.primary_pod(k8s, "pg-prod-dev")
-            hot = cnpg.hot_clone_seconds(k8s, cnpg.volume_handle(k8s, clone))
+            taken = cnpg.hot_clone_taken(k8s, cnpg.volume_handle(k8s, clone)) or {}
+            hot = float(taken["s"]) if "s" in taken else None
             print(f"     Cluster pg-prod-dev healthy {ready:.1f} s after apply")
             volume = PREFIX / cnpg.volume_handle(k8s, clone)
             kind = "a btrfs subvolume" if is_subvolume(volume) else "a directory"
-            print(f"     the clone's volume is {kind} on {filesystem} ({volume})")
+            print(
+                f"     the clone's volume is {kind} on {filesystem} ({volume}), copied by the "
+                f"{taken.get('method', '?')} method"
+            )
 
             story.step("show what Kubernetes has")
             print(
