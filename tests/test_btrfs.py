@@ -110,6 +110,21 @@ def stats(driver: Driver, volume_id: str, target: Path) -> tuple[int, int, int]:
     return int(usage.used), int(usage.available), int(usage.total)
 
 
+def test_a_volume_holding_subvolumes_its_tenant_made_is_deleted_whole(driver: Driver) -> None:
+    """A pod may make subvolumes inside its own volume (btrfs lets a directory's owner); the
+    volume still goes in one DeleteVolume, and only it."""
+    doomed, kept = volume(driver, "pvc-doomed", 64 * MiB), volume(driver, "pvc-kept", 64 * MiB)
+    write(driver.prefix / kept / "base", 1 * MiB)
+    inner = driver.prefix / doomed / "data" / "inner"
+    inner.parent.mkdir()
+    subvolume.create(inner)
+    subvolume.create(inner / "deeper")
+    write(inner / "deeper" / "file", 1 * MiB)
+    driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=doomed))
+    assert not (driver.prefix / doomed).exists()
+    assert (driver.prefix / kept / "base").stat().st_size == 1 * MiB
+
+
 def test_a_clone_owns_what_is_written_into_it_and_sees_room_up_to_its_size(
     driver: Driver,
 ) -> None:
