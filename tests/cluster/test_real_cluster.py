@@ -660,7 +660,8 @@ def _driver_pods(k8s: OneNodeCluster) -> dict[str, str]:
 
 
 def _new_clone_boots(k8s: OneNodeCluster, name: str, source: str) -> None:
-    """A clone of the source claim, made now, mounted by a pod that finds the data in it."""
+    """A clone of the source claim, made now, mounted by a pod that finds the data in it; then
+    deleted, its volume (PV, record) gone."""
     k8s.apply(_claim(name, source=source, size="8Gi"))
     k8s.apply(_shell_pod(name, name, "test -s /data/pgdata/PG_VERSION && echo found && sleep 600"))
     k8s.wait(f"pod {name} Running", lambda: _pod_phase(k8s, name) == "Running", 120)
@@ -669,8 +670,14 @@ def _new_clone_boots(k8s: OneNodeCluster, name: str, source: str) -> None:
         lambda: "found" in k8s.kubectl("logs", name, "-n", NS, check=False).stdout,
         60,
     )
+    guid = str(_pv_of(k8s, name)["spec"]["csi"]["volumeHandle"])
     k8s.kubectl("delete", "pod", name, "-n", NS, "--wait=true", "--timeout=60s")
     k8s.kubectl("delete", "pvc", name, "-n", NS, "--wait=true", "--timeout=60s")
+    k8s.wait(
+        f"the volume of claim {name} deleted",
+        lambda: all(r["spec"]["guid"] != guid for r in _records(k8s)),
+        120,
+    )
 
 
 def test_helm_upgrade_while_databases_serve_then_uninstall_and_install_again(
@@ -715,10 +722,13 @@ def test_helm_upgrade_while_databases_serve_then_uninstall_and_install_again(
     # Uninstall: the CRD (from the chart's crds/), the records and the data stay.
     records = {r["spec"]["guid"] for r in _records(k8s)}
     k8s.helm("uninstall", "pg-reflinker", "-n", "pg-reflinker", "--wait", "--timeout", "120s")
-    k8s.wait("the driver's pods gone", lambda: not _driver_pods(k8s), 120)
-    assert {r["spec"]["guid"] for r in _records(k8s)} == records
-    assert cnpg.psql(k8s, clone_pod, "SELECT count(*) FROM only_in_clone") == "3"
-    helm_install(k8s, "--wait", "--timeout", "180s")
+    try:
+        k8s.wait("the driver's pods gone", lambda: not _driver_pods(k8s), 120)
+        assert {r["spec"]["guid"] for r in _records(k8s)} == records
+        assert cnpg.psql(k8s, clone_pod, "SELECT count(*) FROM only_in_clone") == "3"
+    finally:
+        # Installed again whatever happened: the scenarios after this one need the driver.
+        helm_install(k8s, "--wait", "--timeout", "180s")
     k8s.wait("the node plugin registered with kubelet", lambda: driver_registered(k8s), 60)
     # The clone's Cluster restarted: its volume is published again by the new node plugin.
     k8s.kubectl("delete", "pod", clone_pod, "-n", NS, "--wait=true", "--timeout=60s")
