@@ -470,5 +470,17 @@ def test_a_source_whose_directories_link_into_another_volume_is_refused_and_noth
             subprocess.run(["rm", "-rf", str(published / "pgdata"), str(published / "pg_wal")])
             cluster.unpublish(pv, published)
             cluster.core.delete_namespaced_persistent_volume_claim(claim, NS)
+        # Gone before the next case makes claims of the same names.
+        wait_for(
+            "the tenant's claims deleted",
+            lambda: (
+                not {
+                    c.metadata.name
+                    for c in cluster.core.list_namespaced_persistent_volume_claim(NS).items
+                }
+                & {"stolen", *targets}
+            ),
+            60,
+        )
     # The victim's data directory is untouched and still the victim's.
     assert without_function.psql("SELECT system_identifier FROM pg_control_system()") == victim_id
