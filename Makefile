@@ -206,6 +206,19 @@ $(GATEWAY_CRD):
 	mv $@.partial $@
 	@$(TIMER) end "fetch the ReferenceGrant CRD"
 
+# Cluster DNS for the multi-node cluster: CoreDNS with the kubernetes plugin, from its Go module.
+COREDNS_VERSION := v1.15.0
+COREDNS_KEY := $(shell sha256sum tests/tools/coredns/go.sum 2>/dev/null | cut -c1-12)
+COREDNS := $(TOOLS_CACHE)/coredns-$(COREDNS_KEY)/coredns
+
+$(COREDNS): tests/tools/coredns/go.mod tests/tools/coredns/go.sum tests/tools/coredns/main.go
+	@echo "building CoreDNS $(COREDNS_VERSION) into $(dir $(COREDNS)) (once, ~2 minutes)"
+	@$(TIMER) start "build CoreDNS"
+	mkdir -p $(dir $(COREDNS))
+	cd tests/tools/coredns && CGO_ENABLED=0 go build -trimpath -o $(COREDNS).partial .
+	mv $(COREDNS).partial $(COREDNS)
+	@$(TIMER) end "build CoreDNS"
+
 # The CloudNativePG operator (its manager binary and release manifest) for the real cluster.
 CNPG_VERSION := 1.30.0
 CNPG_TOOLS_KEY := $(shell sha256sum tests/tools/cnpg/go.sum 2>/dev/null | cut -c1-12)
@@ -271,10 +284,11 @@ deploy: $(STAMPS)/venv $(HELM_TOOLS)/.built
 	HELM_TOOLS=$(HELM_TOOLS) $(PY) -m tests.tools.chart
 
 TOOLS_ENV := K8S_TOOLS=$(K8S_TOOLS) CNPG_TOOLS=$(CNPG_TOOLS) HELM_TOOLS=$(HELM_TOOLS) \
-	TOOLS_CACHE=$(TOOLS_CACHE) PG_ROOTS=$(PG_ROOTS)
+	TOOLS_CACHE=$(TOOLS_CACHE) PG_ROOTS=$(PG_ROOTS) COREDNS=$(COREDNS)
 
 .PHONY: k8s-tools
-k8s-tools: $(K8S_TOOLS)/.built $(SNAPSHOTTER_BUILT) $(CNPG_TOOLS)/.built $(GATEWAY_CRD) $(HELM_TOOLS)/.built
+k8s-tools: $(K8S_TOOLS)/.built $(SNAPSHOTTER_BUILT) $(CNPG_TOOLS)/.built $(GATEWAY_CRD) $(HELM_TOOLS)/.built \
+	$(COREDNS)
 
 # Core and reconciler tests: no root, no loop devices, no PostgreSQL; a real kube-apiserver and
 # etcd for the reconcilers. Seconds, not minutes.

@@ -8,7 +8,7 @@ import pytest
 from reflinker_csi import TOPOLOGY_KEY
 from reflinker_csi.core import errors
 from reflinker_csi.core.layout import check_absolute_path, is_guid, require_guid
-from reflinker_csi.core.placement import check_clone_node, choose_node
+from reflinker_csi.core.placement import Placement, check_clone_node, choose_node
 from reflinker_csi.core.volumes import CreateSpec
 from reflinker_csi.disk.mounts import parse_mountinfo
 from reflinker_csi.rpc.server import status_of
@@ -19,35 +19,54 @@ def seg(node: str) -> dict[str, str]:
 
 
 def test_no_requirement_places_on_the_node_with_most_room() -> None:
-    assert choose_node([], [], ["b", "a"]) == "b"
+    assert choose_node([], [], Placement(["b", "a"])) == "b"
 
 
 def test_no_requirement_and_no_node_with_room_is_resource_exhausted() -> None:
     with pytest.raises(errors.ResourceExhausted) as err:
-        choose_node([], [], [])
+        choose_node([], [], Placement([]))
     assert str(err.value) == (
-        "no node can hold the volume: no pg-reflinker node plugin has reported enough free "
-        "space; check that the node DaemonSet runs and that HOSTPATH_PREFIX has room"
+        "no node can hold the volume: no schedulable node with a pg-reflinker node plugin has "
+        "reported enough free space; check that the node DaemonSet runs and that "
+        "HOSTPATH_PREFIX has room"
     )
 
 
 def test_preferred_wins_over_requisite_order() -> None:
-    assert choose_node([seg("b")], [seg("a"), seg("b")], ["a", "b"]) == "b"
+    assert choose_node([seg("b")], [seg("a"), seg("b")], Placement(["a", "b"])) == "b"
 
 
 def test_requisite_used_when_no_preferred_node_can_be_placed() -> None:
-    assert choose_node([seg("x")], [seg("x"), seg("a")], ["a"]) == "a"
+    assert choose_node([seg("x")], [seg("x"), seg("a")], Placement(["a"])) == "a"
 
 
 def test_requirement_excluding_every_node_names_the_nodes() -> None:
     with pytest.raises(errors.ResourceExhausted) as err:
-        choose_node([], [seg("node-z")], ["node-a"])
+        choose_node([], [seg("node-z")], Placement(["node-a"]))
     assert "node-z" in str(err.value) and "node-a" in str(err.value)
+
+
+def test_a_replica_avoids_the_nodes_of_its_clusters_other_instances_while_another_fits() -> None:
+    everywhere = [seg("a"), seg("b"), seg("c")]
+    assert (
+        choose_node(everywhere, everywhere, Placement(["a", "b", "c"], avoid=frozenset("a"))) == "b"
+    )
+    assert choose_node([], [], Placement(["a", "b"], avoid=frozenset("ab"))) == "a"
+
+
+def test_a_claim_of_an_instance_goes_to_its_siblings_node_or_fails_naming_it() -> None:
+    pinned = Placement(["a", "b"], with_node="b", with_what="claim ns/db-1 of instance db-1")
+    assert choose_node([seg("a")], [seg("a"), seg("b")], pinned) == "b"
+    with pytest.raises(errors.ResourceExhausted) as err:
+        choose_node([], [seg("a")], pinned)
+    assert "'b' with claim ns/db-1 of instance db-1" in str(err.value)
+    with pytest.raises(errors.ResourceExhausted, match="cordoned"):
+        choose_node([], [], Placement(["a"], with_node="b", with_what="claim ns/db-1"))
 
 
 def test_unknown_topology_key_is_invalid() -> None:
     with pytest.raises(errors.InvalidArgument, match="zone"):
-        choose_node([], [{"zone": "eu"}], ["a"])
+        choose_node([], [{"zone": "eu"}], Placement(["a"]))
 
 
 def test_clone_stays_on_source_node_or_fails_naming_both() -> None:

@@ -77,6 +77,8 @@ CNPG_TABLESPACES_MOUNT = "/var/lib/postgresql/tablespaces"
 # On the claims of one CNPG instance, and on the VolumeSnapshots of one CNPG Backup.
 CNPG_INSTANCE_LABEL = "cnpg.io/instanceName"
 CNPG_BACKUP_LABEL = "cnpg.io/backupName"
+# On a WaitForFirstConsumer claim: the node the scheduler chose for its pod.
+SELECTED_NODE_ANNOTATION = "volume.kubernetes.io/selected-node"
 CNPG_TABLESPACE_LABEL = "cnpg.io/tablespaceName"
 CLAIM_LOOP_COMPONENT = _P + "claim-loop"
 NODE_COMPONENT = _P + "node"

@@ -39,7 +39,7 @@ from .keys import (
 from .layout import Layout, is_guid, new_guid
 from .locator import SourceLocation, SourceLocator
 from .observe import NoRecorder, Recorder
-from .placement import Segments, check_clone_node, choose_node
+from .placement import Placement, Segments, check_clone_node, choose_node
 from .records import CloneMethod, CloneMode, Kind, Phase, Registry, VolumeRecord
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,10 @@ class Materializer(Protocol):
     """Makes a reserved record's data exist, and removes it: on this host (standalone) or
     through the node agent of the record's node (Kubernetes)."""
 
-    def placeable_nodes(self, required_bytes: int) -> list[str]:
-        """Nodes a new empty volume of that size can go to, most free space first."""
+    def placement(self, required_bytes: int, claim: str) -> Placement:
+        """Where a new empty volume of that size for that claim ("namespace/name", or "") may
+        go: nodes with room, most free space first, and what ties it to a node or keeps it
+        from one."""
 
     def materialize(
         self, record: VolumeRecord, origin: Origin | None, timeout: float
@@ -169,6 +171,7 @@ class VolumeService:
         self.materializer = materializer
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
+        self._placing = threading.Lock()
 
     @contextlib.contextmanager
     def _exclusive(self, key: str, what: str) -> Iterator[None]:
@@ -207,36 +210,37 @@ class VolumeService:
                 return self._complete(existing, self._origin(existing, spec), timeout)
             origin = self._origin(None, spec)
             context = {**self._context_of(spec), **spec.context}
-            if origin is None:
-                node = choose_node(
-                    spec.preferred,
-                    spec.requisite,
-                    self.materializer.placeable_nodes(spec.required_bytes),
+            # Empty volumes are placed one at a time: where one goes depends on where its
+            # siblings went (the claims of one database instance), until its record is written.
+            with self._placing if origin is None else contextlib.nullcontext():
+                if origin is None:
+                    claim = context.get(CTX_CLAIM, "")
+                    placement = self.materializer.placement(spec.required_bytes, claim)
+                    node = choose_node(spec.preferred, spec.requisite, placement)
+                    mode = CloneMode.NONE
+                else:
+                    where = origin.location.node if origin.location else ""
+                    node = check_clone_node(
+                        where or (origin.record.node if origin.record else ""),
+                        spec.preferred,
+                        spec.requisite,
+                    )
+                    mode = _clone_mode(origin.location)
+                    context.update(origin.location.context if origin.location else {})
+                    context[CTX_CLONE_MODE] = str(mode)
+                record = VolumeRecord(
+                    guid=new_guid(),
+                    name=spec.name,
+                    node=node,
+                    required_bytes=spec.required_bytes,
+                    limit_bytes=spec.limit_bytes,
+                    parameters=dict(spec.parameters),
+                    source_volume_id=spec.source_volume_id,
+                    source_snapshot_id=spec.source_snapshot_id,
+                    clone_mode=mode,
+                    context=context,
                 )
-                mode = CloneMode.NONE
-            else:
-                where = origin.location.node if origin.location else ""
-                node = check_clone_node(
-                    where or (origin.record.node if origin.record else ""),
-                    spec.preferred,
-                    spec.requisite,
-                )
-                mode = _clone_mode(origin.location)
-                context.update(origin.location.context if origin.location else {})
-                context[CTX_CLONE_MODE] = str(mode)
-            record = VolumeRecord(
-                guid=new_guid(),
-                name=spec.name,
-                node=node,
-                required_bytes=spec.required_bytes,
-                limit_bytes=spec.limit_bytes,
-                parameters=dict(spec.parameters),
-                source_volume_id=spec.source_volume_id,
-                source_snapshot_id=spec.source_snapshot_id,
-                clone_mode=mode,
-                context=context,
-            )
-            record, _ = self.registry.reserve(record)
+                record, _ = self.registry.reserve(record)
             return self._complete(record, origin, timeout)
 
     def _origin(self, existing: VolumeRecord | None, spec: CreateSpec) -> Origin | None:

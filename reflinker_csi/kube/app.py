@@ -79,6 +79,7 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
         settings.pg_connect_timeout,
         settings.pg_statement_timeout,
         captures,
+        claims,
         settings.backup_mode_limit,
     )
     locator = KubeSourceLocator(kube, pvs, layout, settings.driver_name, settings.target_root)

@@ -25,20 +25,26 @@ from ..core.keys import (
     ANNOTATION_FLOOR_BYTES,
     ANNOTATION_FREE_BYTES,
     ANNOTATION_REPORTED_AT,
+    CNPG_CLUSTER_LABEL,
+    CNPG_INSTANCE_LABEL,
+    CTX_CLAIM,
     CTX_GROUP,
     CTX_PIECE,
     CTX_SOURCE_PVC,
     PARAM_CLONE_METHOD,
+    SELECTED_NODE_ANNOTATION,
     TOPOLOGY_KEY,
 )
 from ..core.layout import Layout
 from ..core.locator import SourceLocation
+from ..core.placement import Placement
 from ..core.records import CloneMethod, CloneMode, Kind, Phase, VolumeRecord
 from ..core.space import check_room
 from ..core.volumes import Origin
 from ..pg.backup import native_clone
 from ..pg.source import call_function, has_function, session
 from .capture import Captures
+from .fields import obj
 from .handoff import RecordCopier
 from .model import CSINode, Meta, parse_time
 from .registry import KubeRegistry
@@ -103,6 +109,14 @@ class NodeReports:
             report[meta.name] = (int(raw), int(floor) if floor.isdigit() else 0)
         return report
 
+    def cordoned(self) -> set[str]:
+        """Nodes that take no new pods (kubectl cordon, drain)."""
+        return {
+            Meta.of(value).name
+            for value in self.nodes.items()
+            if obj(value, "spec").get("unschedulable") is True
+        }
+
     def filesystem(self, node: str) -> str:
         """The type of the node's HOSTPATH_PREFIX filesystem as its plugin reported it ("" if
         unknown)."""
@@ -127,9 +141,11 @@ class KubeMaterializer:
         connect_timeout: float,
         statement_timeout: float,
         captures: Captures,
+        claims: Informer,
         backup_limit: float = 60.0,
     ) -> None:
         self.captures = captures
+        self.claims = claims
         self.registry = registry
         self.reports = reports
         self.layout = layout
@@ -139,12 +155,50 @@ class KubeMaterializer:
         self._gates_lock = threading.Lock()
         self._gates: dict[str, threading.Lock] = {}
 
-    def placeable_nodes(self, required_bytes: int) -> list[str]:
+    def placement(self, required_bytes: int, claim: str) -> Placement:
+        """Schedulable nodes with room, most free first. A claim the scheduler placed goes to
+        its pod's node; a CloudNativePG instance's claims (PGDATA, WAL, tablespaces) go together,
+        and away from the nodes of the same Cluster's other instances."""
         free = self.reports.free()
-        fitting = [n for n, b in free.items() if b > 0 and b >= required_bytes]
+        cordoned = self.reports.cordoned()
+        fitting = [
+            n for n, b in free.items() if b > 0 and required_bytes <= b and n not in cordoned
+        ]
         fitting.sort()
         fitting.sort(key=free.__getitem__, reverse=True)  # most free first, then by name
-        return fitting
+        value = self.claims.get(claim) if claim else None
+        if value is None:
+            return Placement(fitting)
+        meta = Meta.of(value)
+        selected = meta.annotations.get(SELECTED_NODE_ANNOTATION, "")
+        if selected:
+            return Placement(
+                fitting, selected, f"the pod of claim {claim}, which was scheduled there"
+            )
+        cluster = meta.labels.get(CNPG_CLUSTER_LABEL, "")
+        instance = meta.labels.get(CNPG_INSTANCE_LABEL, "")
+        if not cluster or not instance:
+            return Placement(fitting)
+        nodes = {
+            r.context[CTX_CLAIM]: r.node
+            for r in self.registry.list()
+            if r.kind == Kind.VOLUME and r.node and r.context.get(CTX_CLAIM)
+        }
+        avoid = set()
+        for other in map(Meta.of, self.claims.items()):
+            if (
+                other.namespace != meta.namespace
+                or other.name == meta.name
+                or other.labels.get(CNPG_CLUSTER_LABEL) != cluster
+                or other.key not in nodes
+            ):
+                continue
+            node = nodes[other.key]
+            if other.labels.get(CNPG_INSTANCE_LABEL) == instance:
+                what = f"claim {other.key} of the same CloudNativePG instance {instance}"
+                return Placement(fitting, node, what)
+            avoid.add(node)
+        return Placement(fitting, avoid=frozenset(avoid))
 
     def free_bytes(self, node: str | None) -> int:
         free = self.reports.free()

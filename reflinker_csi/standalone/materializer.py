@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..core.errors import FailedPrecondition
+from ..core.placement import Placement
 from ..core.records import Phase, VolumeRecord
 from ..core.volumes import Origin
 from ..disk.local import LocalDisk
@@ -15,9 +16,9 @@ class LocalMaterializer:
         self.registry = registry
         self.node_id = node_id
 
-    def placeable_nodes(self, required_bytes: int) -> list[str]:
+    def placement(self, required_bytes: int, claim: str) -> Placement:
         # Volumes are directories without a size limit: the one node takes any size.
-        return [self.node_id]
+        return Placement([self.node_id])
 
     def materialize(
         self, record: VolumeRecord, origin: Origin | None, timeout: float

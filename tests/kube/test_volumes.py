@@ -73,7 +73,8 @@ def test_no_node_with_room_is_resource_exhausted(admin: Kube, mode: Mode) -> Non
     with pytest.raises(errors.ResourceExhausted) as err:
         mode.controller.volumes.create(CreateSpec(name="pvc-huge", required_bytes=free * 1000), 10)
     assert str(err.value) == (
-        "no node can hold the volume: no pg-reflinker node plugin has reported enough free "
+        "no node can hold the volume: no schedulable node with a pg-reflinker node plugin has "
+        "reported enough free "
         "space; check that the node DaemonSet runs and that HOSTPATH_PREFIX has room"
     )
 
@@ -148,8 +149,8 @@ def test_below_the_floor_the_node_warns_and_takes_no_new_volume(admin: Kube, mod
         )
     assert str(err.value) == (
         f"no requested node can hold the volume: requested ['{mode.node}'], but only [] run the "
-        "pg-reflinker node plugin with enough free space; check the StorageClass "
-        "allowedTopologies, the node plugin's NODE_ID and free space"
+        "pg-reflinker node plugin, take new pods and have enough free space; check the "
+        "StorageClass allowedTopologies, the node plugin's NODE_ID, cordoned nodes and free space"
     )
 
 
