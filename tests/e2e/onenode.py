@@ -1,13 +1,21 @@
-"""A real one-node Kubernetes cluster on this machine, for the real-cluster tests, the demo and
-the benchmark: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy and
-kubelet (all built from the pinned k8s.io/kubernetes module in tests/tools/k8s), Debian's
-containerd, runc and CNI bridge plugin, images built locally (tests/e2e/images.py), the chart
-installed with helm (tests/e2e/values-test.yaml; or deploy/ through the test overlay,
+"""A real Kubernetes cluster of one or more nodes on this machine, for the real-cluster tests,
+the demo and the benchmark: etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+kube-proxy and kubelet (all built from the pinned k8s.io/kubernetes module in tests/tools/k8s),
+Debian's containerd, runc and CNI bridge plugin, images built locally (tests/e2e/images.py), the
+chart installed with helm (tests/e2e/values-test.yaml; or deploy/ through the test overlay,
 tests/e2e/overlay), and the CloudNativePG operator.
 
 Everything runs as host processes with its own state directories and high ports. The host is put
 back as it was found on exit: processes are ended by PID, and every address, bridge, netns,
 mount, cgroup, iptables chain, sysctl and directory the cluster made is removed or restored.
+
+Several nodes: the first runs in the host's mount namespace; each other one runs its containerd
+and kubelet in a mount namespace of its own, where its own kubelet root, XFS (or btrfs)
+filesystem and pod log directories are mounted at the first node's paths, so one DaemonSet
+serves every node and a clone can only reflink on its source's node. All nodes share the host's
+network namespace: a node IP on `lo`, a pod bridge and /24 each, one kube-proxy. Cluster DNS is
+CoreDNS (built from its Go module, COREDNS) as a host process. The other nodes start cordoned:
+scenarios that spread over nodes uncordon them, and every other one runs on the first node.
 
 Addresses (all created here, all local; nothing is routed off the machine, nothing masqueraded
 to the outside): the node IP on `lo`, the pod network on its own bridge, the service network
@@ -24,7 +32,9 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +50,12 @@ from tests.tools import chart
 
 NODE = "pg-reflinker-test-node"
 NODE_IP = "10.245.255.1"
-POD_CIDR = "10.245.0.0/24"
-POD_GATEWAY = "10.245.0.1"
 SERVICE_CIDR = "10.96.0.0/24"
 BRIDGE = "prlk-test0"
+# Every node's pod network (a /24 each) and the cluster DNS address (CoreDNS, on lo).
+CLUSTER_CIDR = "10.245.0.0/20"
+DNS_IP = "10.245.255.10"
+CLUSTER_DOMAIN = "cluster.local"
 KUBELET_ROOT = Path("/var/lib/kubelet")
 # The overlay's HOSTPATH_PREFIX: where the harness mounts its XFS reflink filesystem.
 PREFIX = Path("/var/lib/pg-reflinker-test")
@@ -166,17 +178,81 @@ class Daemon:
     log: Path
 
 
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node: the first is the host's (NODE, NODE_IP, BRIDGE, RUN_DIR), the others are
+    numbered from 2 and live in mount namespaces of their own (see the module's docstring)."""
+
+    index: int
+
+    @property
+    def name(self) -> str:
+        return NODE if self.index == 1 else f"{NODE}-{self.index}"
+
+    @property
+    def ip(self) -> str:
+        return f"10.245.255.{self.index}"
+
+    @property
+    def pod_cidr(self) -> str:
+        return f"10.245.{self.index - 1}.0/24"
+
+    @property
+    def gateway(self) -> str:
+        return f"10.245.{self.index - 1}.1"
+
+    @property
+    def bridge(self) -> str:
+        return f"prlk-test{self.index - 1}"
+
+    @property
+    def run(self) -> Path:
+        return RUN_DIR if self.index == 1 else RUN_DIR / f"node-{self.index}"
+
+    @property
+    def socket(self) -> Path:
+        return self.run / "containerd.sock"
+
+    @property
+    def mount_ns(self) -> Path | None:
+        return None if self.index == 1 else RUN_DIR / "ns" / f"node-{self.index}"
+
+    @property
+    def cgroup_root(self) -> str:
+        """kubelet's cgroupRoot: its kubepods go beneath it."""
+        return "/" if self.index == 1 else f"/{CGROUP_PREFIX}{self.index}"
+
+    def suffix(self, name: str) -> str:
+        """A daemon's or directory's name for this node: kubelet, kubelet-2, ..."""
+        return name if self.index == 1 else f"{name}-{self.index}"
+
+    def enter(self) -> list[str]:
+        """The prefix that runs a command in this node's mount namespace."""
+        return [] if self.mount_ns is None else ["nsenter", f"--mount={self.mount_ns}", "--"]
+
+
+CGROUP_PREFIX = "prlk-node-"
+MAX_NODES = 3
+
+
 @dataclass
 class OneNodeCluster:
-    """The running cluster: its control plane, its node's daemons and kubectl."""
+    """The running cluster: its control plane, its nodes' daemons and kubectl. fs is the first
+    node's filesystem; node_fs every node's, by node name."""
 
     plane: ControlPlane
     fs: Filesystem
     work: Path
     bin: Path
     host: HostState
+    nodes: list[NodeSpec] = field(default_factory=lambda: [NodeSpec(1)])
+    node_fs: dict[str, Filesystem] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)
     daemons: dict[str, Daemon] = field(default_factory=dict)
+
+    def prefix_of(self, node: str) -> Path:
+        """Where the host sees the node's HOSTPATH_PREFIX (PREFIX inside the node)."""
+        return PREFIX if node == NODE else self.node_fs[node].mnt / "pg-reflinker"
 
     @property
     def api(self) -> client.ApiClient:
@@ -299,7 +375,7 @@ def host_snapshot() -> dict[str, Any]:
         "netns": sorted(os.listdir(netns)) if netns.exists() else [],
         "iptables": {f"{tool} {table}": sorted(c) for (tool, table), c in _chains().items()},
         "sysctls": {k: v for k, v in _read_sysctls().items()},
-        "kubepods": sorted(str(c) for c in Path("/sys/fs/cgroup").glob("*/kubepods") if c.exists()),
+        "kubepods": sorted(str(c) for c in _kubepods_tops()),
         "paths": sorted(
             str(p)
             for p in (
@@ -327,6 +403,7 @@ def _read_sysctls() -> dict[str, str]:
 
 def _cluster_processes() -> list[str]:
     names = (b"containerd", b"kubelet", b"kube-proxy", b"kube-apiserver", b"etcd", b"/pause")
+    names = (*names, b"coredns")
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -340,9 +417,14 @@ def _cluster_processes() -> list[str]:
 # -- set-up -------------------------------------------------------------------------------------
 
 
-def _containerd_config(c: OneNodeCluster) -> Path:
-    root, state = c.work / "containerd", RUN_DIR / "containerd"
-    config = c.work / "containerd.toml"
+def _node_work(c: OneNodeCluster, node: NodeSpec) -> Path:
+    return c.work if node.index == 1 else c.work / f"node-{node.index}"
+
+
+def _containerd_config(c: OneNodeCluster, node: NodeSpec) -> Path:
+    work = _node_work(c, node)
+    root, state = work / "containerd", node.run / "containerd"
+    config = work / "containerd.toml"
     config.write_text(
         f"""version = 2
 root = "{root}"
@@ -351,9 +433,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs",
   "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
 [grpc]
-  address = "{RUN_DIR}/containerd.sock"
+  address = "{node.socket}"
 [ttrpc]
-  address = "{RUN_DIR}/containerd.sock.ttrpc"
+  address = "{node.socket}.ttrpc"
 [plugins."io.containerd.internal.v1.opt"]
   path = "{root}/opt"
 [plugins."io.containerd.grpc.v1.cri"]
@@ -370,11 +452,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
-    conf_dir = "{c.work / "cni"}"
+    conf_dir = "{work / "cni"}"
 """
     )
-    (c.work / "cni").mkdir()
-    (c.work / "cni" / "10-pg-reflinker-test.conflist").write_text(
+    (work / "cni").mkdir()
+    (work / "cni" / "10-pg-reflinker-test.conflist").write_text(
         json.dumps(
             {
                 "cniVersion": "0.4.0",
@@ -382,15 +464,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 "plugins": [
                     {
                         "type": "bridge",
-                        "bridge": BRIDGE,
+                        "bridge": node.bridge,
                         "isGateway": True,
                         "ipMasq": False,
                         "hairpinMode": True,
                         "ipam": {
                             "type": "host-local",
-                            "ranges": [[{"subnet": POD_CIDR, "gateway": POD_GATEWAY}]],
+                            "ranges": [[{"subnet": node.pod_cidr, "gateway": node.gateway}]],
                             "routes": [{"dst": "0.0.0.0/0"}],
-                            "dataDir": str(c.work / "cni-ipam"),
+                            "dataDir": str(work / "cni-ipam"),
                         },
                     }
                 ],
@@ -400,17 +482,18 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     return config
 
 
-def _kubelet_config(c: OneNodeCluster) -> Path:
-    resolv = c.work / "resolv.conf"
-    # Pods get no resolver they could not reach; cluster names are not needed for one instance.
-    resolv.write_text("nameserver 127.0.0.1\noptions ndots:1 timeout:1 attempts:1\n")
-    config = c.work / "kubelet.yaml"
+def _kubelet_config(c: OneNodeCluster, node: NodeSpec) -> Path:
+    work = _node_work(c, node)
+    resolv = work / "resolv.conf"
+    # The pods' upstream (dnsPolicy Default) is the cluster's DNS too: nothing else resolves here.
+    resolv.write_text(f"nameserver {DNS_IP}\noptions ndots:1 timeout:1 attempts:2\n")
+    config = work / "kubelet.yaml"
     config.write_text(
         yaml.safe_dump(
             {
                 "apiVersion": "kubelet.config.k8s.io/v1beta1",
                 "kind": "KubeletConfiguration",
-                "address": NODE_IP,
+                "address": node.ip,
                 "port": free_port(),
                 "readOnlyPort": 0,
                 "healthzBindAddress": "127.0.0.1",
@@ -420,7 +503,8 @@ def _kubelet_config(c: OneNodeCluster) -> Path:
                 "cgroupDriver": "cgroupfs",
                 "failCgroupV1": False,
                 "failSwapOn": False,
-                "containerRuntimeEndpoint": f"unix://{RUN_DIR}/containerd.sock",
+                "containerRuntimeEndpoint": f"unix://{node.socket}",
+                "cgroupRoot": node.cgroup_root,
                 # Imported images cannot be pulled again: never collect them.
                 "imageGCHighThresholdPercent": 100,
                 "imageGCLowThresholdPercent": 99,
@@ -431,9 +515,10 @@ def _kubelet_config(c: OneNodeCluster) -> Path:
                     "nodefs.inodesFree": "1%",
                 },
                 "resolvConf": str(resolv),
-                "clusterDomain": "cluster.local",
+                "clusterDomain": CLUSTER_DOMAIN,
+                "clusterDNS": [DNS_IP],
                 "serializeImagePulls": False,
-                "volumePluginDir": str(c.work / "volume-plugins"),
+                "volumePluginDir": str(work / "volume-plugins"),
                 "syncFrequency": "10s",
                 "fileCheckFrequency": "10s",
                 "nodeStatusUpdateFrequency": "4s",
@@ -458,7 +543,7 @@ def _kube_proxy_config(c: OneNodeCluster) -> Path:
                 "bindAddress": NODE_IP,
                 "healthzBindAddress": f"127.0.0.1:{free_port()}",
                 "metricsBindAddress": f"127.0.0.1:{free_port()}",
-                "clusterCIDR": POD_CIDR,
+                "clusterCIDR": CLUSTER_CIDR,
                 "nodePortAddresses": [f"{NODE_IP}/32"],
                 # Leave the host's conntrack and localhost settings alone.
                 "iptables": {"localhostNodePorts": False, "masqueradeAll": True},
@@ -496,6 +581,7 @@ def clean_after_a_killed_run() -> None:
         "kube-apiserver --etcd-servers",
         "kube-controller-manager --kubeconfig",
         "kube-scheduler --kubeconfig",
+        "coredns -conf",
     ):
         _run("pkill", "-9", "-f", f"{pattern}.*pg-reflinker-cluster", check=False)
     _kill_pods()
@@ -505,8 +591,10 @@ def clean_after_a_killed_run() -> None:
     for path in (KUBELET_ROOT, PREFIX, RUN_DIR):
         _unmount_tree(path)
         shutil.rmtree(path, ignore_errors=True)
-    _run("ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo", check=False)
-    _remove_link(BRIDGE)
+    for node in map(NodeSpec, range(1, MAX_NODES + 1)):
+        _run("ip", "addr", "del", f"{node.ip}/32", "dev", "lo", check=False)
+        _remove_link(node.bridge)
+    _run("ip", "addr", "del", f"{DNS_IP}/32", "dev", "lo", check=False)
 
 
 def _remove_stale_work_dirs() -> None:
@@ -521,11 +609,16 @@ def _remove_stale_work_dirs() -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _add_address(c: OneNodeCluster, ip: str) -> None:
+    """A node's (or the DNS server's) IP: kubelet refuses a loopback address, so one of our own
+    goes on lo."""
+    _run("ip", "addr", "add", f"{ip}/32", "dev", "lo")
+    c.host.then(f"remove {ip}", lambda: _run("ip", "addr", "del", f"{ip}/32", "dev", "lo"))
+
+
 def _start_node(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
     host = c.host
-    # The node IP: kubelet refuses a loopback address, so one of our own goes on lo.
-    _run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")
-    host.then("remove the node IP", lambda: _run("ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo"))
+    _add_address(c, NODE_IP)
 
     # kubelet's root must be a shared mount for Bidirectional propagation (CSI node plugin).
     host.directory(KUBELET_ROOT)
@@ -559,39 +652,89 @@ def _start_node(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
     # So is the list of network namespaces the pods' will be told from.
     (RUN_DIR / "netns.json").write_text(json.dumps(sorted(netns_before)))
     # Undone in reverse: containers are ended first, then their cgroups, netns and bridge.
-    host.then("remove the pod bridge", lambda: _remove_link(BRIDGE))
+    for node in c.nodes:
+        host.then(f"remove the pod bridge {node.bridge}", lambda n=node: _remove_link(n.bridge))
     host.then("remove pod network namespaces", lambda: _remove_netns(netns_before))
     host.then("remove kubepods cgroups", _remove_kubepods_cgroups)
     host.then("end leftover container processes", _kill_pods)
-
-    config = _containerd_config(c)
-    c.step(
-        "start containerd",
-        announce,
-        lambda: (
-            c.spawn("containerd", ["containerd", "--config", str(config)]),
-            c.wait("containerd", lambda: (RUN_DIR / "containerd.sock").exists(), 30),
-        ),
-    )
+    for node in c.nodes[1:]:
+        _prepare_node(c, node)
+    c.step(f"start containerd on {len(c.nodes)} node(s)", announce, lambda: _start_containerds(c))
 
 
-def _images(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """ctr images ... in the node's containerd (kubelet's namespace)."""
-    socket = str(RUN_DIR / "containerd.sock")
+def _prepare_node(c: OneNodeCluster, node: NodeSpec) -> None:
+    """Another node's IP, cgroupRoot, and mount namespace with its own kubelet root, prefix and
+    pod logs at the first node's paths (each shared there, for the CSI node plugin's
+    Bidirectional mounts)."""
+    _add_address(c, node.ip)
+    for controller in Path("/sys/fs/cgroup").iterdir():
+        if controller.is_dir() and not controller.is_symlink() and (controller / "tasks").exists():
+            root = controller / node.cgroup_root.lstrip("/")
+            root.mkdir(exist_ok=True)
+            for key in ("cpuset.cpus", "cpuset.mems"):  # a new cpuset takes none until told
+                if (controller / key).exists():
+                    (root / key).write_text((controller / key).read_text())
+    work = _node_work(c, node)
+    own = {
+        KUBELET_ROOT: work / "kubelet",
+        PREFIX: c.node_fs[node.name].mnt / "pg-reflinker",
+        Path("/var/log/pods"): work / "log-pods",
+        Path("/var/log/containers"): work / "log-containers",
+    }
+    for path in own.values():
+        path.mkdir(parents=True, exist_ok=True)
+    assert node.mount_ns is not None
+    namespaces = node.mount_ns.parent
+    if not namespaces.exists():
+        # A file that holds a mount namespace must sit on a private mount.
+        namespaces.mkdir(parents=True)
+        _run("mount", "--bind", str(namespaces), str(namespaces))
+        _run("mount", "--make-private", str(namespaces))
+    node.mount_ns.touch()
+    _run("unshare", f"--mount={node.mount_ns}", "--propagation", "private", "true")
+    node.run.mkdir(parents=True, exist_ok=True)
+    for target, source in own.items():
+        # The first node's mounts there, copied with the namespace, go: a check for a shared
+        # mount (containerd's, for Bidirectional propagation) reads the first one it finds.
+        _run(*node.enter(), "umount", "-R", str(target), check=False)
+        _run(*node.enter(), "mount", "--bind", str(source), str(target))
+    for shared in (KUBELET_ROOT, PREFIX):
+        _run(*node.enter(), "mount", "--make-rshared", str(shared))
+
+
+def _start_containerds(c: OneNodeCluster) -> None:
+    for node in c.nodes:
+        config = _containerd_config(c, node)
+        c.spawn(node.suffix("containerd"), [*node.enter(), "containerd", "--config", str(config)])
+    for node in c.nodes:
+        c.wait(f"containerd on {node.name}", node.socket.exists, 30)
+
+
+def _images(node: NodeSpec, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """ctr images ... in a node's containerd (kubelet's namespace)."""
+    socket = str(node.socket)
     return _run("ctr", "--address", socket, "-n", "k8s.io", "images", *args, check=check)
 
 
 def import_images(c: OneNodeCluster, archives: dict[str, Path]) -> None:
-    for name, archive in archives.items():
-        result = _images("import", "--no-unpack", str(archive), check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"importing {name} from {archive}: {result.stderr}")
+    """Every image into every node's containerd, the nodes side by side."""
+
+    def into(node: NodeSpec) -> None:
+        for name, archive in archives.items():
+            result = _images(node, "import", "--no-unpack", str(archive), check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"importing {name} into {node.name}: {result.stderr}")
+
+    with ThreadPoolExecutor(len(c.nodes)) as pool:
+        for done in [pool.submit(into, node) for node in c.nodes]:
+            done.result()
 
 
 def tag_image(c: OneNodeCluster, image: str, tag: str) -> str:
-    """Another name for an image containerd holds (an upgrade to a new tag); return it."""
+    """Another name for an image every node holds (an upgrade to a new tag); return it."""
     name = f"{image.rsplit(':', 1)[0]}:{tag}"
-    _images("tag", "--force", image, name)
+    for node in c.nodes:
+        _images(node, "tag", "--force", image, name)
     return name
 
 
@@ -614,8 +757,7 @@ def _thaw_pods() -> None:
     """A container cgroup runc froze (it freezes one while it signals or updates it) and that
     nobody thawed because runc was stopped in between stays frozen, and its processes never
     see SIGKILL: thaw every one first."""
-    top = Path("/sys/fs/cgroup/freezer/kubepods")
-    if top.is_dir():
+    for top in _kubepods_tops("freezer"):
         for state in top.rglob("freezer.state"):
             with contextlib.suppress(OSError):
                 if state.read_text().strip() != "THAWED":
@@ -627,8 +769,7 @@ def _kill_pods() -> None:
     _thaw_pods()
     for _ in range(20):
         pids = set()
-        for controller in Path("/sys/fs/cgroup").iterdir():
-            top = controller / "kubepods"
+        for top in _kubepods_tops():
             if top.is_dir():
                 for procs in top.rglob("cgroup.procs"):
                     with contextlib.suppress(OSError):
@@ -661,10 +802,20 @@ def _kill_shims() -> None:
                 os.kill(int(proc.name), signal.SIGKILL)
 
 
-def _remove_kubepods_cgroups() -> None:
+def _kubepods_tops(controller: str = "*") -> list[Path]:
+    """Every node's kubepods cgroup (the first node's at the root, the others' beneath their
+    cgroupRoot), and the other nodes' cgroupRoots, in each (or one) cgroup v1 controller."""
     root = Path("/sys/fs/cgroup")
-    for controller in root.iterdir():
-        top = controller / "kubepods"
+    found = [
+        *root.glob(f"{controller}/{CGROUP_PREFIX}*/kubepods"),
+        *root.glob(f"{controller}/kubepods"),
+    ]
+    found += root.glob(f"{controller}/{CGROUP_PREFIX}*")
+    return [p for p in found if p.is_dir() and not p.is_symlink() and not p.parent.is_symlink()]
+
+
+def _remove_kubepods_cgroups() -> None:
+    for top in _kubepods_tops():
         if not top.is_dir():
             continue
         for _ in range(50):
@@ -705,27 +856,74 @@ def _start_kubernetes(c: OneNodeCluster, announce: Callable[[str], None]) -> Non
         ),
     )
     c.spawn("kube-proxy", [str(c.bin / "kube-proxy"), f"--config={proxy_config}", "--v=1"])
-    kubelet_config = _kubelet_config(c)
+    _start_dns(c)
     c.step(
-        "start kubelet and wait for the node to be Ready",
+        f"start kubelet on {len(c.nodes)} node(s) and wait for them to be Ready",
         announce,
-        lambda: (
-            c.spawn(
-                "kubelet",
-                [
-                    str(c.bin / "kubelet"),
-                    f"--config={kubelet_config}",
-                    f"--kubeconfig={admin}",
-                    f"--hostname-override={NODE}",
-                    f"--node-ip={NODE_IP}",
-                    f"--root-dir={KUBELET_ROOT}",
-                    f"--cert-dir={c.work / 'kubelet-pki'}",
-                    "--v=1",
-                ],
-            ),
-            c.wait("node Ready and schedulable", lambda: _node_ready(c), 120),
-        ),
+        lambda: _start_kubelets(c),
     )
+
+
+def _start_kubelets(c: OneNodeCluster) -> None:
+    admin = str(c.plane.admin_kubeconfig)
+    for node in c.nodes:
+        c.spawn(
+            node.suffix("kubelet"),
+            [
+                *node.enter(),
+                str(c.bin / "kubelet"),
+                f"--config={_kubelet_config(c, node)}",
+                f"--kubeconfig={admin}",
+                f"--hostname-override={node.name}",
+                f"--node-ip={node.ip}",
+                f"--root-dir={KUBELET_ROOT}",
+                f"--cert-dir={_node_work(c, node) / 'kubelet-pki'}",
+                "--v=1",
+            ],
+        )
+    # The other nodes take no pods until a scenario uncordons them.
+    for node in c.nodes[1:]:
+        c.wait(f"{node.name} registered", lambda n=node: _registered(c, n.name), 60)
+        c.kubectl("cordon", node.name)
+    for node in c.nodes:
+        c.wait(f"{node.name} Ready", lambda n=node: _node_ready(c, n.name), 120)
+
+
+def _start_dns(c: OneNodeCluster) -> None:
+    """CoreDNS answers the cluster's names (Services, pods) on DNS_IP; nothing else."""
+    coredns = os.environ.get("COREDNS", "")
+    if not coredns or not Path(coredns).exists():
+        raise RuntimeError(
+            "COREDNS is not set to a CoreDNS binary: run through make (make cluster-test, "
+            "make test), which builds it from tests/tools/coredns"
+        )
+    _add_address(c, DNS_IP)
+    health = free_port()
+    corefile = c.work / "Corefile"
+    corefile.write_text(
+        f"""{CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+    bind {DNS_IP}
+    health 127.0.0.1:{health}
+    errors
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {c.plane.admin_kubeconfig}
+        pods insecure
+    }}
+}}
+. {{
+    bind {DNS_IP}
+    errors
+}}
+"""
+    )
+    c.spawn("coredns", [coredns, "-conf", str(corefile)])
+    c.wait("CoreDNS answering", lambda: _answers(f"http://127.0.0.1:{health}/health"), 30)
+
+
+def _answers(url: str) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+        return bool(response.status == 200)
+    return False
 
 
 IPTABLES = ("iptables", "ip6tables")
@@ -758,9 +956,17 @@ def _remove_new_chains(before: dict[tuple[str, str], set[str]]) -> None:
             _run(tool, "-t", table, "-X", chain, check=False)
 
 
-def _node_ready(c: OneNodeCluster) -> bool:
+def _registered(c: OneNodeCluster, name: str) -> bool:
     try:
-        node = c.core.read_node(NODE)
+        c.core.read_node(name)
+    except client.exceptions.ApiException:
+        return False
+    return True
+
+
+def _node_ready(c: OneNodeCluster, name: str = NODE) -> bool:
+    try:
+        node = c.core.read_node(name)
     except client.exceptions.ApiException:
         return False
     ready = any(
@@ -829,11 +1035,15 @@ def _deploy_driver(c: OneNodeCluster, announce: Callable[[str], None], install: 
 
 
 def driver_registered(c: OneNodeCluster) -> bool:
-    result = c.kubectl("get", "csinode", NODE, "-o", "json", check=False)
-    if result.returncode != 0:
-        return False
-    drivers = json.loads(result.stdout)["spec"].get("drivers") or []
-    return any(d["name"] == "pg-reflinker.csi" for d in drivers)
+    """The node plugin registered with every node's kubelet."""
+    for node in c.nodes:
+        result = c.kubectl("get", "csinode", node.name, "-o", "json", check=False)
+        if result.returncode != 0:
+            return False
+        drivers = json.loads(result.stdout)["spec"].get("drivers") or []
+        if not any(d["name"] == "pg-reflinker.csi" for d in drivers):
+            return False
+    return True
 
 
 def cnpg_manifest(cnpg_tools: Path) -> str:
@@ -910,13 +1120,17 @@ def running_cluster(
     pg_majors: Iterable[int] = (images.PG_MAJOR,),
     install: str = "helm",
     filesystem: str = "xfs",
+    nodes: int = 1,
 ) -> Iterator[OneNodeCluster]:
     """The whole cluster; stopped and the host restored on exit, even after a failed set-up.
     pg_majors: the PostgreSQL images it holds (images.postgres_image()). install: the driver by
     helm install of the chart (with TEST_VALUES), or "kustomize": deploy/ through OVERLAY.
-    filesystem: what HOSTPATH_PREFIX is on, "xfs" (reflink=1) or "btrfs"."""
+    filesystem: what HOSTPATH_PREFIX is on, "xfs" (reflink=1) or "btrfs", on every node.
+    nodes: how many (1 to MAX_NODES); every node but the first starts cordoned."""
     if install not in ("helm", "kustomize") or filesystem not in ("xfs", "btrfs"):
         raise ValueError(f"install {install!r} on {filesystem!r}: helm or kustomize, xfs or btrfs")
+    if not 1 <= nodes <= MAX_NODES:
+        raise ValueError(f"{nodes} nodes: the test cluster has 1 to {MAX_NODES}")
     clean_after_a_killed_run()
     _remove_stale_work_dirs()
     work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
@@ -932,8 +1146,13 @@ def running_cluster(
         controllers=ControlPlane.WITH_NODE,
         service_cidr=SERVICE_CIDR,
     )
-    c = OneNodeCluster(plane, fs, work, k8s_tools, host)
+    specs = [NodeSpec(i) for i in range(1, nodes + 1)]
+    c = OneNodeCluster(plane, fs, work, k8s_tools, host, specs, {NODE: fs})
     try:
+        for node in specs[1:]:
+            c.node_fs[node.name] = Filesystem(filesystem, size=disk)
+            os.chmod(c.node_fs[node.name].work, 0o755)
+            (c.node_fs[node.name].mnt / "pg-reflinker").mkdir()
         archives = c.step(
             "build images (cached by input)",
             announce,
@@ -966,7 +1185,8 @@ def running_cluster(
                 daemon.process.wait()
         plane.stop()
         problems = host.restore()
-        fs.close()
+        for each in c.node_fs.values():
+            each.close()
         _unmount_tree(work)
         if os.environ.get("E2E_KEEP"):
             shutil.rmtree(work / "containerd", ignore_errors=True)
