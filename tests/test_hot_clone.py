@@ -95,7 +95,8 @@ class Source:
         return self.server.volume / ".pg-reflinker"
 
 
-# (major, filesystem): every major on XFS, the newest on btrfs too.
+# (major, filesystem): every major on XFS, the newest on btrfs too, for the tests marked
+# every_filesystem (the copy paths); the others test what no filesystem changes, on XFS only.
 SETUPS = [(major, "xfs") for major in MAJORS] + [(max(MAJORS), "btrfs")]
 
 
@@ -186,6 +187,7 @@ def check_clone(src: Source, directory: Path) -> PostgresServer:
     return clone
 
 
+@pytest.mark.every_filesystem
 def test_clone_of_a_pgbench_database_boots_with_the_same_rows(source: Source) -> None:
     label = str(uuid.uuid4())
     result = hot_clone(source.endpoint, label)
@@ -210,6 +212,7 @@ def history_rows(server: PostgresServer) -> int:
     return int(server.psql("SELECT count(*) FROM pgbench_history", db="app"))
 
 
+@pytest.mark.every_filesystem
 @METHODS
 def test_clones_taken_under_write_load_boot_and_pass_amcheck(source: Source, method: str) -> None:
     before = history_rows(source.server)
@@ -260,6 +263,7 @@ def log_since(server: PostgresServer, offset: int) -> str:
         return log.read().decode(errors="replace")
 
 
+@pytest.mark.every_filesystem
 def test_same_label_returns_the_finished_directory_without_copying(source: Source) -> None:
     # The checkpointer logs "checkpoint starting" before it lets the backup go on, so the log
     # shows every checkpoint a call asked for by the time the call returns. (pg_stat_bgwriter
@@ -447,6 +451,7 @@ def test_snapshot_cli_prints_directory_and_time(source: Source) -> None:
     assert "cannot reach" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.every_filesystem
 def test_snapshot_cli_takes_a_native_clone_from_a_data_directory_on_this_host(
     source: Source,
 ) -> None:
@@ -495,6 +500,7 @@ def test_a_major_outside_the_supported_range_is_refused_in_one_line(version: int
         check_major(major * 10000 + 1, server)
 
 
+@pytest.mark.every_filesystem
 @METHODS
 def test_a_source_with_wal_on_another_filesystem_clones_with_every_row(
     setup: tuple[int, str], method: str
@@ -550,6 +556,7 @@ def copied_after(directory: Path) -> list[str]:
     ]
 
 
+@pytest.mark.every_filesystem
 @METHODS
 def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source, method: str) -> None:
     """CNPG's prefer-standby: the backup is taken on a streaming replica (no write stalls on the
@@ -729,6 +736,7 @@ class StoppingCopier(LocalCopier):
         super().finish(start, stop)
 
 
+@pytest.mark.every_filesystem
 @pytest.mark.parametrize("point", ["between start and stop", "between stop and the WAL copy"])
 def test_killed_mid_clone_leaves_no_backup_no_slot_and_the_retry_succeeds(
     source: Source, point: str

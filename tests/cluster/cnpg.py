@@ -260,3 +260,19 @@ def volume_handle(k8s: OneNodeCluster, claim: str, ns: str = NS) -> str:
     pvc = k8s.get("pvc", claim, "-n", ns)
     pv = k8s.get("pv", pvc["spec"]["volumeName"])
     return str(pv["spec"]["csi"]["volumeHandle"])
+
+
+def node_of_claim(k8s: OneNodeCluster, claim: str, ns: str = NS) -> str:
+    """The node a claim's volume lives on (its PV's node affinity, from the CSI topology)."""
+    pvc = k8s.get("pvc", claim, "-n", ns)
+    assert pvc["status"]["phase"] == "Bound", f"claim {ns}/{claim} is {pvc['status']['phase']}"
+    pv = k8s.get("pv", pvc["spec"]["volumeName"])
+    terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+    (node,) = terms[0]["matchExpressions"][0]["values"]
+    return str(node)
+
+
+def instance_nodes(k8s: OneNodeCluster, name: str, ns: str = NS) -> dict[str, str]:
+    """Each instance pod of the Cluster and the node it runs on."""
+    pods = k8s.get("pods", "-n", ns, "-l", f"cnpg.io/cluster={name},cnpg.io/podRole=instance")
+    return {p["metadata"]["name"]: p["spec"].get("nodeName", "") for p in pods["items"]}

@@ -1,5 +1,6 @@
-"""Fixtures for the real-cluster scenarios: one one-node cluster (tests/e2e/onenode.py) for the
-whole package, with the set-up time of each part and each scenario's wall time printed."""
+"""Fixtures for the real-cluster scenarios: one three-node cluster (tests/e2e/onenode.py; the
+other two nodes cordoned but for tests/cluster/test_ha.py) for the whole package, with the
+set-up time of each part and each scenario's wall time printed."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def k8s() -> Iterator[OneNodeCluster]:
     started = time.monotonic()
     # PG_MAJOR's image for every scenario; 15's and 17's for the clone scenario run on each.
     with running_cluster(
-        k8s_tools, cnpg_tools, announce=print, pg_majors=sorted(images.PG_SUITES)
+        k8s_tools, cnpg_tools, announce=print, pg_majors=sorted(images.PG_SUITES), nodes=3
     ) as cluster:
         _setup.extend(cluster.timings)
         _setup.append(("whole set-up", time.monotonic() - started))

@@ -717,10 +717,14 @@ def _images(node: NodeSpec, *args: str, check: bool = True) -> subprocess.Comple
 
 
 def import_images(c: OneNodeCluster, archives: dict[str, Path]) -> None:
-    """Every image into every node's containerd, the nodes side by side."""
+    """Every image into the first node's containerd, and all but the PostgreSQL images of other
+    majors (their scenarios run on the first node) into the others', the nodes side by side."""
+    others = {images.postgres_image(m) for m in images.PG_SUITES if m != images.PG_MAJOR}
 
     def into(node: NodeSpec) -> None:
         for name, archive in archives.items():
+            if node.index > 1 and name in others:
+                continue
             result = _images(node, "import", "--no-unpack", str(archive), check=False)
             if result.returncode != 0:
                 raise RuntimeError(f"importing {name} into {node.name}: {result.stderr}")
