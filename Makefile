@@ -219,6 +219,20 @@ $(COREDNS): tests/tools/coredns/go.mod tests/tools/coredns/go.sum tests/tools/co
 	mv $(COREDNS).partial $(COREDNS)
 	@$(TIMER) end "build CoreDNS"
 
+# The S3-compatible object store CloudNativePG archives WAL to in the HA scenarios: versitygw.
+OBJECT_STORE_VERSION := v1.8.0
+OBJECT_STORE_KEY := $(shell sha256sum tests/tools/objectstore/go.sum 2>/dev/null | cut -c1-12)
+OBJECT_STORE := $(TOOLS_CACHE)/objectstore-$(OBJECT_STORE_KEY)/versitygw
+
+$(OBJECT_STORE): tests/tools/objectstore/go.mod tests/tools/objectstore/go.sum
+	@echo "building versitygw $(OBJECT_STORE_VERSION) into $(dir $(OBJECT_STORE)) (once, ~3 minutes)"
+	@$(TIMER) start "build versitygw"
+	mkdir -p $(dir $(OBJECT_STORE))
+	cd tests/tools/objectstore && CGO_ENABLED=0 go build -trimpath -o $(OBJECT_STORE).partial \
+		github.com/versity/versitygw/cmd/versitygw
+	mv $(OBJECT_STORE).partial $(OBJECT_STORE)
+	@$(TIMER) end "build versitygw"
+
 # The CloudNativePG operator (its manager binary and release manifest) for the real cluster.
 CNPG_VERSION := 1.30.0
 CNPG_TOOLS_KEY := $(shell sha256sum tests/tools/cnpg/go.sum 2>/dev/null | cut -c1-12)
@@ -284,11 +298,12 @@ deploy: $(STAMPS)/venv $(HELM_TOOLS)/.built
 	HELM_TOOLS=$(HELM_TOOLS) $(PY) -m tests.tools.chart
 
 TOOLS_ENV := K8S_TOOLS=$(K8S_TOOLS) CNPG_TOOLS=$(CNPG_TOOLS) HELM_TOOLS=$(HELM_TOOLS) \
-	TOOLS_CACHE=$(TOOLS_CACHE) PG_ROOTS=$(PG_ROOTS) COREDNS=$(COREDNS)
+	TOOLS_CACHE=$(TOOLS_CACHE) PG_ROOTS=$(PG_ROOTS) COREDNS=$(COREDNS) \
+	OBJECT_STORE=$(OBJECT_STORE)
 
 .PHONY: k8s-tools
 k8s-tools: $(K8S_TOOLS)/.built $(SNAPSHOTTER_BUILT) $(CNPG_TOOLS)/.built $(GATEWAY_CRD) $(HELM_TOOLS)/.built \
-	$(COREDNS)
+	$(COREDNS) $(OBJECT_STORE)
 
 # Core and reconciler tests: no root, no loop devices, no PostgreSQL; a real kube-apiserver and
 # etcd for the reconcilers. Seconds, not minutes.

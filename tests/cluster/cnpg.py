@@ -193,14 +193,15 @@ def pgbench_sums(k8s: OneNodeCluster, pod: str, ns: str = NS) -> set[str]:
     return set(sums.split(","))
 
 
-def amcheck(k8s: OneNodeCluster, pod: str, ns: str = NS) -> None:
-    """pg_amcheck --heapallindexed over every table and index of database app."""
+def amcheck(k8s: OneNodeCluster, pod: str, ns: str = NS, standby: bool = False) -> None:
+    """pg_amcheck --heapallindexed over every table and index of database app. On a standby
+    (read-only) the extension must already be there: run it on the primary first."""
     exec_postgres(
         k8s,
         pod,
         "pg_amcheck",
         "--heapallindexed",
-        "--install-missing",
+        *([] if standby else ["--install-missing"]),
         "-d",
         "app",
         ns=ns,

@@ -63,7 +63,12 @@ def k8s() -> Iterator[OneNodeCluster]:
     started = time.monotonic()
     # PG_MAJOR's image for every scenario; 15's and 17's for the clone scenario run on each.
     with running_cluster(
-        k8s_tools, cnpg_tools, announce=print, pg_majors=sorted(images.PG_SUITES), nodes=3
+        k8s_tools,
+        cnpg_tools,
+        announce=print,
+        pg_majors=sorted(images.PG_SUITES),
+        nodes=3,
+        object_store=True,
     ) as cluster:
         _setup.extend(cluster.timings)
         _setup.append(("whole set-up", time.monotonic() - started))

@@ -52,13 +52,14 @@ def _record_of(k8s: OneNodeCluster, claim: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def source(k8s: OneNodeCluster, nodes: list[str]) -> str:
-    """A three-instance Cluster (deploy/examples/source-cluster.yaml with instances: 3) holding
-    pgbench's tables; its primary's pod name."""
+    """A three-instance Cluster (deploy/examples/source-cluster.yaml with instances: 3 and a WAL
+    volume) holding pgbench's tables; its primary's pod name."""
     cnpg.ensure_namespace(k8s, NS)
     cnpg.install_function_configmap(k8s, NS)
     doc = cnpg.example("source-cluster.yaml")
     doc["metadata"].update(name=SOURCE, namespace=NS)
     doc["spec"]["instances"] = 3
+    doc["spec"]["walStorage"] = {"storageClass": "pg-reflinker", "size": "2Gi"}
     start = time.monotonic()
     k8s.apply(doc)
     cnpg.wait_healthy(k8s, SOURCE, NS, timeout=420)
@@ -71,13 +72,15 @@ def source(k8s: OneNodeCluster, nodes: list[str]) -> str:
 def test_a_three_instance_cluster_spreads_over_the_three_nodes(
     k8s: OneNodeCluster, nodes: list[str], source: str
 ) -> None:
-    """Each instance's empty volume went to a node no other instance of the Cluster uses, and
-    its pod followed the volume there; the replicas stream from the primary (found through
-    cluster DNS as ha-db-rw)."""
+    """Each instance's empty volumes went to a node no other instance of the Cluster uses, its
+    WAL volume with its data volume (claims made within milliseconds of each other), and its
+    pod followed them there; the replicas stream from the primary (found through cluster DNS
+    as ha-db-rw)."""
     placed = cnpg.instance_nodes(k8s, SOURCE, NS)
     assert sorted(placed.values()) == sorted(nodes), placed
     for pod, node in placed.items():
         assert cnpg.node_of_claim(k8s, pod, NS) == node
+        assert cnpg.node_of_claim(k8s, f"{pod}-wal", NS) == node
         assert _record_of(k8s, pod)["spec"]["nodeName"] == node
     streaming = cnpg.psql(
         k8s, source, "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'", ns=NS
@@ -248,3 +251,169 @@ def _unschedulable(k8s: OneNodeCluster, pod: str) -> bool:
         and c.get("reason") == "Unschedulable"
         for c in conditions
     )
+
+
+def _archive_wal_to_the_object_store(k8s: OneNodeCluster) -> None:
+    """The source's WAL archived (barmanObjectStore, to the test's object store) and its
+    volumeSnapshot Backups taken with pg-reflinker's VolumeSnapshotClass: what CNPG needs to
+    seed new replicas from snapshots (docs/ha.md#replicas-seeded-from-snapshots)."""
+    s3 = k8s.s3
+    k8s.kubectl(
+        "create", "secret", "generic", "ha-db-s3", "-n", NS,
+        f"--from-literal=ACCESS_KEY_ID={s3['access']}",
+        f"--from-literal=ACCESS_SECRET_KEY={s3['secret']}",
+    )  # fmt: skip
+    backup = {
+        "barmanObjectStore": {
+            "destinationPath": f"s3://{s3['bucket']}/",
+            "endpointURL": s3["endpoint"],
+            "s3Credentials": {
+                "accessKeyId": {"name": "ha-db-s3", "key": "ACCESS_KEY_ID"},
+                "secretAccessKey": {"name": "ha-db-s3", "key": "ACCESS_SECRET_KEY"},
+            },
+        },
+        "volumeSnapshot": {
+            "className": "pg-reflinker",
+            "onlineConfiguration": {"immediateCheckpoint": True},
+        },
+    }
+    _patch_cluster(k8s, {"spec": {"backup": backup}})
+
+    def archiving() -> bool:
+        conditions = cnpg.cluster_status(k8s, SOURCE, NS).get("conditions") or []
+        return any(c["type"] == "ContinuousArchiving" and c["status"] == "True" for c in conditions)
+
+    primary = cnpg.primary_pod(k8s, SOURCE, NS)
+    cnpg.psql(k8s, primary, "SELECT pg_switch_wal()", db="postgres", ns=NS)
+    try:
+        k8s.wait("WAL archived to the object store", archiving, 180)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{cnpg.diagnose(k8s, SOURCE, NS)}") from None
+
+
+def _patch_cluster(k8s: OneNodeCluster, patch: dict[str, Any], *how: str) -> None:
+    k8s.kubectl(
+        "patch", "cluster.postgresql.cnpg.io", SOURCE, "-n", NS, *how, "--type", "merge", "-p",
+        json.dumps(patch),
+    )  # fmt: skip
+
+
+def _completed_backup(k8s: OneNodeCluster, name: str, target: str) -> dict[str, Any]:
+    k8s.apply(
+        {
+            "apiVersion": "postgresql.cnpg.io/v1",
+            "kind": "Backup",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {
+                "method": "volumeSnapshot",
+                "cluster": {"name": SOURCE},
+                "target": target,
+                "online": True,
+                "onlineConfiguration": {"immediateCheckpoint": True},
+            },
+        }
+    )
+
+    def done() -> dict[str, Any] | None:
+        status = k8s.get("backup.postgresql.cnpg.io", name, "-n", NS).get("status", {})
+        assert status.get("phase") != "failed", f"Backup {name} failed: {status}"
+        return status if status.get("phase") == "completed" else None
+
+    status: dict[str, Any] = k8s.wait(f"Backup {name} completed", done, 240)
+    return status
+
+
+@pytest.mark.parametrize("target", ["prefer-standby", "primary"])
+def test_a_replica_added_after_a_volume_snapshot_backup_is_seeded_from_it_and_can_lead(
+    k8s: OneNodeCluster, nodes: list[str], source: str, target: str
+) -> None:
+    """cloudnative-pg issue #11383's scenario on pg-reflinker: WAL archived, a volumeSnapshot
+    Backup taken under write load completes, the Cluster is scaled up. The new replica's claim
+    is restored from the Backup's VolumeSnapshot (CNPG's restoresnapshot, no pg_basebackup), it
+    streams, passes pg_amcheck --heapallindexed and holds every row its primary has; a
+    switchover makes it the primary and amcheck passes on it again. With target primary, a new
+    Cluster recovered from the Backup passes the same checks."""
+    if k8s.kubectl("get", "secret", "ha-db-s3", "-n", NS, check=False).returncode != 0:
+        _archive_wal_to_the_object_store(k8s)  # once, for both targets
+    primary = cnpg.primary_pod(k8s, SOURCE, NS)
+    before = set(cnpg.instance_nodes(k8s, SOURCE, NS))
+    name = f"ha-db-{target}"
+    load = cnpg.pgbench_background(k8s, primary, seconds=15, ns=NS)
+    try:
+        status = _completed_backup(k8s, name, target)
+    finally:
+        out, _ = load.communicate(timeout=120)
+    assert load.returncode == 0, f"pgbench on the primary failed: {out}"
+    taken_on = status["instanceID"]["podName"]
+    assert (taken_on == primary) == (target == "primary"), f"{target} Backup taken on {taken_on}"
+
+    _patch_cluster(k8s, {"spec": {"instances": len(before) + 1}})
+    k8s.wait(
+        "the new instance's pod",
+        lambda: len(cnpg.instance_nodes(k8s, SOURCE, NS)) > len(before),
+        120,
+    )
+    cnpg.wait_healthy(k8s, SOURCE, NS, timeout=300)
+    (new,) = set(cnpg.instance_nodes(k8s, SOURCE, NS)) - before
+    claim = k8s.get("pvc", new, "-n", NS)
+    assert claim["spec"]["dataSource"] == {
+        "apiGroup": "snapshot.storage.k8s.io",
+        "kind": "VolumeSnapshot",
+        "name": name,
+    }, f"replica {new} was not seeded from Backup {name}: {claim['spec'].get('dataSource')}"
+    # A reflink snapshot is restored on its own node: the instance the Backup was taken from.
+    assert cnpg.node_of_claim(k8s, new, NS) == cnpg.node_of_claim(k8s, taken_on, NS)
+    assert cnpg.node_of_claim(k8s, f"{new}-wal", NS) == cnpg.node_of_claim(k8s, new, NS)
+    streaming = cnpg.psql(
+        k8s,
+        primary,
+        f"SELECT state FROM pg_stat_replication WHERE application_name = '{new}'",
+        db="postgres",
+        ns=NS,
+    )
+    assert streaming == "streaming", f"{new} is not streaming: {streaming!r}"
+
+    cnpg.amcheck(k8s, primary, NS)  # installs amcheck where the standbys get it by replication
+    count = "SELECT count(*) FROM pgbench_history"
+    on_primary = cnpg.psql(k8s, primary, count, ns=NS)
+    k8s.wait(
+        f"{new} holding every row of the primary",
+        lambda: cnpg.psql(k8s, new, count, ns=NS) == on_primary,
+        60,
+    )
+    sums = cnpg.pgbench_sums(k8s, new, NS)
+    assert len(sums) == 1 and sums == cnpg.pgbench_sums(k8s, primary, NS), sums
+    cnpg.amcheck(k8s, new, NS, standby=True)
+
+    _patch_cluster(
+        k8s,
+        {
+            "status": {
+                "targetPrimary": new,
+                "targetPrimaryTimestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
+                "phase": "Switchover in progress",
+                "phaseReason": f"Switching over to {new}",
+            }
+        },
+        "--subresource=status",
+    )
+    k8s.wait(f"{new} the primary", lambda: cnpg.cluster_status(k8s, SOURCE, NS).get(
+        "currentPrimary") == new, 180)  # fmt: skip
+    cnpg.wait_healthy(k8s, SOURCE, NS, timeout=300)
+    cnpg.psql(k8s, new, f"CREATE TABLE led_by_{new.replace('-', '_')} (id int)", ns=NS)
+    cnpg.amcheck(k8s, new, NS)
+    print(f"\n{target} Backup on {taken_on}; replica {new} seeded from it, now the primary")
+    if target != "primary":
+        return
+
+    restored = cnpg.example("source-cluster.yaml")
+    restored["metadata"].update(name="ha-db-restored", namespace=NS)
+    restored["spec"]["walStorage"] = {"storageClass": "pg-reflinker", "size": "2Gi"}
+    restored["spec"]["bootstrap"] = {"recovery": {"backup": {"name": name}}}
+    k8s.apply(restored)
+    cnpg.wait_healthy(k8s, "ha-db-restored", NS, timeout=300)
+    pod = cnpg.primary_pod(k8s, "ha-db-restored", NS)
+    sums = cnpg.pgbench_sums(k8s, pod, NS)
+    assert len(sums) == 1 and sums != {"0"}, f"pgbench invariant in the recovered Cluster: {sums}"
+    cnpg.amcheck(k8s, pod, NS)
+    cnpg.delete_cluster(k8s, "ha-db-restored", NS)

@@ -27,8 +27,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -55,6 +57,9 @@ BRIDGE = "prlk-test0"
 # Every node's pod network (a /24 each) and the cluster DNS address (CoreDNS, on lo).
 CLUSTER_CIDR = "10.245.0.0/20"
 DNS_IP = "10.245.255.10"
+# The S3-compatible object store (versitygw over a directory, OBJECT_STORE) and its one bucket.
+OBJECT_STORE_IP = "10.245.255.20"
+BUCKET = "backups"
 CLUSTER_DOMAIN = "cluster.local"
 KUBELET_ROOT = Path("/var/lib/kubelet")
 # The overlay's HOSTPATH_PREFIX: where the harness mounts its XFS reflink filesystem.
@@ -247,6 +252,8 @@ class OneNodeCluster:
     host: HostState
     nodes: list[NodeSpec] = field(default_factory=lambda: [NodeSpec(1)])
     node_fs: dict[str, Filesystem] = field(default_factory=dict)
+    # The object store, when started: endpoint, bucket, access key and secret (made per run).
+    s3: dict[str, str] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)
     daemons: dict[str, Daemon] = field(default_factory=dict)
 
@@ -403,7 +410,7 @@ def _read_sysctls() -> dict[str, str]:
 
 def _cluster_processes() -> list[str]:
     names = (b"containerd", b"kubelet", b"kube-proxy", b"kube-apiserver", b"etcd", b"/pause")
-    names = (*names, b"coredns")
+    names = (*names, b"coredns", b"versitygw")
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -582,6 +589,7 @@ def clean_after_a_killed_run() -> None:
         "kube-controller-manager --kubeconfig",
         "kube-scheduler --kubeconfig",
         "coredns -conf",
+        "versitygw --port",
     ):
         _run("pkill", "-9", "-f", f"{pattern}.*pg-reflinker-cluster", check=False)
     _kill_pods()
@@ -594,7 +602,8 @@ def clean_after_a_killed_run() -> None:
     for node in map(NodeSpec, range(1, MAX_NODES + 1)):
         _run("ip", "addr", "del", f"{node.ip}/32", "dev", "lo", check=False)
         _remove_link(node.bridge)
-    _run("ip", "addr", "del", f"{DNS_IP}/32", "dev", "lo", check=False)
+    for ip in (DNS_IP, OBJECT_STORE_IP):
+        _run("ip", "addr", "del", f"{ip}/32", "dev", "lo", check=False)
 
 
 def _remove_stale_work_dirs() -> None:
@@ -924,6 +933,40 @@ def _start_dns(c: OneNodeCluster) -> None:
     c.wait("CoreDNS answering", lambda: _answers(f"http://127.0.0.1:{health}/health"), 30)
 
 
+def _start_object_store(c: OneNodeCluster) -> None:
+    """versitygw serving BUCKET from a directory of the run, on OBJECT_STORE_IP, with a root key
+    made for this run (given to it through its environment, never on a command line)."""
+    binary = os.environ.get("OBJECT_STORE", "")
+    if not binary or not Path(binary).exists():
+        raise RuntimeError(
+            "OBJECT_STORE is not set to a versitygw binary: run through make (make "
+            "cluster-test, make test), which builds it from tests/tools/objectstore"
+        )
+    _add_address(c, OBJECT_STORE_IP)
+    root = c.work / "objectstore"
+    (root / BUCKET).mkdir(parents=True)
+    port = 7070
+    c.s3 = {
+        "endpoint": f"http://{OBJECT_STORE_IP}:{port}",
+        "bucket": BUCKET,
+        "access": secrets.token_hex(10),
+        "secret": secrets.token_hex(20),
+    }
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "ROOT_ACCESS_KEY_ID": c.s3["access"],
+        "ROOT_SECRET_ACCESS_KEY": c.s3["secret"],
+    }
+    c.spawn("versitygw", [binary, "--port", f"{OBJECT_STORE_IP}:{port}", "posix", str(root)], env)
+    c.wait("the object store answering", lambda: _listens(OBJECT_STORE_IP, port), 30)
+
+
+def _listens(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
 def _answers(url: str) -> bool:
     with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
         return bool(response.status == 200)
@@ -1125,12 +1168,14 @@ def running_cluster(
     install: str = "helm",
     filesystem: str = "xfs",
     nodes: int = 1,
+    object_store: bool = False,
 ) -> Iterator[OneNodeCluster]:
     """The whole cluster; stopped and the host restored on exit, even after a failed set-up.
     pg_majors: the PostgreSQL images it holds (images.postgres_image()). install: the driver by
     helm install of the chart (with TEST_VALUES), or "kustomize": deploy/ through OVERLAY.
     filesystem: what HOSTPATH_PREFIX is on, "xfs" (reflink=1) or "btrfs", on every node.
-    nodes: how many (1 to MAX_NODES); every node but the first starts cordoned."""
+    nodes: how many (1 to MAX_NODES); every node but the first starts cordoned. object_store:
+    start the S3-compatible object store (c.s3) for CNPG's WAL archive."""
     if install not in ("helm", "kustomize") or filesystem not in ("xfs", "btrfs"):
         raise ValueError(f"install {install!r} on {filesystem!r}: helm or kustomize, xfs or btrfs")
     if not 1 <= nodes <= MAX_NODES:
@@ -1170,6 +1215,8 @@ def running_cluster(
         _start_node(c, announce)
         c.step("import images into containerd", announce, lambda: import_images(c, archives))
         _start_kubernetes(c, announce)
+        if object_store:
+            c.step("start the object store (versitygw)", announce, lambda: _start_object_store(c))
         _install_snapshots(c, announce)
         _deploy_driver(c, announce, install)
         _install_cnpg(c, cnpg_tools, announce)
