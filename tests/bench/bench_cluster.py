@@ -13,8 +13,13 @@ CloudNativePG operator (tests/e2e/onenode.py), at several database sizes, all in
     (clone-cluster-whole.yaml) against CNPG's `bootstrap.pg_basebackup` of it, and an online
     volumeSnapshot Backup (backup-online.yaml) to completed.
 
-BENCH_SIZES (GiB of pgbench data, default "1 4 16"), WHOLE_SIZES (default "1 4") and BENCH_RUNS
-(default 3). Writes its sections of docs/benchmarks.md and docs/cluster-time.png."""
+  - high availability on the three nodes (tests/bench/bench_ha.py): the tps dip on a primary
+    while its claim or its standby's is cloned, and a scaled-up replica seeded from a
+    pg-reflinker snapshot against one joined by pg_basebackup.
+
+BENCH_SIZES (GiB of pgbench data, default "1 4 16"), WHOLE_SIZES (default "1 4"), HA_SIZES
+(default "1 4") and BENCH_RUNS (default 3); an empty list skips its part. Writes its sections
+of docs/benchmarks.md and docs/cluster-time.png."""
 
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.bench.bench_ha import bench_ha, write_ha_report
 from tests.bench.report import DOCS, plot, write_section
 from tests.cluster import cnpg
 from tests.e2e import images
@@ -315,13 +321,19 @@ def bench() -> int:
     k8s_tools, cnpg_tools = Path(os.environ["K8S_TOOLS"]), Path(os.environ["CNPG_TOOLS"])
     sizes = [float(s) for s in os.environ.get("BENCH_SIZES", "1 4 16").split()]
     whole_sizes = [float(s) for s in os.environ.get("WHOLE_SIZES", "1 4").split()]
+    ha_sizes = [float(s) for s in os.environ.get("HA_SIZES", "1 4").split()]
     runs = int(os.environ.get("BENCH_RUNS", "3"))
-    largest = max(sizes + whole_sizes)
+    largest = max(sizes + whole_sizes + ha_sizes)
     volume = f"{int(largest * 2.5) + 8}Gi"
     disk = f"{int(largest * 4) + 24}G"
     started = time.monotonic()
     with running_cluster(
-        k8s_tools, cnpg_tools, disk=disk, announce=lambda s: log(f"== {s}")
+        k8s_tools,
+        cnpg_tools,
+        disk=disk,
+        announce=lambda s: log(f"== {s}"),
+        nodes=3,
+        object_store=True,
     ) as k8s:
         cnpg.ensure_namespace(k8s)
         if sizes:
@@ -330,6 +342,10 @@ def bench() -> int:
             began = time.monotonic()
             rows = bench_whole(k8s, whole_sizes, runs)
             write_whole_report(rows, runs, time.monotonic() - began)
+        if ha_sizes:
+            began = time.monotonic()
+            rows = bench_ha(k8s, ha_sizes, runs)
+            write_ha_report(rows, runs, time.monotonic() - began)
     return 0
 
 
