@@ -2,8 +2,9 @@
 
 A real server on a real XFS reflink filesystem; clones are booted as real servers and checked.
 Every test runs on each PostgreSQL major obtained here (pg_majors(): 15, 17 and 18 after
-`make pg-majors`), the clone booted by the source's own major, and again on the newest major
-with the source's volume a btrfs subvolume (a native copy is then a subvolume snapshot)."""
+`make pg-majors`), the clone booted by the source's own major; the tests of the copy paths
+(marked every_filesystem) run again on the newest major with the source's volume a btrfs
+subvolume (a native copy is then a subvolume snapshot)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""`make bench`: what a cluster admin waits for, on a real one-node cluster with the real
-CloudNativePG operator (tests/e2e/onenode.py), at several database sizes, all in one run:
+"""`make bench`: what a cluster admin waits for, on the real three-node cluster with the real
+CloudNativePG operator (tests/e2e/onenode.py; all but the HA part on its first node), at several
+database sizes, all in one run:
 
   - a new CNPG Cluster from a running one, apply to healthy: with pg-reflinker
     (deploy/examples/clone-cluster.yaml) and with CNPG's own `bootstrap.pg_basebackup` from the

@@ -11,7 +11,7 @@ HEADER = [
     "# Benchmarks",
     "",
     "Each benchmark writes its own sections of this page, each from one run on one machine:",
-    "`make bench` (a real one-node cluster with the CNPG operator, tests/bench/bench_cluster.py),",
+    "`make bench` (the real cluster with the CNPG operator, tests/bench/bench_cluster.py),",
     "`make bench-stack` (the driver's stack with kubelet and CNPG played,",
     "tests/bench/bench_stack.py), `make bench-clone`, `make bench-space` and `make bench-scale`",
     "(host benchmarks of the copy itself, tests/bench/).",
