@@ -23,9 +23,16 @@ NODE_PLUGIN = "app.kubernetes.io/name=pg-reflinker-node"
 TAINT = "node-role.kubernetes.io/postgres=:NoSchedule"
 
 
-def _pods(k8s: OneNodeCluster, selector: str) -> list[dict[str, Any]]:
-    items = k8s.get("pods", "-n", DRIVER_NS, "-l", selector)["items"]
+def _pods(k8s: OneNodeCluster, selector: str, node: str = "") -> list[dict[str, Any]]:
+    where = ["--field-selector", f"spec.nodeName={node}"] if node else []
+    items = k8s.get("pods", "-n", DRIVER_NS, "-l", selector, *where)["items"]
     return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def node_plugin(k8s: OneNodeCluster, node: str = NODE) -> dict[str, Any]:
+    """The node plugin pod of one node (the DaemonSet runs one on every node, cordoned too)."""
+    [pod] = _pods(k8s, NODE_PLUGIN, node)
+    return pod
 
 
 def _env(container: dict[str, Any], name: str) -> str:
@@ -82,7 +89,8 @@ def test_every_container_has_requests_a_memory_limit_and_probes_that_answer(
     k8s: OneNodeCluster,
 ) -> None:
     pods = _pods(k8s, CONTROLLER) + _pods(k8s, NODE_PLUGIN)
-    assert len(_pods(k8s, CONTROLLER)) == 2 and len(_pods(k8s, NODE_PLUGIN)) == 1
+    nodes = k8s.get("nodes")["items"]
+    assert len(_pods(k8s, CONTROLLER)) == 2 and len(_pods(k8s, NODE_PLUGIN)) == len(nodes)
     for pod in pods:
         for container in pod["spec"]["containers"]:
             resources = container.get("resources", {})
@@ -129,7 +137,7 @@ def test_the_controller_is_two_replicas_that_cannot_be_evicted_together_nor_star
         assert spec["terminationGracePeriodSeconds"] > int(
             _env(controller, "SHUTDOWN_GRACE_SECONDS")
         )
-    [node] = _pods(k8s, NODE_PLUGIN)
+    node = node_plugin(k8s)
     assert node["spec"]["priorityClassName"] == "system-node-critical"
     prefix = next(v for v in node["spec"]["volumes"] if v["name"] == "prefix")
     assert prefix["hostPath"]["type"] == "Directory"
@@ -140,12 +148,11 @@ def test_the_node_plugin_runs_on_a_node_tainted_for_databases(k8s: OneNodeCluste
     ready on a node tainted NoSchedule."""
     k8s.kubectl("taint", "node", NODE, TAINT)
     try:
-        [old] = _pods(k8s, NODE_PLUGIN)
-        name = old["metadata"]["name"]
+        name = node_plugin(k8s)["metadata"]["name"]
         k8s.kubectl("delete", "pod", name, "-n", DRIVER_NS, "--wait=true", "--timeout=60s")
         k8s.wait_rollout("daemonset/pg-reflinker-node", DRIVER_NS)
-        [new] = _pods(k8s, NODE_PLUGIN)
-        assert new["metadata"]["name"] != name and new["spec"]["nodeName"] == NODE
+        new = node_plugin(k8s)
+        assert new["metadata"]["name"] != name
         ready = [c["status"] for c in new["status"]["conditions"] if c["type"] == "Ready"]
         assert ready == ["True"]
     finally:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.cluster import cnpg
-from tests.cluster.test_deploy import container_pids, memory_peaks
+from tests.cluster.test_deploy import container_pids, memory_peaks, node_plugin
 from tests.e2e import images
 from tests.e2e.onenode import (
     NODE,
@@ -620,19 +620,19 @@ def _pod_phase(k8s: OneNodeCluster, name: str) -> str:
 
 def test_node_plugin_restart_keeps_mounts_and_registers_again(k8s: OneNodeCluster) -> None:
     clone_pod = cnpg.primary_pod(k8s, CLONE)
-    old = k8s.get("pods", "-n", "pg-reflinker", "-l", "app.kubernetes.io/name=pg-reflinker-node")
-    old_name = old["items"][0]["metadata"]["name"]
+    old_name = node_plugin(k8s)["metadata"]["name"]
     k8s.kubectl("delete", "pod", old_name, "-n", "pg-reflinker", "--wait=true", "--timeout=60s")
     # While no node plugin runs, the mounted clone keeps serving reads and writes.
     cnpg.psql(k8s, clone_pod, "INSERT INTO only_in_clone VALUES (2)")
     k8s.wait_rollout("daemonset/pg-reflinker-node", "pg-reflinker")
+    new_name = node_plugin(k8s)["metadata"]["name"]
     k8s.wait(
         "the new node plugin registered with kubelet",
         lambda: (
             "kubelet registered pg-reflinker.csi"
-            in k8s.pod_logs(
-                "pg-reflinker", "app.kubernetes.io/name=pg-reflinker-node", "node-driver-registrar"
-            )
+            in k8s.kubectl(
+                "logs", new_name, "-n", "pg-reflinker", "-c", "node-driver-registrar", check=False
+            ).stdout
         ),
         60,
     )
@@ -1021,9 +1021,7 @@ def _controller_killed_with_a_native_copy_in_hand(k8s: OneNodeCluster, source: s
     holder = _lease_holder(k8s, "pg-reflinker-csi")
     [leader] = [p for p in _controller_pods(k8s) if holder.startswith(p)]
     leader_pod = k8s.get("pod", leader, "-n", "pg-reflinker")
-    [node] = k8s.get(
-        "pods", "-n", "pg-reflinker", "-l", "app.kubernetes.io/name=pg-reflinker-node"
-    )["items"]
+    node = node_plugin(k8s)
     node_pids = container_pids(node, "node")
     size = k8s.get("pvc", source, "-n", NS)["spec"]["resources"]["requests"]["storage"]
     load = cnpg.pgbench_background(k8s, source, seconds=30)
