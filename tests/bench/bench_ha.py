@@ -231,6 +231,9 @@ def write_ha_report(rows: list[dict[str, Any]], runs: int, seconds: float) -> No
         "scaled up to three instances: seconds until the new one is ready when CNPG seeds it",
         "from a volumeSnapshot Backup (pg-reflinker snapshots, restored by reflink on the",
         "Backup's node), and when it joins by `pg_basebackup` (the snapshots deleted).",
+        "The three nodes share one machine's two cores and one disk: a clone taken on the",
+        "standby's node still competes with the primary for them (and the standby's restartpoint",
+        "writes to the same disk), which a node of its own would not; single seconds are noisy.",
         "",
         f"- date: {time.strftime('%Y-%m-%d')}; medians of {runs} runs; this section's run took "
         f"{seconds / 60:.0f} minutes (`HA_SIZES`)",
