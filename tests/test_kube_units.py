@@ -11,12 +11,12 @@ from reflinker_csi.core import errors
 from reflinker_csi.core.layout import Layout
 from reflinker_csi.core.locator import SourceLocation
 from reflinker_csi.core.records import CloneMode, HandOff, Kind, Phase, Step, VolumeRecord
+from reflinker_csi.core.space import parse_quantity
 from reflinker_csi.kube.handoff import hand_off_body, hand_off_of
 from reflinker_csi.kube.materializer import host_path_of
 from reflinker_csi.kube.model import (
     Claim,
     Pod,
-    quantity_bytes,
     record_name,
     record_of,
     to_body,
@@ -128,14 +128,25 @@ def test_hostile_objects_read_as_empty_fields_not_crashes() -> None:
         ("500M", 500_000_000),
         ("1.5Ki", 1536),
         ("12", 12),
-        ("", 0),
-        ("1e3", 0),
-        ("-1Gi", 0),
-        ("Gi", 0),
+        ("1e9", 10**9),
+        ("1E3", 1000),
+        ("2.5e-1", 1),  # a fraction of a byte rounds up, as Kubernetes reads it
+        ("1E", 10**18),
+        ("+5k", 5000),
+        (".5Gi", 1 << 29),
+        ("100m", None),  # a tenth of a byte is no size
+        ("5u", None),
+        ("-1Gi", None),
+        ("Gi", None),
+        ("", None),
+        ("9Ei", None),  # beyond int64
+        ("1e999", None),
     ],
 )
-def test_claim_sizes_are_read_as_bytes(quantity: str, expected: int) -> None:
-    assert quantity_bytes(quantity) == expected
+def test_quantities_are_read_as_kubernetes_reads_them(quantity: str, expected: int | None) -> None:
+    """A claim of 1e9 or 500M is that many bytes: never read as "no size", which would leave a
+    btrfs volume uncapped (found when 1e9 parsed as 0)."""
+    assert parse_quantity(quantity) == expected
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ class SourceServer:
     client_key: bytes = field(default=b"", repr=False)  # never in a log line
     port: int = 5432
     pod: str = ""
+    claim: str = ""  # the source claim (namespace/name) the clone asked for, when known
 
     @property
     def host_name(self) -> str:
@@ -31,6 +32,11 @@ class SourceServer:
     def where(self) -> str:
         pod = f"pod {self.pod}, " if self.pod else ""
         return f"CNPG cluster {self.cluster} in namespace {self.namespace} ({pod}{self.pod_ip})"
+
+    @property
+    def source(self) -> str:
+        """The source as a refusal names it: its claim first, when known."""
+        return f"source claim {self.claim} ({self.where})" if self.claim else self.where
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 
 from .errors import ResourceExhausted
 
@@ -44,16 +44,32 @@ def check_room(node: str, free: int, floor: int, where: str, setting: str = "") 
         )
 
 
-_SUFFIXES = {
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "": 1,
-}  # fmt: skip
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|)$")
+_BINARY = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
+_DECIMAL = {"k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18, "": 0}
+# Kubernetes' quantity grammar (apimachinery resource.ParseQuantity): a signed decimal number
+# then a binary suffix, a decimal SI suffix or a decimal exponent (1e9, 5E-3). "1E" is exa.
+_QUANTITY = re.compile(
+    r"^\+?([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+    r"(?:[eE]([+-]?[0-9]{1,3})|(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?)$"
+)
+# Bytes are a whole number: quantities such as 100m (0.1) are no size, however Kubernetes reads
+# them. Kubernetes rounds a fraction of a byte up (1.5 is 2); so do we.
+_MAX_BYTES = 2**63 - 1
 
 
 def parse_quantity(quantity: str) -> int | None:
-    """Bytes of a Kubernetes quantity such as 8Ki, 20Gi or 500M; None when it is not one."""
+    """Bytes of a Kubernetes quantity (8Ki, 20Gi, 500M, 1e9, 1.5Gi); None when it is not one,
+    is negative, has a sub-unit suffix (m, u, n) or is beyond int64."""
     found = _QUANTITY.match(quantity.strip())
     if found is None:
         return None
-    return int(Decimal(found.group(1)) * _SUFFIXES[found.group(2)])
+    number, exponent, suffix = found.groups()
+    value = Decimal(number)
+    if exponent is not None:
+        value = value.scaleb(int(exponent))
+    elif suffix in _BINARY:
+        value *= 2 ** _BINARY[suffix]
+    else:
+        value = value.scaleb(_DECIMAL[suffix or ""])
+    whole = int(value.to_integral_value(rounding=ROUND_CEILING))
+    return whole if whole <= _MAX_BYTES else None

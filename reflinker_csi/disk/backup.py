@@ -13,7 +13,7 @@ import stat
 import uuid
 from pathlib import Path
 
-from ..core.backup import BackupStart, BackupStop, parse_lsn
+from ..core.backup import BackupStart, BackupStop, parse_lsn, wal_range
 from ..core.errors import FailedPrecondition, ReflinkUnsupported
 from ..core.layout import PARTIAL_SUFFIX
 from . import reflink, subvolume
@@ -269,8 +269,10 @@ def finish(
     _write(pgdata / "backup_label", label_file, owner)
     if map_file:
         _write(pgdata / "tablespace_map", map_file, owner)
-    first = start_lsn // segment_bytes
-    last = max(first, (stop_lsn - 1) // segment_bytes)
+    try:
+        first, last = wal_range(start_lsn, stop_lsn, segment_bytes)
+    except ValueError as err:
+        raise FailedPrecondition(f"the backup's WAL cannot be copied: {err}") from None
     seen: set[int] = set()
     try:
         wal_fd = reflink.open_dir(wal_dir)
@@ -282,11 +284,11 @@ def finish(
         copied = _copy_wal(wal_fd, pgdata / "pg_wal", first, last, segment_bytes, seen)
     finally:
         os.close(wal_fd)
-    missing = [n for n in range(first, last + 1) if n not in seen]
-    if missing:
+    # seen holds only segments of the range: counted, never listed (a range is up to
+    # MAX_BACKUP_WAL_BYTES), and how many are gone is not said.
+    if len(seen) < last - first + 1:
         raise FailedPrecondition(
-            f"{len(missing)} WAL segment(s) the backup needs are gone from {wal_dir}; "
-            "the clone starts over"
+            f"WAL segments the backup needs are gone from {wal_dir}; the clone starts over"
         )
     return copied
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from ..core.access import require_claim_servable
 from ..core.errors import (
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     OperationInProgress,
     PermissionDenied,
@@ -46,6 +47,7 @@ from ..core.keys import (
 from ..core.layout import Layout
 from ..core.locator import SourceLocation
 from ..core.records import Phase, VolumeRecord
+from ..core.space import parse_quantity
 from ..core.volumes import CreateSpec, VolumeService
 from .api import (
     CLAIMS,
@@ -65,7 +67,6 @@ from .model import (
     PersistentVolume,
     grants_clone,
     key_of,
-    quantity_bytes,
     record_of,
 )
 from .runtime import DONE, Informer, Requeue, Result
@@ -85,6 +86,36 @@ class SourceNotFound(NotFound):
 
 def request_name(claim: Claim) -> str:
     return REQUEST_PREFIX + claim.meta.uid
+
+
+def not_found_message(ns: str, name: str, searched: list[str]) -> str:
+    """One answer whether the source claim is absent or its namespace has not consented."""
+    message = f"source claim {name!r} not found in namespace{'s' * (len(searched) > 1)} "
+    message += ", ".join(searched)
+    others = [n for n in searched if n != ns]
+    if not others:
+        return message + "; create it there or add its namespace to NAMESPACE_PATH"
+    where = f"namespace {others[0]}" if len(others) == 1 else "the source's namespace"
+    return message + (
+        f", or not shared with namespace {ns}: a claim of another namespace is cloned only "
+        f"while a ReferenceGrant in {where} lets PersistentVolumeClaims of namespace {ns} use "
+        f"PersistentVolumeClaim {name} (or all of them); create the claim, or ask the owner of "
+        "its namespace for the grant (docs/cloning-cnpg.md#sources-in-other-namespaces)"
+    )
+
+
+def claim_bytes(claim: Claim) -> int:
+    """The claim's storage request in bytes (0: none asked); a quantity that is not a whole
+    number of bytes (100m) is refused, never read as no size at all."""
+    if not claim.request:
+        return 0
+    value = parse_quantity(claim.request)
+    if value is None:
+        raise InvalidArgument(
+            f"claim {claim.meta.key} requests storage {claim.request[:40]!r}, which is not a "
+            "number of bytes (such as 10Gi, 500M or 1e9); fix spec.resources.requests.storage"
+        )
+    return value
 
 
 class ClaimLoop:
@@ -215,13 +246,7 @@ class ClaimLoop:
         assert claim.source is not None
         require_claim_servable(claim.meta.key, claim.access_modes, claim.volume_mode)
         source_ns, source = self._find_source(claim)
-        if source_ns != claim.meta.namespace:
-            self._check_consent(claim, source_ns, source.meta.name)
-        pv = self._pv(source.volume_name) if source.volume_name else None
-        if pv is None:
-            raise FailedPrecondition(
-                f"source claim {source_ns}/{source.meta.name} is not Bound to a volume yet"
-            )
+        pv = self._bound_volume(source_ns, source)
         ours = pv.driver == self.driver_name
         location = None if ours else self._locate_foreign(source_ns, source.meta.name, pv)
         if claim.meta.key not in self._announced:
@@ -236,7 +261,7 @@ class ClaimLoop:
             )
         spec = CreateSpec(
             name=request_name(claim),
-            required_bytes=quantity_bytes(claim.request),
+            required_bytes=claim_bytes(claim),
             source_volume_id=pv.handle if ours else "",
             located_source=location,
             context={
@@ -248,7 +273,31 @@ class ClaimLoop:
         self._create_pv(claim, record)
         return record
 
+    def _bound_volume(self, ns: str, source: Claim) -> PersistentVolume:
+        """The source claim's volume, only while the two name each other: the claim Bound to
+        the PV, and the PV's claimRef naming that claim (namespace, name and uid). A claim that
+        merely sets spec.volumeName to someone else's PV stays Pending and gets nothing; the
+        answer says nothing of the PV or of the claim it really belongs to."""
+        pv = self._pv(source.volume_name) if source.volume_name else None
+        ref = pv.claim if pv is not None else None
+        if (
+            pv is None
+            or ref is None
+            or source.phase != "Bound"
+            or (ref.namespace, ref.name, ref.uid) != (ns, source.meta.name, source.meta.uid)
+        ):
+            raise FailedPrecondition(
+                f"source claim {ns}/{source.meta.name} is not bound to a volume; it is cloned "
+                "once it is Bound"
+            )
+        return pv
+
     def _find_source(self, claim: Claim) -> tuple[str, Claim]:
+        """The source claim: in the claim's own namespace, or in another one searched (its
+        dataSourceRef.namespace, else NAMESPACE_PATH in order) that consents by a
+        ReferenceGrant, read on every attempt (a grant deleted stops the next clone). A claim
+        in a namespace that does not consent is not seen at all: "absent" and "not shared" are
+        one answer, so a refusal tells a tenant nothing of another namespace's claims."""
         assert claim.source is not None
         ns, name = claim.meta.namespace, claim.source.name
         if claim.source.namespace:
@@ -256,6 +305,8 @@ class ClaimLoop:
         else:
             searched = [ns, *[n for n in self.namespace_path if n != ns]]
         for candidate in searched:
+            if candidate != ns and not self._consents(claim, candidate, name):
+                continue
             found = self._claim(key_of(candidate, name))
             if found is not None:
                 with self._lock:
@@ -263,35 +314,23 @@ class ClaimLoop:
                 return candidate, found
         with self._lock:
             self._waiting.setdefault(name, set()).add(claim.meta.key)
-        raise SourceNotFound(
-            f"source claim {name!r} not found in namespaces {', '.join(searched)}; "
-            "create it there or add its namespace to NAMESPACE_PATH"
-        )
+        raise SourceNotFound(not_found_message(ns, name, searched))
 
-    def _check_consent(self, claim: Claim, source_ns: str, source: str) -> None:
-        """A copy of another namespace's data needs that namespace's ReferenceGrant, read on
-        every attempt (a grant deleted stops the next clone). The error names the grant to
-        create and nothing of the source (no pod, node or path)."""
-        what = (
-            f"a ReferenceGrant in namespace {source_ns} from PersistentVolumeClaims of namespace "
-            f"{claim.meta.namespace} to PersistentVolumeClaim {source} (or to all of them)"
-        )
+    def _consents(self, claim: Claim, source_ns: str, source: str) -> bool:
+        """Whether source_ns has a ReferenceGrant letting claims of the claim's namespace use
+        its claim source."""
         try:
             grants, _ = self.kube.list(REFERENCEGRANTS, source_ns)
         except ApiError as err:
             if err.status == 404:
                 raise PermissionDenied(
-                    f"cloning claim {source_ns}/{source} into namespace {claim.meta.namespace} "
-                    f"needs {what}, and the ReferenceGrant CRD (gateway.networking.k8s.io) is "
-                    "not installed; install it, then create the grant"
+                    f"a source claim in another namespace than {claim.meta.namespace} needs a "
+                    "ReferenceGrant in the source's namespace, and the ReferenceGrant CRD "
+                    "(gateway.networking.k8s.io) is not installed; install it, then create the "
+                    "grant (docs/cloning-cnpg.md#sources-in-other-namespaces)"
                 ) from None
             raise domain_error(err, f"list ReferenceGrants in namespace {source_ns}") from None
-        if not any(grants_clone(g, claim.meta.namespace, source) for g in grants):
-            raise PermissionDenied(
-                f"cloning claim {source_ns}/{source} into namespace {claim.meta.namespace} "
-                f"needs {what}; the owner of namespace {source_ns} creates it "
-                "(docs/cloning-cnpg.md#sources-in-other-namespaces)"
-            )
+        return any(grants_clone(g, claim.meta.namespace, source) for g in grants)
 
     def _locate_foreign(self, ns: str, claim: str, pv: PersistentVolume) -> SourceLocation:
         """A source on another driver is cloned only hot, through the CNPG instance using it."""

@@ -26,7 +26,7 @@ from ..core.locator import SourceLocation, SourceServer
 from ..core.records import VolumeRecord
 from .api import CLAIMS, CNPG_CLUSTERS, PODS, SECRETS, ApiError, Kube, domain_error, parse_json
 from .fields import obj, text
-from .model import Meta, PersistentVolume, Pod
+from .model import Claim, Meta, PersistentVolume, Pod
 from .runtime import Informer
 
 
@@ -110,7 +110,29 @@ class KubeSourceLocator:
         pv = self.volume_of(source.guid)
         if pv is None or pv.claim is None:
             return SourceLocation(node=source.node, host_path=host_path)
+        self.require_bound(pv)
         return self.locate_claim(pv.claim.namespace, pv.claim.name, host_path, source.node)
+
+    def require_bound(self, pv: PersistentVolume) -> None:
+        """The claim a PV's claimRef names is Bound to that PV (same uid): only then are its
+        pods, Cluster and secrets the volume's. The answer names neither the claim nor the PV."""
+        ref = pv.claim
+        assert ref is not None
+        try:
+            value = self.kube.get(CLAIMS, ref.name, ref.namespace)
+        except ApiError as err:
+            raise domain_error(err, f"read the claim of PersistentVolume {pv.meta.name}") from None
+        claim = Claim.of(value) if value is not None else None
+        if (
+            claim is None
+            or claim.phase != "Bound"
+            or claim.volume_name != pv.meta.name
+            or claim.meta.uid != ref.uid
+        ):
+            raise FailedPrecondition(
+                f"source volume {pv.handle or pv.meta.name} is not bound to a claim; a volume "
+                "is cloned only through the claim bound to it, once it is Bound"
+            )
 
     def instance_using(self, ns: str, claim: str) -> tuple[Pod, str] | None:
         """The live pod that mounts claim, and the name of its volume for it."""
@@ -190,6 +212,7 @@ class KubeSourceLocator:
             namespace=ns,
             port=port,
             pod=pod.meta.name,
+            claim=f"{ns}/{claim}",
             ca_cert=self._secret_key(ns, f"{cluster}-ca", "ca.crt"),
             client_cert=self._secret_key(ns, f"{cluster}-replication", "tls.crt"),
             client_key=self._secret_key(ns, f"{cluster}-replication", "tls.key"),

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 # A node whose plugin has not reported for this long is not offered for new empty volumes.
 REPORT_STALE_SECONDS = 300.0
+# How long a request waits at a source instance's gate before it is retried later: a source
+# that holds every attempt to its deadline (the tenant's own server) holds one worker, not all.
+GATE_WAIT_SECONDS = 5.0
 
 
 def host_path_of(returned: str, location: SourceLocation, layout: Layout, label: str) -> str:
@@ -130,8 +133,8 @@ class NodeReports:
 class KubeMaterializer:
     """Reserve -> (hot clone) -> wait for the node agent to report Ready.
 
-    A source instance serves one backup at a time (the others wait for it, up to their own
-    deadline), and none stays in backup mode longer than backup_limit seconds."""
+    A source instance serves one backup at a time (the others wait for it a few seconds, then
+    are retried), and none stays in backup mode longer than backup_limit seconds."""
 
     def __init__(
         self,
@@ -303,14 +306,16 @@ class KubeMaterializer:
 
     @contextlib.contextmanager
     def _one_backup_at_a_time(self, location: SourceLocation, deadline: float) -> Iterator[None]:
-        """The source instance's gate: every request for a copy of it waits here until the one
-        in backup mode is done (an immediate checkpoint each, never several at once)."""
+        """The source instance's gate: a request for a copy of it waits here a few seconds for
+        the one in backup mode (an immediate checkpoint each, never several at once), then is
+        retried, so the requests for one source never hold more than one worker."""
         server = location.server
         assert server is not None
         key = f"{server.namespace}/{server.pod}"
         with self._gates_lock:
             gate = self._gates.setdefault(key, threading.Lock())
-        if not gate.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        wait = min(GATE_WAIT_SECONDS, deadline - time.monotonic())
+        if not gate.acquire(timeout=max(0.0, wait)):
             raise OperationInProgress(
                 f"another copy of {location.context.get(CTX_SOURCE_PVC) or key} is being taken; "
                 "a source instance serves one backup at a time, this request is retried"
@@ -336,13 +341,13 @@ class KubeMaterializer:
         spaces = record.kind == Kind.CAPTURE and any(
             p.startswith(PG_TABLESPACE) for p in pieces_held(record)
         )
-        with session(server, self.connect_timeout, budget) as conn:
+        with session(server, self.connect_timeout, budget, self.backup_limit) as conn:
             method = wanted
             if method == CloneMethod.AUTO:
                 # On btrfs the function's copy, made file by file inside the source's
                 # subvolume, would be copied again out of it; the native one is a snapshot.
                 snapshots = self.reports.filesystem(record.node) == "btrfs"
-                use_function = not spaces and not snapshots and has_function(conn)
+                use_function = not spaces and not snapshots and has_function(conn, server)
                 method = CloneMethod.FUNCTION if use_function else CloneMethod.NATIVE
             self.registry.set_clone_method(record, str(method))
             fields: dict[str, object] = {

@@ -15,7 +15,6 @@ from typing import TypeVar
 
 from ..core.keys import CTX_CLAIM, CTX_SOURCE_PVC, FINALIZER, LABEL_GUID, LABEL_NODE
 from ..core.records import CloneMode, Kind, Phase, VolumeRecord
-from ..core.space import parse_quantity
 from .api import JSON, REFLINKVOLUMES
 from .fields import number, obj, objs, strings, text, texts
 from .handoff import hand_off_of
@@ -25,11 +24,6 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 # -- typed access to JSON -----------------------------------------------------------------------
-
-
-def quantity_bytes(quantity: str) -> int:
-    """Bytes of a resource quantity such as 1Gi or 500M; 0 when it is not one we read."""
-    return parse_quantity(quantity) or 0
 
 
 def key_of(namespace: str, name: str) -> str:

@@ -17,11 +17,19 @@ import time
 
 import psycopg
 
-from ..core.backup import BackupStart, BackupStop, Copier
+from ..core.backup import (
+    MAX_LABEL_BYTES,
+    MAX_MAP_BYTES,
+    BackupStart,
+    BackupStop,
+    Copier,
+    checked_start,
+    checked_stop,
+)
 from ..core.errors import FailedPrecondition, InvalidArgument, OperationInProgress
 from ..core.layout import is_guid
 from ..core.locator import SourceServer
-from .source import REPLICATION_USER, _query_error, session
+from .source import ANSWER_GRACE_SECONDS, REPLICATION_USER, _query_error, run, session
 
 METHOD = "pg_backup_start/stop"
 GRANTS_FILE = "deploy/postgres/native-grants.sql"
@@ -46,7 +54,9 @@ def check_source(
     """What the native method needs, checked before anything changes on the source: the two
     grants, REPLICATION, and no tablespaces (they live outside the data directory) unless the
     copy is of the whole instance (a capture, whose file side copies each tablespace)."""
-    row = conn.execute(
+    row = run(
+        conn,
+        server,
         "SELECT pg_catalog.has_function_privilege('pg_catalog.pg_backup_start(text, boolean)', "
         "'EXECUTE'), "
         "pg_catalog.has_function_privilege('pg_catalog.pg_backup_stop(boolean)', 'EXECUTE'), "
@@ -54,8 +64,8 @@ def check_source(
         " WHERE rolname = current_user), "
         "(SELECT pg_catalog.string_agg(pg_catalog.quote_ident(spcname), ', ' ORDER BY spcname) "
         "FROM pg_catalog.pg_tablespace "
-        " WHERE spcname NOT IN ('pg_default', 'pg_global'))"
-    ).fetchone()
+        " WHERE spcname NOT IN ('pg_default', 'pg_global'))",
+    )
     assert row is not None
     start_ok, stop_ok, replication, tablespaces = row
     missing = [f for f, ok in zip(NEEDED_FUNCTIONS, (start_ok, stop_ok), strict=True) if not ok]
@@ -95,8 +105,11 @@ def native_clone(
     slot = slot_name(label)
     step = "create replication slot"
     try:
-        conn.execute(
-            "SELECT pg_catalog.pg_create_physical_replication_slot(%s, true, true)", (slot,)
+        run(
+            conn,
+            server,
+            "SELECT pg_catalog.pg_create_physical_replication_slot(%s, true, true)",
+            (slot,),
         )
     except psycopg.errors.DuplicateObject:
         raise OperationInProgress(
@@ -108,26 +121,45 @@ def native_clone(
     began = time.monotonic()
     try:
         step = "pg_backup_start"
-        row = conn.execute(
+        answer = statement_timeout + ANSWER_GRACE_SECONDS
+        row = run(
+            conn,
+            server,
             "SELECT pg_catalog.pg_backup_start(%s, true)::text, "
             "(SELECT system_identifier::text FROM pg_catalog.pg_control_system()), "
             "pg_catalog.pg_size_bytes(pg_catalog.current_setting('wal_segment_size'))",
             (label,),
-        ).fetchone()
+            answer,
+            step,
+        )
         assert row is not None
-        start = BackupStart(label, str(row[0]), str(row[1]), int(str(row[2])))
+        start = checked_start(BackupStart(label, str(row[0])[:40], str(row[1])[:40], _int(row[2])))
         copier.copy(start)
         step = "pg_backup_stop"
-        row = conn.execute(
-            "SELECT lsn::text, labelfile, coalesce(spcmapfile, '') "
-            "FROM pg_catalog.pg_backup_stop(false)"
-        ).fetchone()
+        # Cut on the server: a backup_label is a few hundred bytes, a tablespace map a line
+        # per tablespace.
+        row = run(
+            conn,
+            server,
+            "SELECT lsn::text, pg_catalog.left(labelfile, %s), "
+            "pg_catalog.left(coalesce(spcmapfile, ''), %s) FROM pg_catalog.pg_backup_stop(false)",
+            (MAX_LABEL_BYTES + 1, MAX_MAP_BYTES + 1),
+            answer,
+            step,
+        )
         assert row is not None
         in_backup = time.monotonic() - began
-        copier.finish(start, BackupStop(str(row[0]), str(row[1]), str(row[2])))
+        stop = checked_stop(start, BackupStop(str(row[0])[:40], str(row[1]), str(row[2])))
+        copier.finish(start, stop)
         # Succeeds only while this session (and so the slot) lived through the WAL copy.
         step = "drop replication slot"
-        conn.execute("SELECT pg_catalog.pg_drop_replication_slot(%s)", (slot,))
+        run(conn, server, "SELECT pg_catalog.pg_drop_replication_slot(%s)", (slot,))
+    except ValueError as err:
+        copier.abandon()
+        raise FailedPrecondition(
+            f"{server.source} answered {step} with what PostgreSQL never returns ({err}); "
+            "it is not a usable source"
+        ) from None
     except psycopg.Error as err:
         copier.abandon()
         timed_out = time.monotonic() - began >= statement_timeout
@@ -137,6 +169,12 @@ def native_clone(
         raise
     copier.complete()
     return in_backup
+
+
+def _int(value: object) -> int:
+    if isinstance(value, int):
+        return value
+    raise ValueError(f"a segment size of {str(value)[:40]!r}")
 
 
 def native_hot_clone(

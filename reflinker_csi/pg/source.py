@@ -7,7 +7,9 @@ import contextlib
 import math
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +37,14 @@ KEY_DIR_PARENT = Path("/dev/shm")
 # The PostgreSQL majors a source may run (pg_backup_start/stop came in 15; docs/install.md has
 # what each was tested on). A source outside them is refused before anything is asked of it.
 SUPPORTED_MAJORS = range(15, 19)
+# A source is the tenant's own server: nothing it sends is trusted to be small or timely.
+# Catalog lookups that take longer than this are a server that is not answering.
+QUICK_SECONDS = 10.0
+# Beyond a statement's own timeout, how long the server has to report it before we cut the
+# connection ourselves (a stopped backend never does).
+ANSWER_GRACE_SECONDS = 5.0
+# The longest directory reflink_snapshot() may return (PATH_MAX); it is cut on the server.
+MAX_PATH_BYTES = 4096
 
 # libpq reports a failed connection without a SQLSTATE (checked with psycopg 3): its message is
 # the only signal there. These client-side TLS failures are configuration, not outages.
@@ -152,10 +162,15 @@ def _query_error(
 
 @contextlib.contextmanager
 def session(
-    server: SourceServer, connect_timeout: float = 10, statement_timeout: float = 300
+    server: SourceServer,
+    connect_timeout: float = 10,
+    statement_timeout: float = 300,
+    idle_timeout: float | None = None,
 ) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     """One autocommit session as streaming_replica over verified TLS. The key material exists
-    only while libpq connects; connection failures are domain errors."""
+    only while libpq connects; connection failures are domain errors. The server ends the
+    session (and any backup it holds) once it has been idle for idle_timeout (default: the
+    statement timeout), whatever becomes of this process or the network."""
     with _key_material(server) as keys:
         try:
             conn = psycopg.connect(
@@ -177,12 +192,74 @@ def session(
                 options=f"-c statement_timeout={int(statement_timeout * 1000)} "
                 "-c search_path=pg_catalog",
                 autocommit=True,
+                # TCP: a peer gone silent is noticed in seconds, not after two hours.
+                keepalives=1,
+                keepalives_idle=5,
+                keepalives_interval=2,
+                keepalives_count=3,
+                tcp_user_timeout=15000,
             )
         except psycopg.OperationalError as err:
             raise _connect_error(err, server) from None
     with conn:
         check_major(conn.info.server_version, server)
+        idle = idle_timeout if idle_timeout is not None else statement_timeout
+        # Set once the major is known to have it (PostgreSQL 14 and later).
+        run(
+            conn,
+            server,
+            "SELECT pg_catalog.set_config('idle_session_timeout', %s, false)",
+            (str(int(idle * 1000) + 1000),),
+        )
         yield conn
+
+
+def run(
+    conn: psycopg.Connection[tuple[object, ...]],
+    server: SourceServer,
+    query: str,
+    params: tuple[object, ...] = (),
+    seconds: float = QUICK_SECONDS,
+    what: str = "a catalog lookup",
+) -> tuple[object, ...] | None:
+    """One statement and its first row, answered within seconds (else FailedPrecondition)."""
+    with answer_within(conn, server, seconds, what):
+        return conn.execute(query, params).fetchone()
+
+
+@contextlib.contextmanager
+def answer_within(
+    conn: psycopg.Connection[tuple[object, ...]], server: SourceServer, seconds: float, what: str
+) -> Iterator[None]:
+    """A statement without an answer within seconds ends the session from our side: the
+    socket is shut down, so a source that stops its backend after authentication, or never
+    answers, holds a worker no longer than that (statement_timeout needs a server that works)."""
+    fired = threading.Event()
+
+    def cut() -> None:
+        fired.set()
+        with contextlib.suppress(OSError, psycopg.Error):
+            sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except psycopg.Error:
+        if fired.is_set():
+            raise FailedPrecondition(
+                f"{server.source} did not answer {what} within {seconds:.0f} s; the session "
+                "was closed. The clone is retried; a server that keeps not answering is not "
+                "a usable source"
+            ) from None
+        raise
+    finally:
+        timer.cancel()
 
 
 def check_major(server_version: int, server: SourceServer) -> None:
@@ -195,12 +272,14 @@ def check_major(server_version: int, server: SourceServer) -> None:
         )
 
 
-def has_function(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+def has_function(conn: psycopg.Connection[tuple[object, ...]], server: SourceServer) -> bool:
     """reflink_snapshot(text) exists in database postgres and this role may run it."""
-    row = conn.execute(
+    row = run(
+        conn,
+        server,
         "SELECT pg_catalog.to_regprocedure('public.reflink_snapshot(text)') IS NOT NULL AND "
-        "pg_catalog.has_function_privilege('public.reflink_snapshot(text)', 'EXECUTE')"
-    ).fetchone()
+        "pg_catalog.has_function_privilege('public.reflink_snapshot(text)', 'EXECUTE')",
+    )
     return bool(row and row[0])
 
 
@@ -225,13 +304,27 @@ def call_function(
     """SELECT reflink_snapshot(label) in an open session."""
     started = time.monotonic()
     try:
-        row = conn.execute("SELECT public.reflink_snapshot(%s)", (label,)).fetchone()
+        # The answer is cut on the server: a function that returns 600 MB sends us 4 KiB.
+        row = run(
+            conn,
+            server,
+            "SELECT pg_catalog.left(public.reflink_snapshot(%s)::text, %s)",
+            (label, MAX_PATH_BYTES + 1),
+            statement_timeout + ANSWER_GRACE_SECONDS,
+            FUNCTION,
+        )
     except psycopg.Error as err:
         timed_out = time.monotonic() - started >= statement_timeout
         raise _query_error(err, server, timed_out) from None
-    if row is None or not isinstance(row[0], str) or not row[0].startswith("/"):
+    directory = row[0] if row is not None else None
+    if not isinstance(directory, str) or not directory.startswith("/"):
         raise FailedPrecondition(
-            f"{FUNCTION} on {server.where} returned {row!r}, not an absolute directory; "
-            f"{INSTALL_HINT}"
+            f"{FUNCTION} on {server.source} returned {str(directory)[:80]!r}, not an absolute "
+            f"directory; {INSTALL_HINT}"
         )
-    return HotCloneResult(directory=row[0], seconds=time.monotonic() - start)
+    if len(directory.encode()) > MAX_PATH_BYTES:
+        raise FailedPrecondition(
+            f"{FUNCTION} on {server.source} returned a path longer than {MAX_PATH_BYTES} bytes "
+            f"({directory[:40]!r}...), which no directory has; {INSTALL_HINT}"
+        )
+    return HotCloneResult(directory=directory, seconds=time.monotonic() - start)

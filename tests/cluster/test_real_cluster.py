@@ -121,7 +121,7 @@ def test_a_claim_in_another_namespace_needs_the_source_namespaces_reference_gran
             lambda: [m for m in _events_of(k8s, "stolen", TENANT) if "ReferenceGrant" in m],
             60,
         )
-        assert f"needs a ReferenceGrant in namespace {NS}" in refused[0], refused[0]
+        assert f"a ReferenceGrant in namespace {NS} lets" in refused[0], refused[0]
         pod = k8s.get("pod", source, "-n", NS)
         secrets = [pod["status"]["podIP"], NODE, str(PREFIX), "pgdata"]
         for event in _events_of(k8s, "stolen", TENANT):
@@ -153,6 +153,98 @@ def test_a_claim_in_another_namespace_needs_the_source_namespaces_reference_gran
         k8s.kubectl("delete", "pvc", "--all", "-n", TENANT, "--wait=true", check=False)
         k8s.kubectl("delete", "namespace", TENANT, "--wait=false", check=False)
     k8s.wait("the tenant's volume removed", lambda: guid not in _volume_dirs(), 60)
+
+
+SHARED = "shared"
+ATTACKER = "attacker"
+DEVELOPER = "dev@example.com"
+
+
+def _as_developer(k8s: OneNodeCluster, manifest: dict[str, Any]) -> None:
+    """kubectl apply as the developer (impersonated): edit in namespaces attacker and shared,
+    and ReferenceGrants in shared; nothing in NS."""
+    k8s.kubectl("--as", DEVELOPER, "apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+
+def test_a_bait_claim_naming_the_sources_volume_gets_the_tenant_nothing(
+    k8s: OneNodeCluster, source: str
+) -> None:
+    """The bait-claim attack, as a developer with only `edit` in two namespaces (attacker and
+    shared) and the right to write ReferenceGrants in shared: a claim `bait` in shared whose
+    spec.volumeName is the production claim's PV (it stays Pending), a grant in shared from
+    claims of attacker to `bait`, and `attacker/loot` cloning `shared/bait`. NS never consented:
+    loot stays Pending, its events say only that bait is not bound, and no volume is made."""
+    for ns in (ATTACKER, SHARED):
+        k8s.kubectl("create", "namespace", ns)
+        k8s.kubectl(
+            "create",
+            "rolebinding",
+            "dev-edit",
+            "-n",
+            ns,
+            "--clusterrole=edit",
+            f"--user={DEVELOPER}",
+        )
+    k8s.kubectl(
+        "create", "role", "grants", "-n", SHARED, "--verb=get,list,create,delete",
+        "--resource=referencegrants.gateway.networking.k8s.io",
+    )  # fmt: skip
+    k8s.kubectl(
+        "create", "rolebinding", "dev-grants", "-n", SHARED, "--role=grants", f"--user={DEVELOPER}"
+    )
+    denied = k8s.kubectl("--as", DEVELOPER, "get", "pvc", "-n", NS, check=False)
+    assert denied.returncode != 0 and "forbidden" in denied.stderr, denied.stderr
+    victim_pv = k8s.get("pvc", source, "-n", NS)["spec"]["volumeName"]
+    records_before = {r["metadata"]["name"] for r in k8s.get("reflinkvolumes")["items"]}
+    try:
+        bait = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "bait", "namespace": SHARED},
+            "spec": {
+                "storageClassName": "",
+                "volumeName": victim_pv,
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+        _as_developer(k8s, bait)
+        _as_developer(
+            k8s,
+            {
+                "apiVersion": "gateway.networking.k8s.io/v1beta1",
+                "kind": "ReferenceGrant",
+                "metadata": {"name": "to-bait", "namespace": SHARED},
+                "spec": {
+                    "from": [{"group": "", "kind": "PersistentVolumeClaim", "namespace": ATTACKER}],
+                    "to": [{"group": "", "kind": "PersistentVolumeClaim", "name": "bait"}],
+                },
+            },
+        )
+        loot = _claim_of_the_source("loot", "bait")
+        loot["metadata"]["namespace"] = ATTACKER
+        loot["spec"]["dataSourceRef"]["namespace"] = SHARED
+        _as_developer(k8s, loot)
+        refused = k8s.wait(
+            "the refusal of attacker/loot",
+            lambda: [m for m in _events_of(k8s, "loot", ATTACKER) if "bait" in m],
+            60,
+        )
+        assert refused[0] == (
+            f"source claim {SHARED}/bait is not bound to a volume; it is cloned once it is Bound"
+        ), refused
+        assert _phase(k8s, "bait", SHARED) == "Pending"
+        assert _phase(k8s, "loot", ATTACKER) == "Pending"
+        pod = k8s.get("pod", source, "-n", NS)
+        leaks = [NS + "/", source, pod["status"]["podIP"], NODE, victim_pv, str(PREFIX)]
+        for event in _events_of(k8s, "loot", ATTACKER):
+            assert not [s for s in leaks if s in event], event
+        records = {r["metadata"]["name"] for r in k8s.get("reflinkvolumes")["items"]}
+        assert records == records_before
+    finally:
+        for ns in (ATTACKER, SHARED):
+            k8s.kubectl("delete", "pvc", "--all", "-n", ns, "--wait=true", check=False)
+            k8s.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 EVIL = "evil"

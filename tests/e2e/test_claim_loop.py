@@ -245,7 +245,8 @@ def test_missing_source_is_reported_then_binds_when_it_appears(
             for e in cluster.events_for("PersistentVolumeClaim", "late")
             if re.fullmatch(
                 r".* ProvisioningFailed: source claim 'pg-late-1' not found in namespaces apps, "
-                r"templates; create it there or add its namespace to NAMESPACE_PATH",
+                r"templates, or not shared with namespace apps: .* ReferenceGrant in namespace "
+                r"templates .*",
                 e,
             )
         ],

@@ -65,8 +65,11 @@ def test_a_missing_source_is_named_and_found_once_it_exists(
     first = wait_for("a ProvisioningFailed event", lambda: events(admin, namespace, "dev"))
     assert first[0] == (
         "Warning ProvisioningFailed: source claim 'tmpl' not found in namespaces "
-        f"{namespace}, {namespace}-src; "
-        "create it there or add its namespace to NAMESPACE_PATH"
+        f"{namespace}, {namespace}-src, or not shared with namespace {namespace}: a claim of "
+        "another namespace is cloned only while a ReferenceGrant in namespace "
+        f"{namespace}-src lets PersistentVolumeClaims of namespace {namespace} use "
+        "PersistentVolumeClaim tmpl (or all of them); create the claim, or ask the owner of its "
+        "namespace for the grant (docs/cloning-cnpg.md#sources-in-other-namespaces)"
     )
     # Retries of the same failure count on that one Event, as client-go's recorder does.
     counted = wait_for(
@@ -77,10 +80,11 @@ def test_a_missing_source_is_named_and_found_once_it_exists(
     admin.create(CLAIMS, claim("tmpl"), namespace)
     later = wait_for(
         "the next attempt to find the new source",
-        lambda: [e for e in events(admin, namespace, "dev") if "not Bound" in e],
+        lambda: [e for e in events(admin, namespace, "dev") if "not bound" in e],
     )
     assert later[0] == (
-        f"Warning ProvisioningFailed: source claim {namespace}/tmpl is not Bound to a volume yet"
+        f"Warning ProvisioningFailed: source claim {namespace}/tmpl is not bound to a volume; "
+        "it is cloned once it is Bound"
     )
 
 
@@ -101,8 +105,10 @@ def test_the_claim_loop_serves_every_class_it_is_given_and_no_other(
     forget(admin, namespace, "native-dev", "foreign-dev")
 
 
-def source_volume(admin: Kube, mode: Mode, ns: str, node: str) -> str:
-    """A Ready pg-reflinker volume on `node` (where no node plugin runs) bound to claim ns/src."""
+def source_volume(admin: Kube, mode: Mode, ns: str, node: str, name: str = "src") -> str:
+    """A Ready pg-reflinker volume on `node` (where no node plugin runs) bound to claim ns/name
+    as the PV controller binds them: the claim Bound to the PV, the PV's claimRef naming the
+    claim with its uid."""
     guid = str(uuid.uuid4())
     admin.create(
         REFLINKVOLUMES,
@@ -117,6 +123,7 @@ def source_volume(admin: Kube, mode: Mode, ns: str, node: str) -> str:
         },
     )
     admin.merge_patch(REFLINKVOLUMES, f"pvc-{guid}", {"status": {"phase": "Ready"}}, status=True)
+    made = admin.create(CLAIMS, claim(name, volume=guid), ns)
     admin.create(
         VOLUMES,
         {
@@ -125,12 +132,12 @@ def source_volume(admin: Kube, mode: Mode, ns: str, node: str) -> str:
                 "capacity": {"storage": "1Gi"},
                 "accessModes": ["ReadWriteOnce"],
                 "storageClassName": "",
-                "claimRef": {"namespace": ns, "name": "src"},
+                "claimRef": {"namespace": ns, "name": name, "uid": Meta.of(made).uid},
                 "csi": {"driver": DRIVER_NAME, "volumeHandle": guid},
             },
         },
     )
-    admin.create(CLAIMS, claim("src", volume=guid), ns)
+    admin.merge_patch(CLAIMS, name, {"status": {"phase": "Bound"}}, ns, status=True)
     return guid
 
 
@@ -171,17 +178,25 @@ def test_no_clone_of_another_namespace_without_its_reference_grant(
     admin: Kube, mode: Mode, namespace: str
 ) -> None:
     """NAMESPACE_PATH says where to look, not who may copy: the source namespace consents with
-    a ReferenceGrant, read on every attempt; the refusal names the grant and nothing of the
-    source (no pod, node or path), and no volume is reserved."""
+    a ReferenceGrant, read on every attempt. Without it the refusal is the answer for a claim
+    that does not exist at all (a tenant learns nothing of the other namespace's claims) and
+    names nothing of the source (no pod, node or path); no volume is reserved."""
     other = f"{namespace}-src"
     admin.create(NAMESPACES, {"metadata": {"name": other}})
     source_volume(admin, mode, other, node=f"{namespace}-far")
     needs = (
-        f"Warning ProvisioningFailed: cloning claim {other}/src into namespace {namespace} needs "
-        f"a ReferenceGrant in namespace {other} from PersistentVolumeClaims of namespace "
-        f"{namespace} to PersistentVolumeClaim src (or to all of them); the owner of namespace "
-        f"{other} creates it (docs/cloning-cnpg.md#sources-in-other-namespaces)"
+        "Warning ProvisioningFailed: source claim 'src' not found in namespaces "
+        f"{namespace}, {other}, or not shared with namespace {namespace}: a claim of another "
+        f"namespace is cloned only while a ReferenceGrant in namespace {other} lets "
+        f"PersistentVolumeClaims of namespace {namespace} use PersistentVolumeClaim src (or all "
+        "of them); create the claim, or ask the owner of its namespace for the grant "
+        "(docs/cloning-cnpg.md#sources-in-other-namespaces)"
     )
+    admin.create(CLAIMS, claim("probe", source="absent"), namespace)
+    absent = wait_for(
+        "the answer for a claim that is nowhere", lambda: events(admin, namespace, "probe")
+    )
+    assert absent[0] == needs.replace("'src'", "'absent'").replace("Claim src", "Claim absent")
     admin.create(CLAIMS, claim("steal", source="src"), namespace)
     first = wait_for("the refusal", lambda: events(admin, namespace, "steal"))
     assert first[0] == needs
@@ -214,7 +229,40 @@ def test_no_clone_of_another_namespace_without_its_reference_grant(
     again = wait_for("the refusal of a new claim", lambda: events(admin, namespace, "again"))
     assert again[0].startswith(needs)
     assert all("node" not in e and "pod" not in e for e in first + again)
-    forget(admin, namespace, "steal", "again")
+    forget(admin, namespace, "steal", "again", "probe")
+
+
+def test_a_claim_that_names_another_namespaces_volume_is_no_way_to_its_data(
+    admin: Kube, mode: Mode, namespace: str
+) -> None:
+    """The bait-claim attack: in a namespace it may write (on NAMESPACE_PATH), a tenant makes a
+    claim `bait` whose spec.volumeName is the victim's PV (it stays Pending: the PV's claimRef
+    names the victim's claim), grants its own namespace that claim, and asks for a clone of
+    `bait`. Consent was given only for `bait`, never by the victim's namespace: the clone is
+    refused as unbound, nothing is reserved, and the answer names nothing of the victim."""
+    victim, shared = f"{namespace}-victim", f"{namespace}-src"
+    for ns in (victim, shared):
+        admin.create(NAMESPACES, {"metadata": {"name": ns}})
+    guid = source_volume(admin, mode, victim, node=f"{namespace}-far", name="pg-prod-1")
+    admin.create(CLAIMS, claim("bait", volume=guid), shared)
+    grant(admin, shared, claims_of=namespace, source="bait")
+    admin.create(CLAIMS, claim("loot", source="bait"), namespace)
+    refused = wait_for("the refusal", lambda: events(admin, namespace, "loot"))
+    assert refused[0] == (
+        f"Warning ProvisioningFailed: source claim {shared}/bait is not bound to a volume; it "
+        "is cloned once it is Bound"
+    )
+    wait_for(
+        "a second refusal",
+        lambda: [c for _, c in counts(admin, namespace, "loot") if c >= 2],
+    )
+    assert not [
+        v
+        for v in admin.list(REFLINKVOLUMES)[0]
+        if record_of(v).context.get("pg-reflinker.csi/claim") == f"{namespace}/loot"
+    ]
+    assert all(victim not in e and guid not in e for e in events(admin, namespace, "loot"))
+    forget(admin, namespace, "loot")
 
 
 def test_a_claim_no_node_can_serve_is_refused_before_anything_is_copied(
@@ -296,9 +344,10 @@ def test_a_source_named_by_data_source_ref_namespace_needs_the_grant_too(
     admin.create(CLAIMS, claim("named", source="src", source_ns=elsewhere), namespace)
     first = wait_for("the refusal", lambda: events(admin, namespace, "named"))
     assert first[0].startswith(
-        f"Warning ProvisioningFailed: cloning claim {elsewhere}/src into namespace {namespace} "
-        f"needs a ReferenceGrant in namespace {elsewhere}"
-    )
+        f"Warning ProvisioningFailed: source claim 'src' not found in namespace {elsewhere}, or "
+        f"not shared with namespace {namespace}: a claim of another namespace is cloned only "
+        f"while a ReferenceGrant in namespace {elsewhere} lets"
+    ), first
     grant(admin, elsewhere, claims_of=namespace)
     wait_for(
         "the clone to start",
