@@ -65,9 +65,21 @@ def _leave(rel: str) -> Leave:
 
 
 def system_identifier(pgdata: Path) -> str:
-    """The cluster's system identifier from global/pg_control (its first 8 bytes)."""
-    with open(pgdata / "global" / "pg_control", "rb") as f:
-        return str(int.from_bytes(f.read(8), "little"))
+    """The cluster's system identifier from global/pg_control (its first 8 bytes), read
+    through descriptors that follow no link."""
+    top = reflink.open_dir(pgdata)
+    try:
+        global_fd = reflink.open_dir("global", top)
+    finally:
+        os.close(top)
+    try:
+        fd = reflink.open_regular("pg_control", global_fd)
+    finally:
+        os.close(global_fd)
+    try:
+        return str(int.from_bytes(os.pread(fd, 8, 0), "little"))
+    finally:
+        os.close(fd)
 
 
 def _segment_number(name: str, segment_bytes: int) -> int:
@@ -76,10 +88,21 @@ def _segment_number(name: str, segment_bytes: int) -> int:
 
 
 def attempt_of(partial: Path) -> str:
+    """The attempt stamped on a partial copy (ours: no link on the way is followed)."""
     try:
-        return (partial / ATTEMPT_FILE).read_text()
+        top = reflink.open_dir(partial)
     except OSError:
         return ""
+    try:
+        fd = reflink.open_regular(ATTEMPT_FILE, top)
+    except OSError:
+        return ""
+    finally:
+        os.close(top)
+    try:
+        return os.pread(fd, 256, 0).decode(errors="replace")
+    finally:
+        os.close(fd)
 
 
 def _leave_in_tablespace(rel: str) -> Leave:
@@ -92,15 +115,19 @@ def copy_data(
     partial: Path,
     attempt: str,
     system_id: str,
-    tablespaces: dict[str, tuple[Path, str]] | None = None,
+    tablespaces: dict[str, tuple[Path, str, Path]] | None = None,
+    volume: Path | None = None,
 ) -> int:
     """Reflink the data directory at source into partial/pgdata for attempt (starting over if
-    partial holds another attempt's copy); return the number of files. tablespaces: a capture
-    of a whole instance (core/capture.py): name -> (the tablespace volume's directory on this
-    node, the tablespace's location inside it), each copied into partial/tablespaces/<name>,
-    before the data directory (whose pg_control is copied last of all)."""
+    partial holds another attempt's copy); return the number of files. source may be a held
+    directory (reflink.held) whose volume is then given. tablespaces: a capture of a whole
+    instance (core/capture.py): name -> (the tablespace volume's directory on this node, the
+    tablespace's location inside it, that location held), each copied into
+    partial/tablespaces/<name>, before the data directory (whose pg_control is copied last of
+    all)."""
     if os.path.lexists(partial) and attempt_of(partial) == attempt + "\n":
         return 0  # this attempt's copy is complete (the stamp is written last)
+    volume = volume or source.parent
     try:
         found = system_identifier(source)
     except OSError as err:
@@ -116,24 +143,24 @@ def copy_data(
             "instance's own volume"
         )
     remove_tree(partial)
-    snapshot = _snapshot(source, partial)  # the files in it, or None
+    snapshot = _snapshot(source, volume, partial)  # the files in it, or None
     if snapshot is None:
         os.mkdir(partial, 0o700)
         # The new volume's top directory is owned like the source volume's (CNPG: postgres).
-        volume = os.stat(source.parent)
-        os.chown(partial, volume.st_uid, volume.st_gid)
-        os.chmod(partial, stat.S_IMODE(volume.st_mode))
+        owner = os.stat(volume)
+        os.chown(partial, owner.st_uid, owner.st_gid)
+        os.chmod(partial, stat.S_IMODE(owner.st_mode))
     files = snapshot or 0
     if tablespaces:
         os.mkdir(partial / "tablespaces", 0o700)
-    for name, (top, inside) in sorted((tablespaces or {}).items()):
+    for name, (top, inside, space) in sorted((tablespaces or {}).items()):
         into = partial / "tablespaces" / name
         os.mkdir(into, 0o700)
         st = os.stat(top)
         os.chown(into, st.st_uid, st.st_gid)
         os.chmod(into, stat.S_IMODE(st.st_mode))
         files += reflink.copy_tree(
-            top / inside, into / inside, leave=_leave_in_tablespace, live=True, workers=COPY_WORKERS
+            space, into / inside, leave=_leave_in_tablespace, live=True, workers=COPY_WORKERS
         )
     if snapshot is not None:
         _recopy_control_file(source, partial / "pgdata")
@@ -149,24 +176,35 @@ def copy_data(
     return files
 
 
-def _snapshot(source: Path, partial: Path) -> int | None:
+def _snapshot(source: Path, volume: Path, partial: Path) -> int | None:
     """On btrfs, with the source volume a subvolume: take partial as its snapshot, one atomic
     copy whatever the size, then leave out of partial/pgdata what a copy leaves out (_leave)
     and drop everything else the volume holds; return the number of files kept. None where no
-    snapshot can be taken (the files are reflinked then)."""
-    volume = source.parent
-    if source.name != "pgdata" or not subvolume.is_subvolume(volume):
+    snapshot can be taken (the files are reflinked then). The snapshot's pgdata must be the
+    very directory source names (a snapshot keeps inode numbers): one swapped in since is
+    refused, never walked."""
+    if not subvolume.is_subvolume(volume):
         return None
+    expected = os.stat(source)
     try:
         subvolume.snapshot(volume, partial)
     except OSError as err:
         if err.errno in (errno.EXDEV, errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP):
             return None  # another filesystem: the copy says what is wrong
         raise
+    pgdata = partial / "pgdata"
+    try:
+        got = os.lstat(pgdata)
+    except FileNotFoundError:
+        got = None
+    if got is None or not stat.S_ISDIR(got.st_mode) or got.st_ino != expected.st_ino:
+        remove_tree(partial)
+        raise FailedPrecondition(
+            "the source's data directory was replaced while it was copied; the clone starts over"
+        )
     for entry in os.listdir(partial):
         if entry != "pgdata":
             remove_tree(partial / entry)
-    pgdata = partial / "pgdata"
     owner = os.lstat(pgdata)
     kept = 0
     for root, dirs, names in os.walk(pgdata):

@@ -7,12 +7,14 @@ node agent in Kubernetes mode."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..core.capture import part_of
@@ -72,6 +74,27 @@ def _control_state(pgdata_fd: int) -> int:
     if len(head) < 20:
         return -1
     return int.from_bytes(head[16:20], "little")
+
+
+def _step_into(fd: int, part: str, path: Path, volume: Path) -> int:
+    """The descriptor of directory part inside fd, never through a link."""
+    try:
+        st = os.lstat(part, dir_fd=fd)
+        if stat.S_ISLNK(st.st_mode):
+            raise FailedPrecondition(
+                f"source directory {path}: {part} is a symbolic link; a source is read "
+                f"only within its own volume ({volume}), so it cannot be copied"
+            )
+        if not stat.S_ISDIR(st.st_mode):
+            raise FailedPrecondition(f"source directory {path}: {part} is not a directory")
+        inner = reflink.open_dir(part, fd)
+    except OSError as err:
+        reason = {
+            errno.ENOTDIR: "was replaced while it was opened",
+            errno.ELOOP: "was replaced while it was opened",
+        }.get(err.errno or 0, f"is missing ({err.strerror})")
+        raise FailedPrecondition(f"source directory {path}: {part} {reason}") from None
+    return inner
 
 
 class LocalDisk:
@@ -232,30 +255,40 @@ class LocalDisk:
             return
         part = part_of(piece)
         top = self.data_dir(capture)
-        src = self.source_dir(top / part.inside, top)
+        with self.source_dir(top / part.inside, top) as src:
+            how = self._cut(capture, record, part.into, src, wal_link)
+        log.info(
+            "cut %s %s from capture %s (%s, %s)", record.kind, record.guid, capture.guid, piece, how
+        )
+
+    def _cut(
+        self, capture: VolumeRecord, record: VolumeRecord, into: str, src: Path, wal_link: str
+    ) -> str:
+        final = self.data_dir(record)
+        top = self.data_dir(capture)
         reflink.probe(self.layout.state_dir)
         final.parent.mkdir(mode=0o700, exist_ok=True)
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         remove_tree(partial)
         try:
-            if part.into == "pgdata" and self.subvolumes and subvolume.is_subvolume(top):
+            if into == "pgdata" and self.subvolumes and subvolume.is_subvolume(top):
                 subvolume.snapshot(top, partial)  # the whole capture at once, then trimmed
                 for entry in os.listdir(partial):
-                    if entry != part.into:
+                    if entry != into:
                         remove_tree(partial / entry)
                 how = "snapshot"
-            elif part.into:
+            elif into:
                 self.new_top(partial)
                 # The new volume's top directory is owned like the capture's (CNPG: postgres).
                 st = os.stat(top)
                 os.chown(partial, st.st_uid, st.st_gid)
                 os.chmod(partial, stat.S_IMODE(st.st_mode))
-                how = f"{reflink.copy_tree(src, partial / part.into)} files"
+                how = f"{reflink.copy_tree(src, partial / into)} files"
             else:
                 self.new_top(partial)
                 how = f"{reflink.copy_tree(src, partial, into_existing=True)} files"
-            wal = partial / part.into / "pg_wal"
-            if wal_link and part.into == "pgdata" and not wal.is_symlink():
+            wal = partial / into / "pg_wal"
+            if wal_link and into == "pgdata" and not wal.is_symlink():
                 st = os.stat(wal)
                 remove_tree(wal)
                 os.symlink(wal_link, wal)
@@ -265,14 +298,7 @@ class LocalDisk:
         except BaseException:
             remove_tree(partial)
             raise
-        log.info(
-            "cut %s %s from capture %s (%s, %s)",
-            record.kind,
-            record.guid,
-            capture.guid,
-            piece,
-            how,
-        )
+        return how
 
     def adopt(self, record: VolumeRecord, moved_from: Path) -> None:
         """Move a hot clone's <label> directory into place: one rename on the same mount, or a
@@ -310,13 +336,13 @@ class LocalDisk:
         """The PostgreSQL of a fenced instance is down: no postmaster.pid in its PGDATA, and its
         control file says it was shut down (as a primary or as a standby). SourceUnavailable
         otherwise: CNPG stops it after fencing, and the copy is retried."""
-        real = self.source_dir(pgdata, pgdata.parent)
-        top = reflink.open_dir(real)
-        try:
-            running = _exists(top, "postmaster.pid")
-            state = _control_state(top)
-        finally:
-            os.close(top)
+        with self.source_dir(pgdata, pgdata.parent) as real:
+            top = reflink.open_dir(real)
+            try:
+                running = _exists(top, "postmaster.pid")
+                state = _control_state(top)
+            finally:
+                os.close(top)
         if running or state not in SHUT_DOWN:
             raise SourceUnavailable(
                 f"{instance} is fenced, but its PostgreSQL has not shut down yet "
@@ -324,11 +350,15 @@ class LocalDisk:
                 "the cold copy is retried once it has"
             )
 
-    def source_dir(self, path: Path, volume: Path) -> Path:
+    @contextlib.contextmanager
+    def source_dir(self, path: Path, volume: Path) -> Iterator[Path]:
         """A source's directory named by a record, within the source volume's own directory
-        (under the prefix or a source root, kubelet's directory). No symbolic link is followed
-        on the way from the volume to it: one could lead into another tenant's volume. Errors
-        name only what the record named, never where a link points."""
+        (under the prefix or a source root, kubelet's directory), resolved once: walked from
+        the volume one component at a time, never through a symbolic link (one could lead
+        into another tenant's volume), and held open while the caller uses it. What it yields
+        names that directory itself (/proc/self/fd/N): a link swapped in on the way after the
+        check is never taken. Errors name only what the record named, never where a link
+        points."""
         root = Path(os.path.realpath(volume))
         inside = self.layout.contains(root) or any(r in root.parents for r in self.source_roots)
         try:
@@ -341,23 +371,15 @@ class LocalDisk:
                 f"{self.layout.prefix} or {', '.join(map(str, self.source_roots)) or '-'}; "
                 "it cannot be copied"
             )
-        real = root
-        for part in relative.parts:
-            real = real / part
-            try:
-                mode = os.lstat(real).st_mode
-            except OSError as err:
-                raise FailedPrecondition(
-                    f"source directory {path}: {part} is missing ({err.strerror})"
-                ) from None
-            if stat.S_ISLNK(mode):
-                raise FailedPrecondition(
-                    f"source directory {path}: {part} is a symbolic link; a source is read "
-                    f"only within its own volume ({volume}), so it cannot be copied"
-                )
-            if not stat.S_ISDIR(mode):
-                raise FailedPrecondition(f"source directory {path}: {part} is not a directory")
-        return real
+        fd = reflink.open_dir(root)
+        try:
+            for part in relative.parts:
+                inner = _step_into(fd, part, path, volume)
+                os.close(fd)
+                fd = inner
+            yield reflink.held(fd)
+        finally:
+            os.close(fd)
 
     def remove(self, record: VolumeRecord) -> None:
         final = self.data_dir(record)

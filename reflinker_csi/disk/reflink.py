@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -73,8 +74,21 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
+_HELD = re.compile(r"^/proc/self/fd/([0-9]+)$")
+
+
+def held(fd: int) -> Path:
+    """A path that names the directory fd holds, whatever is renamed or swapped meanwhile:
+    open_dir() opens that directory again through fd, and a path below it resolves from it."""
+    return Path(f"/proc/self/fd/{fd}")
+
+
 def open_dir(name: str | Path, dir_fd: int | None = None) -> int:
-    """A directory's descriptor, never through a symbolic link (ELOOP or ENOTDIR instead)."""
+    """A directory's descriptor, never through a symbolic link (ELOOP or ENOTDIR instead);
+    a held() directory through its descriptor."""
+    found = _HELD.match(str(name)) if dir_fd is None else None
+    if found:
+        return os.open(".", _DIR_FLAGS, dir_fd=int(found.group(1)))
     return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
 
 

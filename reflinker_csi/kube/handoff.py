@@ -29,11 +29,13 @@ Step; the record's phases are Pending (steps under way), Ready (Complete done), 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -228,10 +230,19 @@ def _lsn(value: str, field: str) -> int:
 class NodeSteps:
     """The steps of native hot copies whose source is on this node."""
 
-    def __init__(self, registry: KubeRegistry, disk: LocalDisk, node_id: str) -> None:
+    def __init__(
+        self,
+        registry: KubeRegistry,
+        disk: LocalDisk,
+        node_id: str,
+        checked: Callable[[Path], None] = lambda source: None,
+    ) -> None:
         self.registry = registry
         self.disk = disk
         self.node_id = node_id
+        # Called between a source's check and its use (a test seam: a swap made there must
+        # not be taken).
+        self.checked = checked
 
     def partial(self, record: VolumeRecord) -> Path:
         final = self.disk.data_dir(record)
@@ -254,47 +265,53 @@ class NodeSteps:
             },
         )
         # source_dir is <the source volume's directory on this node>/pgdata (the controller's
-        # reading of the PV, not the source server's answer).
+        # reading of the PV, not the source server's answer). Each directory is resolved once
+        # and held while it is used: a link swapped in after the check is never taken.
         named = Path(hand_off.source_dir)
-        source = self.disk.source_dir(named, named.parent)
-        if hand_off.step == Step.COPY:
-            self.disk.check_room(self.node_id)
-            began = time.monotonic()
-            spaces = None
-            if record.kind == Kind.CAPTURE:
-                spaces = self._tablespaces(source, hand_off.volumes)
-            files = backup.copy_data(source, partial, hand_off.attempt, hand_off.system_id, spaces)
-            log.info(
-                "hot clone copied",
-                extra={
-                    "fields": {
-                        "guid": record.guid,
-                        "files": files,
-                        "ms": round((time.monotonic() - began) * 1000, 1),
-                    }
-                },
-            )
-        elif hand_off.step == Step.FINISH:
-            backup.finish(
-                partial,
-                hand_off.attempt,
-                self._wal_dir(source, hand_off.volumes),
-                hand_off.label_file,
-                hand_off.map_file,
-                _lsn(hand_off.start_lsn, "startLSN"),
-                _lsn(hand_off.stop_lsn, "stopLSN"),
-                hand_off.segment_bytes,
-            )
-        else:
-            self.disk.limit(record, partial)  # btrfs: the new volume's size
-            backup.complete(partial, self.disk.data_dir(record), hand_off.attempt)
-            return True
+        with contextlib.ExitStack() as held:
+            source = held.enter_context(self.disk.source_dir(named, named.parent))
+            self.checked(source)
+            if hand_off.step == Step.COPY:
+                self.disk.check_room(self.node_id)
+                began = time.monotonic()
+                spaces = None
+                if record.kind == Kind.CAPTURE:
+                    spaces = self._tablespaces(source, hand_off.volumes, held)
+                files = backup.copy_data(
+                    source, partial, hand_off.attempt, hand_off.system_id, spaces, named.parent
+                )
+                log.info(
+                    "hot clone copied",
+                    extra={
+                        "fields": {
+                            "guid": record.guid,
+                            "files": files,
+                            "ms": round((time.monotonic() - began) * 1000, 1),
+                        }
+                    },
+                )
+            elif hand_off.step == Step.FINISH:
+                backup.finish(
+                    partial,
+                    hand_off.attempt,
+                    self._wal_dir(source, hand_off.volumes, held),
+                    hand_off.label_file,
+                    hand_off.map_file,
+                    _lsn(hand_off.start_lsn, "startLSN"),
+                    _lsn(hand_off.stop_lsn, "stopLSN"),
+                    hand_off.segment_bytes,
+                )
+            else:
+                self.disk.limit(record, partial)  # btrfs: the new volume's size
+                backup.complete(partial, self.disk.data_dir(record), hand_off.attempt)
+                return True
         self.registry.set_step_done(record, hand_off.attempt, hand_off.step)
         return False
 
-    def _wal_dir(self, source: Path, volumes: dict[str, str]) -> Path:
+    def _wal_dir(self, source: Path, volumes: dict[str, str], held: contextlib.ExitStack) -> Path:
         """The source's pg_wal on this node: in the data directory, or on the pod's WAL volume
-        when pg_wal links there (a path inside the pod, mapped through its volumes)."""
+        when pg_wal links there (a path inside the pod, mapped through its volumes, resolved
+        from that volume and held)."""
         wal = source / "pg_wal"
         if not wal.is_symlink():
             return wal
@@ -302,17 +319,20 @@ class NodeSteps:
         if found is None:
             # Not the link's target: it may name another volume's directory on this node.
             raise FailedPrecondition(
-                f"pg_wal in {source} links to a path on none of the server pod's volumes "
-                f"({', '.join(sorted(volumes)) or 'none'}); a source's WAL is read only from "
-                "its own volumes, so it cannot be copied"
+                "pg_wal in the source's data directory links to a path on none of the server "
+                f"pod's volumes ({', '.join(sorted(volumes)) or 'none'}); a source's WAL is read "
+                "only from its own volumes, so it cannot be copied"
             )
         _, node_path, inside = found
-        return self.disk.source_dir(node_path / inside, node_path)
+        return held.enter_context(self.disk.source_dir(node_path / inside, node_path))
 
-    def _tablespaces(self, source: Path, volumes: dict[str, str]) -> dict[str, tuple[Path, str]]:
+    def _tablespaces(
+        self, source: Path, volumes: dict[str, str], held: contextlib.ExitStack
+    ) -> dict[str, tuple[Path, str, Path]]:
         """A capture's tablespaces: name -> (its volume's directory on this node, the location
-        inside it), from the links in pg_tblspc, each on one of the pod's tablespace volumes."""
-        found: dict[str, tuple[Path, str]] = {}
+        inside it, that location held), from the links in pg_tblspc, each on one of the pod's
+        tablespace volumes."""
+        found: dict[str, tuple[Path, str, Path]] = {}
         links = source / "pg_tblspc"
         for oid in sorted(os.listdir(links)) if links.is_dir() else []:
             if not (links / oid).is_symlink():
@@ -321,14 +341,15 @@ class NodeSteps:
             prefix = CNPG_TABLESPACES_MOUNT + "/"
             name = on[0][len(prefix) :] if on and on[0].startswith(prefix) else ""
             if on is None or not name or "/" in name:
+                listed = ", ".join(sorted(volumes)) or "none"
                 raise FailedPrecondition(
-                    f"tablespace {oid} in {source} links to a path on none of the server pod's "
-                    f"tablespace volumes ({', '.join(sorted(volumes)) or 'none'}); a source's "
-                    "tablespaces are read only from their own volumes, so it cannot be copied"
+                    f"tablespace {oid} in the source's data directory links to a path on none "
+                    f"of the server pod's tablespace volumes ({listed}); a source's tablespaces "
+                    "are read only from their own volumes, so it cannot be copied"
                 )
             _, node_path, inside = on
-            self.disk.source_dir(node_path / inside, node_path)  # no link on the way
-            found[name] = (Path(os.path.realpath(node_path)), inside)
+            space = held.enter_context(self.disk.source_dir(node_path / inside, node_path))
+            found[name] = (Path(os.path.realpath(node_path)), inside, space)
         return found
 
     @staticmethod
