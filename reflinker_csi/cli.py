@@ -29,6 +29,7 @@ from .disk.publish import Publisher
 from .kube import api as kube_api
 from .kube import app
 from .kube.node_agent import require_reflink_prefix
+from .kube.review import TokenAuthorizer
 from .kube.runtime import Runner
 from .metrics import Metrics
 from .pg.backup import native_hot_clone
@@ -152,12 +153,17 @@ def _settings(cfg: config.Config) -> app.Settings:
     )
 
 
+def _metrics_readers(cfg: config.Config, kube: kube_api.Kube) -> TokenAuthorizer | None:
+    return TokenAuthorizer(kube) if cfg.metrics_auth == "kubernetes" else None
+
+
 def run_controller(cfg: config.Config) -> int:
     """Kubernetes: Identity + Controller beside csi-provisioner; records are ReflinkVolumes;
     the loops of kube/app.py on the reconcile runtime."""
     metrics = Metrics()
-    started = app.controller(kube_api.connect(), _settings(cfg), metrics)
-    metrics.serve(cfg.metrics_port)
+    kube = kube_api.connect()
+    started = app.controller(kube, _settings(cfg), metrics)
+    metrics.serve(cfg.metrics_port, _metrics_readers(cfg, kube))
     identity = IdentityServicer(cfg.driver_name, started.ready, controller=True)
     controller = ControllerServicer(started.volumes)
     return _serve(
@@ -180,7 +186,7 @@ def run_node(cfg: config.Config) -> int:
     kube = kube_api.connect()
     require_reflink_prefix(kube, disk, cfg.node_id)
     started = app.node(kube, _settings(cfg), disk, metrics)
-    metrics.serve(cfg.metrics_port)
+    metrics.serve(cfg.metrics_port, _metrics_readers(cfg, kube))
     identity = IdentityServicer(
         cfg.driver_name, prefix_usable(str(layout.prefix)), controller=False
     )

@@ -58,6 +58,15 @@ def _cow_size(raw: str) -> int:
     return value
 
 
+def _metrics_auth(mode: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw == "none" or (raw == "kubernetes" and mode != "standalone"):
+            return raw
+        raise ValueError
+
+    return parse
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -88,6 +97,9 @@ class Config:
     cow_extent_size: int
     metrics_port: int
     usage_interval_seconds: float
+    # Who may read /metrics: "kubernetes" (a bearer token the API server allows GET /metrics)
+    # or "none" (anyone who reaches the port).
+    metrics_auth: str = "none"
 
 
 def _get(env: Mapping[str, str], name: str, default: str | None) -> str | None:
@@ -295,6 +307,14 @@ def load(env: Mapping[str, str] | None = None, mode: str = "standalone") -> Conf
             {"controller": "9810", "node": "9811"}.get(mode, "0"),
             "a TCP port from 1 to 65535, or 0 for no /metrics endpoint",
             _port,
+        ),
+        metrics_auth=_parse(
+            env,
+            "METRICS_AUTH",
+            "none" if mode == "standalone" else "kubernetes",
+            "kubernetes (a bearer token allowed to GET /metrics) or none"
+            + (" (standalone has no API server: none)" if mode == "standalone" else ""),
+            _metrics_auth(mode),
         ),
         usage_interval_seconds=_parse(
             env,

@@ -1,12 +1,17 @@
 """Prometheus metrics of the controller and the node plugin, served on METRICS_PORT at
-/metrics. Names start with pg_reflinker_; docs/metrics.md lists them."""
+/metrics. Names start with pg_reflinker_; docs/space.md lists them. In Kubernetes the endpoint
+answers only a bearer token the API server authenticates and authorizes for GET /metrics."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +46,18 @@ class Metrics:
         self.volumes = Gauge(
             "pg_reflinker_volumes", "Volumes and snapshots on this node", ["node"], registry=r
         )
+        # A volume by its claim (or a snapshot by its VolumeSnapshot), as an admin knows it.
+        owner = ["namespace", "persistentvolumeclaim", "volumesnapshot", "node"]
         self.used = Gauge(
             "pg_reflinker_volume_used_bytes",
             "Bytes allocated to a volume's files, shared or not",
-            ["volume", "node"],
+            owner,
             registry=r,
         )
         self.own = Gauge(
             "pg_reflinker_volume_own_bytes",
             "Bytes of a volume shared with no other file: what it really costs",
-            ["volume", "node"],
+            owner,
             registry=r,
         )
         self.free = Gauge(
@@ -88,10 +95,48 @@ class Metrics:
     def reconcile_error(self, loop: str) -> None:
         self.reconcile_errors.labels(loop).inc()
 
-    def serve(self, port: int) -> threading.Thread | None:
-        """Serve /metrics on port (all addresses); None when port is 0."""
+    def serve(
+        self, port: int, authorize: Callable[[str], bool] | None = None
+    ) -> threading.Thread | None:
+        """Serve /metrics on port (all addresses); None when port is 0. authorize: whether a
+        bearer token may read them (None: anyone may)."""
         if not port:
             return None
-        _, thread = start_http_server(port, registry=self.registry)
-        log.info("metrics", extra={"fields": {"port": port, "path": "/metrics"}})
+        app = make_wsgi_app(self.registry)
+        if authorize is not None:
+            app = _bearer_only(app, authorize)
+        server = make_server("", port, app, ThreadingWSGIServer, handler_class=_Quiet)
+        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        thread.start()
+        log.info(
+            "metrics",
+            extra={"fields": {"port": port, "path": "/metrics", "auth": authorize is not None}},
+        )
         return thread
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+_App = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _bearer_only(app: _App, authorize: Callable[[str], bool]) -> _App:
+    """401 without a bearer token, 403 for one that may not read /metrics."""
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        scheme, _, token = str(environ.get("HTTP_AUTHORIZATION", "")).partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")],
+            )
+            return [b"a bearer token that may get /metrics is needed\n"]
+        if not authorize(token.strip()):
+            start_response("403 Forbidden", [("Content-Type", "text/plain")])
+            return [b"this token may not get /metrics\n"]
+        return app(environ, start_response)
+
+    return guarded

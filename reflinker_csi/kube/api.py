@@ -66,6 +66,11 @@ VOLUMESNAPSHOTS = Resource(
 )
 CNPG_CLUSTERS = Resource("postgresql.cnpg.io", "v1", "clusters", "Cluster", True)
 REFLINKVOLUMES = Resource("pg-reflinker.csi", "v1alpha1", "reflinkvolumes", "ReflinkVolume", False)
+# Who may read /metrics: a bearer token, reviewed by the API server.
+TOKENREVIEWS = Resource("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False)
+SUBJECTACCESSREVIEWS = Resource(
+    "authorization.k8s.io", "v1", "subjectaccessreviews", "SubjectAccessReview", False
+)
 
 
 class ApiError(Exception):

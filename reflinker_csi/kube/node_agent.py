@@ -24,11 +24,14 @@ from ..core.keys import (
     ANNOTATION_FLOOR_BYTES,
     ANNOTATION_FREE_BYTES,
     ANNOTATION_REPORTED_AT,
+    CTX_CLAIM,
     CTX_PIECE,
     CTX_SOURCE_FENCED,
     CTX_WAL_LINK,
     FINALIZER,
     NODE_COMPONENT,
+    SNAPSHOT_NAME,
+    SNAPSHOT_NAMESPACE,
 )
 from ..core.observe import Recorder
 from ..core.records import CloneMode, Kind, Phase, VolumeRecord
@@ -45,6 +48,19 @@ from .registry import KubeRegistry
 from .runtime import DONE, Requeue, Result
 
 log = logging.getLogger(__name__)
+
+
+def owner_labels(record: VolumeRecord) -> tuple[str, str, str] | None:
+    """(namespace, claim, VolumeSnapshot) a volume's metrics are labelled with: what an admin
+    knows it by, never its GUID. None for what has neither (a capture, a volume made without
+    csi-provisioner's --extra-create-metadata): its space still counts on its record."""
+    namespace, _, claim = record.context.get(CTX_CLAIM, "").rpartition("/")
+    if record.kind == Kind.VOLUME and claim:
+        return namespace, claim, ""
+    snapshot = record.parameters.get(SNAPSHOT_NAME, "")
+    if record.kind == Kind.SNAPSHOT and snapshot:
+        return record.parameters.get(SNAPSHOT_NAMESPACE, ""), "", snapshot
+    return None
 
 
 class NodeAgent:
@@ -201,6 +217,7 @@ class NodeSpace:
         self.usage_interval = usage_interval
         self._warned = False
         self._measured: dict[str, Usage] = {}
+        self._owners: dict[str, tuple[str, str, str]] = {}  # guid -> its series' labels
         self.events = EventRecorder(kube, NODE_COMPONENT, node_id)
 
     def report(self) -> None:
@@ -243,8 +260,11 @@ class NodeSpace:
                 continue
             usage, _ = volume_usage(directory)
             seen.add(record.guid)
-            self.metrics.used.labels(record.guid, self.node_id).set(usage.used_bytes)
-            self.metrics.own.labels(record.guid, self.node_id).set(usage.own_bytes)
+            owner = owner_labels(record)
+            if owner is not None:
+                self.metrics.used.labels(*owner, self.node_id).set(usage.used_bytes)
+                self.metrics.own.labels(*owner, self.node_id).set(usage.own_bytes)
+                self._owners[record.guid] = owner
             before = self._measured.get(record.guid)
             if (
                 before is None
@@ -255,8 +275,10 @@ class NodeSpace:
             self._measured[record.guid] = usage
         for gone in set(self._measured) - seen:
             self._measured.pop(gone)
-            self.metrics.used.remove(gone, self.node_id)
-            self.metrics.own.remove(gone, self.node_id)
+            gone_owner = self._owners.pop(gone, None)
+            if gone_owner is not None:
+                self.metrics.used.remove(*gone_owner, self.node_id)
+                self.metrics.own.remove(*gone_owner, self.node_id)
         self.metrics.scan_seconds.labels(self.node_id).set(time.monotonic() - began)
 
     def _event(self, reason: str, message: str) -> None:

@@ -6,6 +6,7 @@ The scenarios build on each other in file order (one source cluster for the pack
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -245,6 +246,82 @@ def test_a_bait_claim_naming_the_sources_volume_gets_the_tenant_nothing(
         for ns in (ATTACKER, SHARED):
             k8s.kubectl("delete", "pvc", "--all", "-n", ns, "--wait=true", check=False)
             k8s.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+METRICS_PROBE = """import sys, urllib.request, urllib.error
+url, token = sys.argv[1], sys.argv[2]
+request = urllib.request.Request(url, headers={"Authorization": "Bearer " + token} if token else {})
+try:
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        print(answer.status, "pg_reflinker_filesystem_free_bytes" in answer.read().decode())
+except urllib.error.HTTPError as err:
+    print(err.code, "pg_reflinker" in err.read().decode())
+"""
+
+
+def test_a_pod_in_a_tenants_namespace_reads_no_driver_metrics(k8s: OneNodeCluster) -> None:
+    """The metrics of the controller and the node plugin name every claim with a volume on a
+    node. A developer's pod (edit in its namespace, its default service account) reaches their
+    ports (this cluster's network plugin enforces no NetworkPolicy) and gets 401 without a
+    token and 403 with its own; the token of the chart's metrics reader gets them."""
+    from tests.e2e import images
+
+    ns = "tenant-metrics"
+    k8s.kubectl("create", "namespace", ns)
+    k8s.kubectl(
+        "create", "rolebinding", "dev-edit", "-n", ns, "--clusterrole=edit", f"--user={DEVELOPER}"
+    )
+    try:
+        _as_developer(
+            k8s,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "curious", "namespace": ns},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [
+                        {
+                            "name": "probe",
+                            "image": images.PROJECT,
+                            "imagePullPolicy": "Never",
+                            "command": ["sleep", "3600"],
+                        }
+                    ],
+                },
+            },
+        )
+        k8s.wait(
+            "the developer's pod Running",
+            lambda: k8s.get("pod", "curious", "-n", ns)["status"].get("phase") == "Running",
+            60,
+        )
+        pods = k8s.get("pods", "-n", "pg-reflinker")["items"]
+        ports = {"pg-reflinker-controller": 9810, "pg-reflinker-node": 9811}
+        urls = [
+            f"http://{p['status']['podIP']}:{ports[name]}/metrics"
+            for p in pods
+            if (name := p["metadata"].get("labels", {}).get("app.kubernetes.io/name")) in ports
+            and p["status"].get("podIP")
+        ]
+        assert len(urls) >= 2, urls
+        secret = k8s.get("secret", "pg-reflinker-metrics-token", "-n", "pg-reflinker")
+        reader = base64.b64decode(secret["data"]["token"]).decode()
+
+        def probe(url: str, token: str) -> str:
+            script = f"python3 -c '{METRICS_PROBE}' {url} {token}"
+            done = k8s.kubectl(
+                "--as", DEVELOPER, "exec", "-n", ns, "curious", "--", "sh", "-c", script
+            )
+            return done.stdout.strip()
+
+        own = "$(cat /var/run/secrets/kubernetes.io/serviceaccount/token)"
+        for url in urls:
+            assert probe(url, "") == "401 False", url
+            assert probe(url, own) == "403 False", url
+            assert probe(url, reader) == "200 True", url
+    finally:
+        k8s.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 EVIL = "evil"

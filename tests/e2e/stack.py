@@ -59,10 +59,32 @@ class Cluster:
     commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
     # /metrics of the driver processes, by process name
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    _metrics_token: str = ""
 
     def metrics(self, name: str) -> str:
+        """/metrics of a driver process, read with the token of the chart's metrics reader."""
+        if not self._metrics_token:
+            self._metrics_token = self.token("pg-reflinker", "pg-reflinker-metrics")
+        response = self.metrics_response(name, self._metrics_token)
+        assert response.status == 200, response.data
+        return str(response.data.decode())
+
+    def metrics_response(self, name: str, token: str = "") -> urllib3.BaseHTTPResponse:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         port = self.metrics_ports[name]
-        return urllib3.request("GET", f"http://127.0.0.1:{port}/metrics", timeout=5).data.decode()
+        return urllib3.request(
+            "GET", f"http://127.0.0.1:{port}/metrics", headers=headers, timeout=10
+        )
+
+    def token(self, namespace: str, service_account: str) -> str:
+        """A fresh token of a service account (TokenRequest), as a pod would mount it."""
+        request = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+        )
+        made = self.core.create_namespaced_service_account_token(
+            service_account, namespace, request
+        )
+        return str(made.status.token)
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
         self.commands[name] = (args, env)
@@ -191,6 +213,7 @@ def _driver_env(
         PG_STATEMENT_TIMEOUT="60",
         NAMESPACE_PATH=namespace_path,
         METRICS_PORT=str(cluster.metrics_ports.setdefault(name, free_port())),
+        USAGE_INTERVAL="2",
     )
     return env
 

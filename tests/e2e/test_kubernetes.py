@@ -142,6 +142,42 @@ def test_claim_whose_source_no_pod_uses_gets_a_cold_clone(cluster: Cluster) -> N
     assert re.search(r'^pg_reflinker_free_space_floor_bytes\{node="node-a"\} [1-9]', node, re.M)
 
 
+def test_metrics_name_claims_and_answer_only_a_token_allowed_to_read_them(
+    cluster: Cluster,
+) -> None:
+    """/metrics of both processes: nothing without a bearer token (401), nothing for the token
+    of a tenant's pod (its namespace's default service account: 403), everything for the
+    chart's metrics reader; a volume's series name its claim, never its GUID."""
+    cluster.pvc("measured")
+    guid = cluster.wait_bound("measured").spec.csi.volume_handle
+    tenant = wait_for("the tenant's service account", lambda: _token_or_none(cluster), 30)
+    for process in ("controller", "node"):
+        anonymous = cluster.metrics_response(process)
+        assert anonymous.status == 401 and b"pg_reflinker" not in anonymous.data, process
+        denied = cluster.metrics_response(process, tenant)
+        assert denied.status == 403 and b"pg_reflinker" not in denied.data, process
+    series = wait_for(
+        "the claim's own bytes on the node's /metrics",
+        lambda: [
+            line
+            for line in cluster.metrics("node").splitlines()
+            if line.startswith("pg_reflinker_volume_own_bytes{")
+            and 'persistentvolumeclaim="measured"' in line
+        ],
+        30,
+    )
+    assert f'namespace="{NS}"' in series[0], series
+    assert guid not in cluster.metrics("node")
+    cluster.core.delete_namespaced_persistent_volume_claim("measured", NS)
+
+
+def _token_or_none(cluster: Cluster) -> str | None:
+    try:
+        return cluster.token(NS, "default")
+    except client.exceptions.ApiException:
+        return None
+
+
 def test_missing_replication_secret_is_named_and_the_claim_binds_once_it_exists(
     cluster: Cluster, cnpg: CnpgInstance
 ) -> None:

@@ -44,6 +44,8 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set=volumeSnapshotClass.deletionPolicy=Retain",
         "--set=image.repository=registry.example.org/pg-reflinker",
         "--set=image.pullPolicy=Always",
+        "--set=metrics.auth=none",
+        "--set=metrics.networkPolicy.enabled=false",
     ],
 }
 HEADER = "# Generated from charts/pg-reflinker by `make deploy`: change the chart, not this file.\n"

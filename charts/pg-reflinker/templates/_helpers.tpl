@@ -17,3 +17,16 @@ imagePullPolicy: {{ . }}
 {{- define "pg-reflinker.user" -}}
 system:serviceaccount:{{ .Release.Namespace }}:pg-reflinker-{{ .component }}
 {{- end }}
+
+{{/* The rules a process needs to ask the API server who may read its /metrics. */}}
+{{- define "pg-reflinker.metricsReviews" -}}
+{{- if eq .Values.metrics.auth "kubernetes" }}
+  # Who may read /metrics: the scraper's bearer token, reviewed by the API server.
+  - apiGroups: [authentication.k8s.io]
+    resources: [tokenreviews]
+    verbs: [create]
+  - apiGroups: [authorization.k8s.io]
+    resources: [subjectaccessreviews]
+    verbs: [create]
+{{- end }}
+{{- end }}
