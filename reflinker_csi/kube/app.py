@@ -16,6 +16,7 @@ from . import api
 from .annotator import PvAnnotator
 from .capture import Captures
 from .claims import ClaimLoop
+from .gate import SourceGate
 from .locator import KubeSourceLocator
 from .materializer import KubeMaterializer, NodeReports
 from .node_agent import NodeAgent, NodeSpace
@@ -80,6 +81,7 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
         settings.pg_statement_timeout,
         captures,
         claims,
+        SourceGate(kube, settings.pod_namespace, settings.backup_mode_limit),
         settings.backup_mode_limit,
     )
     locator = KubeSourceLocator(kube, pvs, layout, settings.driver_name, settings.target_root)

@@ -4,13 +4,10 @@ come from what each node plugin reports on its Node."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from ..core.capture import PG_DATA, PG_TABLESPACE, pieces_held, pieces_of
@@ -45,6 +42,7 @@ from ..pg.backup import native_clone
 from ..pg.source import call_function, has_function, session
 from .capture import Captures
 from .fields import obj
+from .gate import SourceGate
 from .handoff import RecordCopier
 from .model import CSINode, Meta, parse_time
 from .registry import KubeRegistry
@@ -54,9 +52,6 @@ log = logging.getLogger(__name__)
 
 # A node whose plugin has not reported for this long is not offered for new empty volumes.
 REPORT_STALE_SECONDS = 300.0
-# How long a request waits at a source instance's gate before it is retried later: a source
-# that holds every attempt to its deadline (the tenant's own server) holds one worker, not all.
-GATE_WAIT_SECONDS = 5.0
 
 
 def host_path_of(returned: str, location: SourceLocation, layout: Layout, label: str) -> str:
@@ -145,8 +140,10 @@ class KubeMaterializer:
         statement_timeout: float,
         captures: Captures,
         claims: Informer,
+        gate: SourceGate,
         backup_limit: float = 60.0,
     ) -> None:
+        self.gate = gate
         self.captures = captures
         self.claims = claims
         self.registry = registry
@@ -155,8 +152,6 @@ class KubeMaterializer:
         self.connect_timeout = connect_timeout
         self.statement_timeout = statement_timeout
         self.backup_limit = backup_limit
-        self._gates_lock = threading.Lock()
-        self._gates: dict[str, threading.Lock] = {}
 
     def placement(self, required_bytes: int, claim: str) -> Placement:
         """Schedulable nodes with room, most free first. A claim the scheduler placed goes to
@@ -294,7 +289,11 @@ class KubeMaterializer:
         """The hot copy, one backup at a time per source instance; the record when it is
         Ready already (native, or made meanwhile), None when the node agent puts it in place."""
         self._check_room(record.node)
-        with self._one_backup_at_a_time(location, deadline):
+        server = location.server
+        assert server is not None
+        instance = f"{server.namespace}/{server.pod}"
+        what = location.context.get(CTX_SOURCE_PVC) or instance
+        with self.gate.held(instance, what, deadline):
             current = self.registry.get_by_name(record.name, record.kind)
             if current is not None and current.phase == Phase.READY:
                 return current  # made while this request waited at the gate
@@ -303,27 +302,6 @@ class KubeMaterializer:
             left = max(1.0, deadline - time.monotonic())
             budget = min(self.statement_timeout, self.backup_limit, left)
             return self._hot_clone(record, location, budget, deadline)
-
-    @contextlib.contextmanager
-    def _one_backup_at_a_time(self, location: SourceLocation, deadline: float) -> Iterator[None]:
-        """The source instance's gate: a request for a copy of it waits here a few seconds for
-        the one in backup mode (an immediate checkpoint each, never several at once), then is
-        retried, so the requests for one source never hold more than one worker."""
-        server = location.server
-        assert server is not None
-        key = f"{server.namespace}/{server.pod}"
-        with self._gates_lock:
-            gate = self._gates.setdefault(key, threading.Lock())
-        wait = min(GATE_WAIT_SECONDS, deadline - time.monotonic())
-        if not gate.acquire(timeout=max(0.0, wait)):
-            raise OperationInProgress(
-                f"another copy of {location.context.get(CTX_SOURCE_PVC) or key} is being taken; "
-                "a source instance serves one backup at a time, this request is retried"
-            )
-        try:
-            yield
-        finally:
-            gate.release()
 
     def _hot_clone(
         self, record: VolumeRecord, location: SourceLocation, budget: float, deadline: float
