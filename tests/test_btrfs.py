@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,6 +121,11 @@ def test_a_volume_holding_subvolumes_its_tenant_made_is_deleted_whole(driver: Dr
     subvolume.create(inner)
     subvolume.create(inner / "deeper")
     write(inner / "deeper" / "file", 1 * MiB)
+    # A read-only one (btrfs property set -ts ... ro true), whose files cannot be unlinked.
+    frozen = driver.prefix / doomed / "frozen"
+    subvolume.create(frozen)
+    write(frozen / "file", 1 * MiB)
+    subprocess.run(["btrfs", "property", "set", "-ts", str(frozen), "ro", "true"], check=True)
     driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=doomed))
     assert not (driver.prefix / doomed).exists()
     assert (driver.prefix / kept / "base").stat().st_size == 1 * MiB

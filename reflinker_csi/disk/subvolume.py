@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 import stat
 import struct
 from dataclasses import dataclass
@@ -82,14 +81,43 @@ def snapshot(source: Path, path: Path) -> None:
 
 def delete(path: Path) -> None:
     """Remove the subvolume at path with everything in it (its space comes back in the
-    background). Subvolumes nested in it (a tenant may make some in its own volume) are
-    removed as directories are, through descriptors that never follow a link out of it."""
+    background). Subvolumes nested in it (a tenant may make some in its own volume, read-only
+    ones too) are destroyed first, deepest first, found through descriptors that never follow a
+    link out of it."""
     try:
         _in_parent(path, BTRFS_IOC_SNAP_DESTROY)
+        return
     except OSError as err:
         if err.errno != errno.ENOTEMPTY:
             raise
-        shutil.rmtree(path)  # rmdir takes an empty subvolume too
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _destroy_nested(fd, os.fstat(fd).st_dev)
+    finally:
+        os.close(fd)
+    _in_parent(path, BTRFS_IOC_SNAP_DESTROY)
+
+
+def _destroy_nested(dir_fd: int, device: int) -> None:
+    """Destroy every subvolume below the directory dir_fd (of the subvolume on device)."""
+    with os.scandir(dir_fd) as entries:
+        names = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    for name in names:
+        try:
+            fd = os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+            )
+        except OSError:
+            continue  # gone, or replaced by a link: nothing of ours below it
+        try:
+            st = os.fstat(fd)
+            nested = st.st_ino == _FIRST_FREE_OBJECTID and st.st_dev != device
+            _destroy_nested(fd, st.st_dev if nested else device)
+        finally:
+            os.close(fd)
+        if nested:
+            # Root destroys a subvolume, read-only or not, in one call.
+            fcntl.ioctl(dir_fd, BTRFS_IOC_SNAP_DESTROY, _vol_args(name))
 
 
 def enable_quota(path: Path) -> None:

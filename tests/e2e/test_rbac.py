@@ -135,18 +135,46 @@ def test_the_controller_creates_only_volumes_of_this_driver(cluster: Cluster) ->
     with pytest.raises(ApiError) as denied:
         controller.create(VOLUMES, root_on_a_node)
     assert denied.value.status == 403
-    assert "may only create or change PersistentVolumes of driver pg-reflinker.csi" in str(
+    assert "may only create, change or delete PersistentVolumes of driver pg-reflinker.csi" in str(
         denied.value
     )
+    # Nor delete one: an admin's hostPath PV stays.
+    admin = Kube(cluster.plane.api_client())
+    admin.create(VOLUMES, root_on_a_node)
+    try:
+        with pytest.raises(ApiError) as denied:
+            controller.delete(VOLUMES, "rbac-hostpath")
+        assert denied.value.status == 403, denied.value
+        assert admin.get(VOLUMES, "rbac-hostpath") is not None
+    finally:
+        admin.delete(VOLUMES, "rbac-hostpath")
     ours = {
         "metadata": {"name": "rbac-ours"},
         "spec": {
             "capacity": {"storage": "1Gi"},
             "accessModes": ["ReadWriteOnce"],
             "csi": {"driver": "pg-reflinker.csi", "volumeHandle": str(uuid.uuid4())},
+            "claimRef": {"namespace": NS, "name": "asked", "uid": str(uuid.uuid4())},
         },
     }
+    for wrong, message in (
+        ({"volumeHandle": "../../etc"}, "named by the volume id of its ReflinkVolume"),
+        ({"claimRef": {"namespace": NS, "name": "asked"}}, "names it whole"),
+    ):
+        bad = {**ours, "spec": {**ours["spec"]}}
+        if "volumeHandle" in wrong:
+            bad["spec"]["csi"] = {**ours["spec"]["csi"], **wrong}  # type: ignore[dict-item]
+        else:
+            bad["spec"].update(wrong)  # type: ignore[attr-defined]
+        with pytest.raises(ApiError) as denied:
+            controller.create(VOLUMES, bad)
+        assert denied.value.status == 403 and message in str(denied.value), denied.value
     controller.create(VOLUMES, ours)
+    # The claim it was made for is the claim it stays for.
+    with pytest.raises(ApiError) as denied:
+        controller.merge_patch(VOLUMES, "rbac-ours", {"spec": {"claimRef": {"name": "victim"}}})
+    assert denied.value.status == 403, denied.value
+    assert "may not point a PersistentVolume at another claim" in str(denied.value)
     controller.delete(VOLUMES, "rbac-ours")
 
 
