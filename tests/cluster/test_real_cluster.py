@@ -309,7 +309,7 @@ def test_a_pod_in_a_tenants_namespace_reads_no_driver_metrics(k8s: OneNodeCluste
         reader = base64.b64decode(secret["data"]["token"]).decode()
 
         def probe(url: str, token: str) -> str:
-            script = f"python3 -c '{METRICS_PROBE}' {url} {token}"
+            script = f"python3 -c '{METRICS_PROBE}' {url} \"{token}\""
             done = k8s.kubectl(
                 "--as", DEVELOPER, "exec", "-n", ns, "curious", "--", "sh", "-c", script
             )
