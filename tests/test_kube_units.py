@@ -6,21 +6,26 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from reflinker_csi.core import errors
 from reflinker_csi.core.layout import Layout
 from reflinker_csi.core.locator import SourceLocation
 from reflinker_csi.core.records import CloneMode, HandOff, Kind, Phase, Step, VolumeRecord
 from reflinker_csi.core.space import parse_quantity
-from reflinker_csi.kube.handoff import hand_off_body, hand_off_of
 from reflinker_csi.kube.materializer import host_path_of
-from reflinker_csi.kube.model import (
-    Claim,
-    Pod,
+from reflinker_csi.kube.model import Claim, Pod
+from reflinker_csi.kube.reflinkvolume import (
+    FIELDS,
+    hand_off_body,
+    hand_off_of,
     record_name,
     record_of,
+    status_body,
     to_body,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SRC = "11111111-2222-4333-8444-555555555555"
 NEW = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee"
@@ -216,3 +221,21 @@ def test_a_reference_grant_consents_only_to_claims_of_the_namespace_it_names() -
     # Hostile shapes read as no consent.
     assert not grants_clone({"spec": {"from": "tenant", "to": None}}, "tenant", "pg-prod-1")
     assert not grants_clone({}, "tenant", "pg-prod-1")
+
+
+def test_the_crd_declares_every_field_the_reflinkvolume_module_writes() -> None:
+    """kube/reflinkvolume.py is the record's schema in code; the CRD must declare each of its
+    fields (a field the API server does not know is pruned: the record would lose it)."""
+    crd = yaml.safe_load((ROOT / "charts/pg-reflinker/crds/reflinkvolume.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for part, names in FIELDS.items():
+        node = schema
+        for step in part.split("."):
+            node = node["properties"][step]
+        assert set(names) <= set(node["properties"]), (part, set(names) - set(node["properties"]))
+    # FIELDS is what the writers write: the bodies use no name it lacks.
+    record = VolumeRecord(guid="g", name="n", node="a", required_bytes=1, limit_bytes=0)
+    assert set(to_body(record)["spec"]) <= set(FIELDS["spec"])  # type: ignore[arg-type]
+    assert set(status_body(Phase.READY)["status"]) <= set(FIELDS["status"])  # type: ignore[arg-type]
+    hand_off = HandOff("a", Step.COPY, "/d", {}, "1", "0/0", 16 << 20)
+    assert set(hand_off_body(hand_off)) == set(FIELDS["spec.backup"])

@@ -68,3 +68,21 @@ def test_the_rule_catches_an_import_it_forbids(tmp_path: Path) -> None:
         "reflinker_csi/core/probe.py imports reflinker_csi.kube.api",
         "reflinker_csi/core/probe.py imports reflinker_csi.kube.api.Kube",
     ]
+
+
+# The Kubernetes framework (API client, field reading, events, views of Kubernetes' objects,
+# informers, queues and leader election): what the loops build on, knowing nothing of them.
+KUBE_FRAMEWORK = ("api", "fields", "events", "model", "runtime")
+
+
+def test_the_kube_framework_imports_no_domain_code() -> None:
+    allowed = {f"reflinker_csi.kube.{m}" for m in KUBE_FRAMEWORK} | {"reflinker_csi.core.errors"}
+    bad = []
+    for module in KUBE_FRAMEWORK:
+        path = PACKAGE / "kube" / f"{module}.py"
+        for name in sorted(imports_of(path, PACKAGE)):
+            if name.startswith("reflinker_csi.") and not any(
+                name == a or name.startswith(a + ".") for a in allowed
+            ):
+                bad.append(f"kube/{module}.py imports {name}")
+    assert bad == []

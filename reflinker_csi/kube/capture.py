@@ -41,7 +41,8 @@ from ..core.layout import new_guid
 from ..core.locator import SourceLocation
 from ..core.records import CloneMethod, CloneMode, Kind, Phase, VolumeRecord
 from .api import VOLUMESNAPSHOTS, ApiError, Kube, domain_error
-from .model import Meta, record_of
+from .model import Meta
+from .reflinkvolume import record_of
 from .registry import KubeRegistry
 from .runtime import DONE, Informer, Requeue, Result
 

@@ -62,13 +62,8 @@ from .api import (
 from .events import EventRecorder
 from .fields import text
 from .locator import KubeSourceLocator
-from .model import (
-    Claim,
-    PersistentVolume,
-    grants_clone,
-    key_of,
-    record_of,
-)
+from .model import Claim, PersistentVolume, grants_clone, key_of
+from .reflinkvolume import record_of
 from .runtime import DONE, Informer, Requeue, Result
 
 log = logging.getLogger(__name__)

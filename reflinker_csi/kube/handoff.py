@@ -53,61 +53,11 @@ from ..core.locator import SourceLocation
 from ..core.records import HandOff, Kind, Phase, Step, VolumeRecord
 from ..disk import backup
 from ..disk.local import LocalDisk, remove_tree
-from .api import JSON
-from .fields import number, strings, text
 
 if TYPE_CHECKING:
     from .registry import KubeRegistry
 
 log = logging.getLogger(__name__)
-
-
-# -- on the record: spec.backup (the controller's step), status.backup (the node's answer) -----
-
-
-def hand_off_of(wanted: JSON, done: JSON) -> HandOff | None:
-    """spec.backup (the controller's step) with status.backup (the node agent's last step done,
-    counted only for the same attempt)."""
-    steps = {str(s): s for s in Step}
-    step = steps.get(text(wanted, "step"))
-    attempt = text(wanted, "attempt")
-    if step is None or not attempt:
-        return None
-    finished = steps.get(text(done, "done"))
-    return HandOff(
-        attempt=attempt,
-        step=step,
-        source_dir=text(wanted, "sourceDir"),
-        volumes=strings(wanted, "volumes"),
-        system_id=text(wanted, "systemId"),
-        start_lsn=text(wanted, "startLSN"),
-        segment_bytes=number(wanted, "segmentBytes"),
-        stop_lsn=text(wanted, "stopLSN"),
-        label_file=text(wanted, "labelFile"),
-        map_file=text(wanted, "mapFile"),
-        done=finished if text(done, "attempt") == attempt else None,
-    )
-
-
-def step_done_body(attempt: str, step: Step) -> JSON:
-    """status.backup: the node agent finished step of attempt."""
-    return {"attempt": attempt, "done": str(step)}
-
-
-def hand_off_body(hand_off: HandOff) -> JSON:
-    """spec.backup for the controller's step."""
-    return {
-        "attempt": hand_off.attempt,
-        "step": str(hand_off.step),
-        "sourceDir": hand_off.source_dir,
-        "volumes": dict(hand_off.volumes),
-        "systemId": hand_off.system_id,
-        "startLSN": hand_off.start_lsn,
-        "segmentBytes": hand_off.segment_bytes,
-        "stopLSN": hand_off.stop_lsn,
-        "labelFile": hand_off.label_file,
-        "mapFile": hand_off.map_file,
-    }
 
 
 # -- the controller's side: ask for a step, wait for the node's answer -------------------------

@@ -1,27 +1,18 @@
-"""Typed views of the Kubernetes objects pg-reflinker reads, and the ReflinkVolume record.
+"""Typed views of Kubernetes' own objects that pg-reflinker reads (the ReflinkVolume, our own,
+is kube/reflinkvolume.py).
 
 Objects arrive as JSON (api.py) and are parsed here, once, into frozen dataclasses with the
 fields the driver uses; a field that is missing or of the wrong type reads as empty, so a
-hostile or half-written object cannot crash a loop. Writing goes the other way: to_body()."""
+hostile or half-written object cannot crash a loop."""
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
 
-from ..core.keys import CTX_CLAIM, CTX_SOURCE_PVC, FINALIZER, LABEL_GUID, LABEL_NODE
-from ..core.records import CloneMode, Kind, Phase, VolumeRecord
-from .api import JSON, REFLINKVOLUMES
+from .api import JSON
 from .fields import number, obj, objs, strings, text, texts
-from .handoff import hand_off_of
-
-E = TypeVar("E", Kind, CloneMode, Phase)
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
 
 # -- typed access to JSON -----------------------------------------------------------------------
 
@@ -251,85 +242,3 @@ def parse_time(value: str) -> datetime | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
-
-
-# -- the ReflinkVolume record -------------------------------------------------------------------
-
-
-def record_name(kind: Kind, request_name: str) -> str:
-    """A stable, valid object name for a CSI request name (the same name on every retry)."""
-    if kind == Kind.VOLUME and _DNS_LABEL.match(request_name):
-        return request_name
-    digest = hashlib.sha256(request_name.encode()).hexdigest()[:40]
-    prefix = {Kind.SNAPSHOT: "snap", Kind.CAPTURE: "cap"}.get(kind, "vol")
-    return f"{prefix}-{digest}"
-
-
-def to_body(record: VolumeRecord) -> JSON:
-    """The ReflinkVolume that stores a new record (status is written separately)."""
-    spec: JSON = {
-        "guid": record.guid,
-        "requestName": record.name,
-        "kind": str(record.kind),
-        "nodeName": record.node,
-        "requiredBytes": record.required_bytes,
-        "limitBytes": record.limit_bytes,
-        "parameters": dict(record.parameters),
-        "context": dict(record.context),
-        "sourceVolume": record.source_volume_id,
-        "sourceSnapshot": record.source_snapshot_id,
-        "cloneMode": str(record.clone_mode),
-        "source": record.context.get(CTX_SOURCE_PVC, record.source_volume_id),
-        "claim": record.context.get(CTX_CLAIM, ""),
-    }
-    return {
-        "apiVersion": f"{REFLINKVOLUMES.group}/{REFLINKVOLUMES.version}",
-        "kind": REFLINKVOLUMES.kind,
-        "metadata": {
-            "name": record_name(record.kind, record.name),
-            "labels": {LABEL_GUID: record.guid, LABEL_NODE: record.node},
-            "finalizers": [FINALIZER],
-        },
-        "spec": spec,
-    }
-
-
-def _enum_value(kind: type[E], value: str, default: E) -> E:
-    try:
-        return kind(value)
-    except ValueError:
-        return default
-
-
-def record_of(value: JSON) -> VolumeRecord:
-    """The record a ReflinkVolume stores; a deletion in progress reads as Deleting."""
-    spec, status, meta = obj(value, "spec"), obj(value, "status"), Meta.of(value)
-    phase = _enum_value(Phase, text(status, "phase"), Phase.PENDING)
-    if meta.deleting:
-        phase = Phase.DELETING
-    created = parse_time(meta.created) if meta.created else None
-    return VolumeRecord(
-        guid=text(spec, "guid"),
-        name=text(spec, "requestName"),
-        node=text(spec, "nodeName"),
-        required_bytes=number(spec, "requiredBytes"),
-        limit_bytes=number(spec, "limitBytes"),
-        parameters=strings(spec, "parameters"),
-        source_volume_id=text(spec, "sourceVolume"),
-        source_snapshot_id=text(spec, "sourceSnapshot"),
-        kind=_enum_value(Kind, text(spec, "kind"), Kind.VOLUME),
-        clone_mode=_enum_value(CloneMode, text(spec, "cloneMode"), CloneMode.NONE),
-        hot_clone_dir=text(spec, "hotCloneDir"),
-        clone_method=text(spec, "cloneMethod"),
-        hand_off=hand_off_of(obj(spec, "backup"), obj(status, "backup")),
-        capture=text(spec, "capture"),
-        phase=phase,
-        code=text(status, "code"),
-        message=text(status, "message"),
-        context=strings(spec, "context"),
-        created_at=created.timestamp() if created else 0.0,
-    )
-
-
-def status_body(phase: Phase, code: str = "", message: str = "") -> JSON:
-    return {"status": {"phase": str(phase), "code": code, "message": message[:1000]}}

@@ -43,7 +43,8 @@ from ..metrics import Metrics
 from .api import JSON, NODES, ApiError, Kube
 from .events import EventRecorder, stamp
 from .handoff import NodeSteps
-from .model import Meta, record_of
+from .model import Meta
+from .reflinkvolume import record_of
 from .registry import KubeRegistry
 from .runtime import DONE, Requeue, Result
 

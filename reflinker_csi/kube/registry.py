@@ -10,15 +10,16 @@ from __future__ import annotations
 import time
 
 from ..core.errors import classify
-from ..core.keys import CTX_CLONE_METHOD, CTX_GROUP, FINALIZER
 from ..core.layout import is_guid
 from ..core.records import HandOff, Kind, Phase, Step, VolumeRecord
-from ..core.space import size
+from . import reflinkvolume as rv
 from .api import JSON, REFLINKVOLUMES, ApiError, Kube, domain_error
-from .events import stamp
-from .handoff import hand_off_body, step_done_body
-from .model import Meta, record_name, record_of, status_body, to_body
+from .model import Meta
+from .reflinkvolume import record_name, record_of, to_body
 from .runtime import Informer
+
+
+_Ops = list[JSON]  # a JSON patch's operations
 
 
 def _guid(record: VolumeRecord) -> str:
@@ -56,7 +57,7 @@ class KubeRegistry:
 
     def wait_settled(self, record: VolumeRecord, deadline: float) -> VolumeRecord | None:
         """The record once Ready, Failed or gone/deleting (None); the last state at deadline."""
-        name = record_name(record.kind, record.name)
+        name = rv.object_name(record)
         settled = (Phase.READY, Phase.FAILED, Phase.DELETING)
 
         def probe() -> VolumeRecord | None:
@@ -76,7 +77,7 @@ class KubeRegistry:
 
     def reserve(self, record: VolumeRecord) -> tuple[VolumeRecord, bool]:
         body = to_body(record)
-        name = record_name(record.kind, record.name)
+        name = rv.object_name(record)
         try:
             created = self.kube.create(REFLINKVOLUMES, body)
             self._settle_cache(created)
@@ -107,90 +108,60 @@ class KubeRegistry:
         if error is not None:
             known = classify(error)
             code, message = (known.code, str(known)) if known else ("INTERNAL", str(error))
-        name = record_name(record.kind, record.name)
-        try:
-            self.kube.merge_patch(
-                REFLINKVOLUMES, name, status_body(phase, code, message), status=True
-            )
-        except ApiError as err:
-            raise domain_error(err, f"update the status of ReflinkVolume {name}") from None
+        self._patch(record, rv.status_body(phase, code, message), status=True)
 
     def set_usage(self, record: VolumeRecord, used: int, own: int) -> None:
-        name = record_name(record.kind, record.name)
-        usage: JSON = {
-            "usedBytes": used,
-            "ownBytes": own,
-            "used": size(used),
-            "own": size(own),
-            "measuredAt": stamp(),
-        }
-        try:
-            self.kube.merge_patch(REFLINKVOLUMES, name, {"status": {"usage": usage}}, status=True)
-        except ApiError as err:
-            if err.status != 404:
-                raise domain_error(err, f"update the usage of ReflinkVolume {name}") from None
+        self._patch(record, rv.usage_patch(used, own), status=True, gone_ok=True)
 
     def set_hot_clone_dir(self, record: VolumeRecord, path: str) -> None:
-        name = record_name(record.kind, record.name)
-        try:
-            self.kube.merge_patch(REFLINKVOLUMES, name, {"spec": {"hotCloneDir": path}})
-        except ApiError as err:
-            raise domain_error(err, f"update ReflinkVolume {name}") from None
+        self._patch(record, rv.hot_clone_dir_patch(path))
 
     def set_capture(
         self, record: VolumeRecord, capture: str, group: str, context: dict[str, str]
     ) -> None:
         """The capture a piece is cut from (spec.capture), for its node agent, with more
         context (the group, how the capture was taken, shown on the PV)."""
-        name = record_name(record.kind, record.name)
-        context = {CTX_GROUP: group, **context}
-        method = context.get(CTX_CLONE_METHOD, "")
-        spec: JSON = {"capture": capture, "context": context}
-        if method:
-            spec["cloneMethod"] = method
-        patch: JSON = {"spec": spec}
-        try:
-            self.kube.merge_patch(REFLINKVOLUMES, name, patch)
-        except ApiError as err:
-            raise domain_error(err, f"update ReflinkVolume {name}") from None
+        self._patch(record, rv.capture_patch(capture, group, context))
 
     def set_hand_off(self, record: VolumeRecord, hand_off: HandOff) -> None:
         """The controller's next step of a native hot clone: spec.backup replaced whole, so
         nothing of an earlier step or attempt survives in it."""
-        name = record_name(record.kind, record.name)
-        ops: list[JSON] = [{"op": "add", "path": "/spec/backup", "value": hand_off_body(hand_off)}]
-        try:
-            self.kube.json_patch(REFLINKVOLUMES, name, ops)
-        except ApiError as err:
-            raise domain_error(err, f"update ReflinkVolume {name}") from None
+        self._patch(record, rv.hand_off_ops(hand_off))
 
     def new_attempt(self, record: VolumeRecord) -> None:
         """After a failed attempt: the old hand-off goes first, then the record is Pending, so
         the node agent never sees an old attempt's step on a Pending record."""
-        name = record_name(record.kind, record.name)
-        try:
-            self.kube.merge_patch(REFLINKVOLUMES, name, {"spec": {"backup": None}})
-        except ApiError as err:
-            raise domain_error(err, f"update ReflinkVolume {name}") from None
+        self._patch(record, rv.no_hand_off_patch())
         self.set_phase(record, Phase.PENDING)
 
     def set_clone_method(self, record: VolumeRecord, method: str) -> None:
         """How the hot clone is taken, on the record and in the volume's context (PV)."""
-        name = record_name(record.kind, record.name)
-        patch: JSON = {"spec": {"cloneMethod": method, "context": {CTX_CLONE_METHOD: method}}}
-        try:
-            self.kube.merge_patch(REFLINKVOLUMES, name, patch)
-        except ApiError as err:
-            raise domain_error(err, f"update ReflinkVolume {name}") from None
+        self._patch(record, rv.clone_method_patch(method))
 
     def set_step_done(self, record: VolumeRecord, attempt: str, step: Step) -> None:
         """The node agent finished step of a native hot clone (status.backup)."""
-        name = record_name(record.kind, record.name)
-        patch: JSON = {"status": {"backup": step_done_body(attempt, step)}}
+        self._patch(record, rv.step_done_patch(attempt, step), status=True)
+
+    def _patch(
+        self,
+        record: VolumeRecord,
+        patch: JSON | _Ops,
+        status: bool = False,
+        gone_ok: bool = False,
+    ) -> None:
+        """Send one patch of kube/reflinkvolume.py to the record's object (a list: a JSON
+        patch, else a merge patch); API failures become domain errors naming the object."""
+        name = rv.object_name(record)
         try:
-            self.kube.merge_patch(REFLINKVOLUMES, name, patch, status=True)
+            if isinstance(patch, list):
+                self.kube.json_patch(REFLINKVOLUMES, name, patch, status=status)
+            else:
+                self.kube.merge_patch(REFLINKVOLUMES, name, patch, status=status)
         except ApiError as err:
-            raise domain_error(err, f"update the status of ReflinkVolume {name}") from None
+            if gone_ok and err.status == 404:
+                return
+            part = "the status of " if status else ""
+            raise domain_error(err, f"update {part}ReflinkVolume {name}") from None
 
     def remove(self, guid: str) -> None:
         value = self.object_of(guid)
@@ -204,12 +175,8 @@ class KubeRegistry:
 
     def drop_finalizer(self, value: JSON) -> None:
         meta = Meta.of(value)
-        remaining = [f for f in meta.finalizers if f != FINALIZER]
-        patch: JSON = {
-            "metadata": {"finalizers": remaining, "resourceVersion": meta.resource_version}
-        }
         try:
-            self.kube.merge_patch(REFLINKVOLUMES, meta.name, patch)
+            self.kube.merge_patch(REFLINKVOLUMES, meta.name, rv.finalizer_removed_patch(value))
         except ApiError as err:
             if err.status not in (404, 409):
                 raise domain_error(

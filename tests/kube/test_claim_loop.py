@@ -19,7 +19,8 @@ from reflinker_csi.kube.api import (
     Kube,
 )
 from reflinker_csi.kube.fields import obj, text
-from reflinker_csi.kube.model import Meta, record_of
+from reflinker_csi.kube.model import Meta
+from reflinker_csi.kube.reflinkvolume import record_of
 from reflinker_csi.kube.runtime import Informer
 from tests.kube.conftest import NAMESPACES, Mode, wait_for
 

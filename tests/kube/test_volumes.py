@@ -23,7 +23,8 @@ from reflinker_csi.core.volumes import CreateSpec
 from reflinker_csi.disk.local import LocalDisk
 from reflinker_csi.kube.api import EVENTS, NODES, REFLINKVOLUMES, Kube
 from reflinker_csi.kube.fields import obj, text
-from reflinker_csi.kube.model import Meta, record_of
+from reflinker_csi.kube.model import Meta
+from reflinker_csi.kube.reflinkvolume import record_of
 from tests.kube.conftest import Mode, add_node, wait_for
 
 GiB = 1 << 30
