@@ -134,25 +134,6 @@ def run_standalone(cfg: config.Config) -> int:
         registry.close()
 
 
-def _settings(cfg: config.Config) -> app.Settings:
-    return app.Settings(
-        driver_name=cfg.driver_name,
-        node_id=cfg.node_id,
-        hostpath_prefix=cfg.hostpath_prefix,
-        target_root=cfg.target_root,
-        storage_classes=cfg.storage_classes,
-        namespace_path=cfg.namespace_path,
-        pod_namespace=cfg.pod_namespace,
-        workers=cfg.reconcile_workers,
-        pg_connect_timeout=cfg.pg_connect_timeout_seconds,
-        pg_statement_timeout=cfg.pg_statement_timeout_seconds,
-        backup_mode_limit=cfg.backup_mode_limit_seconds,
-        capture_wait=cfg.capture_wait_seconds,
-        usage_interval=cfg.usage_interval_seconds,
-        shutdown_grace=cfg.shutdown_grace_seconds,
-    )
-
-
 def _metrics_readers(cfg: config.Config, kube: kube_api.Kube) -> TokenAuthorizer | None:
     return TokenAuthorizer(kube) if cfg.metrics_auth == "kubernetes" else None
 
@@ -162,7 +143,7 @@ def run_controller(cfg: config.Config) -> int:
     the loops of kube/app.py on the reconcile runtime."""
     metrics = Metrics()
     kube = kube_api.connect()
-    started = app.controller(kube, _settings(cfg), metrics)
+    started = app.controller(kube, cfg, metrics)
     metrics.serve(cfg.metrics_port, _metrics_readers(cfg, kube))
     identity = IdentityServicer(cfg.driver_name, started.ready, controller=True)
     controller = ControllerServicer(started.volumes)
@@ -185,7 +166,7 @@ def run_node(cfg: config.Config) -> int:
     disk.apply_cow_extent_size(cfg.cow_extent_size)
     kube = kube_api.connect()
     require_reflink_prefix(kube, disk, cfg.node_id)
-    started = app.node(kube, _settings(cfg), disk, metrics)
+    started = app.node(kube, cfg, disk, metrics)
     metrics.serve(cfg.metrics_port, _metrics_readers(cfg, kube))
     identity = IdentityServicer(
         cfg.driver_name, prefix_usable(str(layout.prefix)), controller=False

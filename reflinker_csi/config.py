@@ -100,6 +100,11 @@ class Config:
     # Who may read /metrics: "kubernetes" (a bearer token the API server allows GET /metrics)
     # or "none" (anyone who reaches the port).
     metrics_auth: str = "none"
+    # Not read from the environment: the product's timings, which tests shorten with
+    # dataclasses.replace().
+    claim_wait_seconds: float = 20.0  # one claim-loop reconcile waits this long for the node
+    claim_first_backoff_seconds: float = 2.0  # a failing claim's first retry; doubled to 60 s
+    report_period_seconds: float = 60.0  # the node plugin's free-space report on its Node
 
 
 def _get(env: Mapping[str, str], name: str, default: str | None) -> str | None:

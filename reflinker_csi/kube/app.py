@@ -5,8 +5,8 @@ assembly in-process against a real API server."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
+from ..config import Config
 from ..core.keys import LABEL_NODE
 from ..core.layout import Layout
 from ..core.volumes import VolumeService
@@ -26,27 +26,6 @@ from .runtime import Controller, Informer, LeaderElector, Runner
 CLAIM_LOOP_LEASE = "pg-reflinker-claim-loop"
 
 
-@dataclass(frozen=True)
-class Settings:
-    driver_name: str
-    node_id: str
-    hostpath_prefix: Path
-    target_root: Path
-    storage_classes: tuple[str, ...]
-    namespace_path: tuple[str, ...]
-    pod_namespace: str
-    workers: int = 4
-    pg_connect_timeout: float = 10.0
-    pg_statement_timeout: float = 300.0
-    backup_mode_limit: float = 60.0
-    capture_wait: float = 600.0
-    claim_wait_seconds: float = 20.0
-    claim_first_backoff: float = 2.0  # a failing claim's first retry; doubled up to 60 s
-    report_period: float = 60.0
-    usage_interval: float = 300.0
-    shutdown_grace: float = 30.0
-
-
 @dataclass
 class ControllerApp:
     volumes: VolumeService
@@ -60,7 +39,7 @@ class ControllerApp:
         return self.records.synced.is_set()
 
 
-def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> ControllerApp:
+def controller(kube: api.Kube, settings: Config, metrics: Metrics) -> ControllerApp:
     """The controller's loops, started: informers, the PV annotator, and on the Lease holder
     the claim loop and the sweep of records whose claim went away."""
     layout = Layout(settings.hostpath_prefix)
@@ -72,17 +51,17 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
     nodes = Informer(kube, api.NODES, on_error=errors)
     registry = KubeRegistry(kube, records)
     reports = NodeReports(csinodes, nodes, settings.driver_name)
-    captures = Captures(kube, registry, claims, settings.capture_wait)
+    captures = Captures(kube, registry, claims, settings.capture_wait_seconds)
     materializer = KubeMaterializer(
         registry,
         reports,
         layout,
-        settings.pg_connect_timeout,
-        settings.pg_statement_timeout,
+        settings.pg_connect_timeout_seconds,
+        settings.pg_statement_timeout_seconds,
         captures,
         claims,
-        SourceGate(kube, settings.pod_namespace, settings.backup_mode_limit),
-        settings.backup_mode_limit,
+        SourceGate(kube, settings.pod_namespace, settings.backup_mode_limit_seconds),
+        settings.backup_mode_limit_seconds,
     )
     locator = KubeSourceLocator(kube, pvs, layout, settings.driver_name, settings.target_root)
     volumes = VolumeService(layout, registry, locator, settings.node_id, materializer, metrics)
@@ -91,7 +70,10 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
     # On SIGTERM the Lease is kept while the claim loop's workers finish, within most of the
     # shutdown grace, then released; the rest is for the release itself.
     lease = LeaderElector(
-        kube, settings.pod_namespace, CLAIM_LOOP_LEASE, hold_on_stop=settings.shutdown_grace * 0.8
+        kube,
+        settings.pod_namespace,
+        CLAIM_LOOP_LEASE,
+        hold_on_stop=settings.shutdown_grace_seconds * 0.8,
     )
     annotate = Controller(
         "pv-annotator",
@@ -113,10 +95,14 @@ def controller(kube: api.Kube, settings: Settings, metrics: Metrics) -> Controll
         settings.namespace_path,
         settings.claim_wait_seconds,
         errors,
-        settings.claim_first_backoff,
+        settings.claim_first_backoff_seconds,
     )
     claim_loop = Controller(
-        "claim-loop", loop.reconcile, workers=settings.workers, leader=lease, on_error=errors
+        "claim-loop",
+        loop.reconcile,
+        workers=settings.reconcile_workers,
+        leader=lease,
+        on_error=errors,
     )
     claim_loop.watch(claims, loop.keys_for_claim)
     claim_loop.reads(pvs, records)
@@ -142,7 +128,7 @@ class NodeApp:
     space: NodeSpace
 
 
-def node(kube: api.Kube, settings: Settings, disk: LocalDisk, metrics: Metrics) -> NodeApp:
+def node(kube: api.Kube, settings: Config, disk: LocalDisk, metrics: Metrics) -> NodeApp:
     """The node plugin's loops, started: the node agent for this node's records, and the
     node's space (free-space report, each volume's own bytes, metrics)."""
     disk.layout.state_dir.mkdir(mode=0o700, exist_ok=True)
@@ -156,7 +142,10 @@ def node(kube: api.Kube, settings: Settings, disk: LocalDisk, metrics: Metrics) 
     registry = KubeRegistry(kube, records)
     agent = NodeAgent(registry, disk, settings.node_id, metrics, metrics.reconcile_error)
     agent_loop = Controller(
-        "node-agent", agent.reconcile, workers=settings.workers, on_error=metrics.reconcile_error
+        "node-agent",
+        agent.reconcile,
+        workers=settings.reconcile_workers,
+        on_error=metrics.reconcile_error,
     )
     agent_loop.watch(records)
     space = NodeSpace(
@@ -166,8 +155,8 @@ def node(kube: api.Kube, settings: Settings, disk: LocalDisk, metrics: Metrics) 
         settings.node_id,
         agent.changed,
         metrics,
-        period=settings.report_period,
-        usage_interval=settings.usage_interval,
+        period=settings.report_period_seconds,
+        usage_interval=settings.usage_interval_seconds,
     )
     runner = Runner()
     runner.start(records.name, records.run, records.close)

@@ -18,7 +18,6 @@ from .model import Meta
 from .reflinkvolume import record_name, record_of, to_body
 from .runtime import Informer
 
-
 _Ops = list[JSON]  # a JSON patch's operations
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 import urllib3
 import yaml
 
-from reflinker_csi import DRIVER_NAME, TOPOLOGY_KEY
+from reflinker_csi import DRIVER_NAME, TOPOLOGY_KEY, config
 from reflinker_csi.core.keys import ANNOTATION_FREE_BYTES, ANNOTATION_REPORTED_AT
 from reflinker_csi.core.layout import Layout
 from reflinker_csi.disk.local import NO_FLOOR, LocalDisk
@@ -120,18 +121,22 @@ def mode(
     prefix = tmp_path / "prefix"
     prefix.mkdir()
     node = f"{namespace}-a"
-    settings = app.Settings(
-        driver_name=DRIVER_NAME,
-        node_id=node,
-        hostpath_prefix=prefix,
-        target_root=tmp_path / "kubelet",
-        storage_classes=("pg-reflinker", "pg-reflinker-native"),
-        namespace_path=(f"{namespace}-src",),
-        pod_namespace=namespace,
-        report_period=1.0,
-        usage_interval=1.0,
+    (tmp_path / "kubelet").mkdir()
+    # As the processes read it, from an environment; then the product's waits shortened.
+    env = {
+        "HOSTPATH_PREFIX": str(prefix),
+        "TARGET_ROOT": str(tmp_path / "kubelet"),
+        "NODE_ID": node,
+        "STORAGE_CLASS": "pg-reflinker,pg-reflinker-native",
+        "NAMESPACE_PATH": f"{namespace}-src",
+        "POD_NAMESPACE": namespace,
+        "USAGE_INTERVAL": "1",
+    }
+    settings = dataclasses.replace(
+        config.load(env, "node"),
+        report_period_seconds=1.0,
         claim_wait_seconds=30.0,
-        claim_first_backoff=0.5,
+        claim_first_backoff_seconds=0.5,
     )
     add_node(admin, node, None)
     floor = getattr(request, "param", {}).get("floor", NO_FLOOR)
