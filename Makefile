@@ -39,6 +39,7 @@ help:
 	@echo "make images    the test cluster's Debian-based images (project, PostgreSQL 15/17/18), once per input"
 	@echo "make bench-space  filesystem growth of written clones per XFS CoW extent size hint"
 	@echo "make bench-scale  clone time against size and fragmentation, XFS and btrfs"
+	@echo "make hot-clone-matrix  every hot-clone test on every PostgreSQL major and method"
 
 # -- set-up -------------------------------------------------------------------------------
 
@@ -143,6 +144,12 @@ images: $(STAMPS)/system $(STAMPS)/venv
 .PHONY: bench-clone
 bench-clone: $(STAMPS)/system $(STAMPS)/venv pg-majors
 	$(PY) -m tests.bench.bench_clone
+
+# Every hot-clone test on every PostgreSQL major and both methods (make test runs the matrix
+# pairwise: tests/conftest.py).
+.PHONY: hot-clone-matrix
+hot-clone-matrix: $(STAMPS)/system $(STAMPS)/venv pg-majors
+	HOT_CLONE_MATRIX=full PG_ROOTS=$(PG_ROOTS) $(PY) -m pytest -ra -p no:cacheprovider tests/test_hot_clone.py $(PYTEST_ARGS)
 
 .PHONY: bench-space
 bench-space: $(STAMPS)/system $(STAMPS)/venv

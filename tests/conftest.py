@@ -252,21 +252,59 @@ def code_of(call, request) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
     return grpc.StatusCode.OK
 
 
+# `make hot-clone-matrix` (HOT_CLONE_MATRIX=full): every test of tests/test_hot_clone.py on
+# every major; make test runs them pairwise (_kept_on_its_major).
+FULL_MATRIX = os.environ.get("HOT_CLONE_MATRIX", "") == "full"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test of tests/test_hot_clone.py runs on its btrfs setup only when it is marked
-    every_filesystem: the others test what no filesystem changes."""
+    """Which setups a test of tests/test_hot_clone.py runs on: on btrfs only when it is marked
+    every_filesystem (the others test what no filesystem changes); on a major below the newest
+    only when it is marked every_major (the others test what no major changes)."""
+    majors = sorted(
+        {
+            setup[0]
+            for item in items
+            if isinstance(setup := _params(item).get("setup"), tuple) and setup[1:] == ("xfs",)
+        }
+    )
     keep, drop = [], []
     for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        setup = params.get("setup")
-        on_btrfs = isinstance(setup, tuple) and setup[1:] == ("btrfs",)
-        if on_btrfs and item.get_closest_marker("every_filesystem") is None:
+        setup = _params(item).get("setup")
+        if isinstance(setup, tuple) and not _kept(item, setup, majors):
             drop.append(item)
         else:
             keep.append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def _kept(item: pytest.Item, setup: tuple[object, ...], majors: list[int]) -> bool:
+    if setup[1:] == ("btrfs",) and item.get_closest_marker("every_filesystem") is None:
+        return False
+    return _kept_on_its_major(item, int(str(setup[0])), majors)
+
+
+def _params(item: pytest.Item) -> dict[str, object]:
+    return dict(getattr(getattr(item, "callspec", None), "params", {}))
+
+
+def _kept_on_its_major(item: pytest.Item, major: int, majors: list[int]) -> bool:
+    """Pairwise over majors and methods: the newest major runs everything; an older one runs
+    the tests marked every_major, and of those with a method parameter one method per major,
+    in turn (every_major(turn=1) starts with the other), so each method meets each major in
+    some test without every test running every method on every major."""
+    if FULL_MATRIX or not majors or major == majors[-1]:
+        return True
+    marker = item.get_closest_marker("every_major")
+    if marker is None:
+        return False
+    method = _params(item).get("method")
+    if method is None:
+        return True
+    turn = (majors.index(major) + int(marker.kwargs.get("turn", 0))) % 2
+    return method == ("function", "native")[turn]
 
 
 @pytest.hookimpl(hookwrapper=True)

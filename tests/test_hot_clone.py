@@ -1,10 +1,12 @@
 """Hot clones of a running PostgreSQL through reflink_snapshot(), over CNPG-style TLS.
 
 A real server on a real XFS reflink filesystem; clones are booted as real servers and checked.
-Every test runs on each PostgreSQL major obtained here (pg_majors(): 15, 17 and 18 after
-`make pg-majors`), the clone booted by the source's own major; the tests of the copy paths
-(marked every_filesystem) run again on the newest major with the source's volume a btrfs
-subvolume (a native copy is then a subvolume snapshot)."""
+Every test runs on the newest PostgreSQL major obtained here (pg_majors(): 15, 17 and 18 after
+`make pg-majors`), the clone booted by the source's own major; the tests whose path depends on
+the major (marked every_major) run on every major, pairwise over the two methods (one method a
+major, in turn: tests/conftest.py), and `make hot-clone-matrix` runs every test on every major;
+the tests of the copy paths (marked every_filesystem) run again on the newest major with the
+source's volume a btrfs subvolume (a native copy is then a subvolume snapshot)."""
 
 from __future__ import annotations
 
@@ -189,6 +191,7 @@ def check_clone(src: Source, directory: Path) -> PostgresServer:
 
 
 @pytest.mark.every_filesystem
+@pytest.mark.every_major
 def test_clone_of_a_pgbench_database_boots_with_the_same_rows(source: Source) -> None:
     label = str(uuid.uuid4())
     result = hot_clone(source.endpoint, label)
@@ -214,6 +217,7 @@ def history_rows(server: PostgresServer) -> int:
 
 
 @pytest.mark.every_filesystem
+@pytest.mark.every_major
 @METHODS
 def test_clones_taken_under_write_load_boot_and_pass_amcheck(source: Source, method: str) -> None:
     before = history_rows(source.server)
@@ -558,6 +562,7 @@ def copied_after(directory: Path) -> list[str]:
 
 
 @pytest.mark.every_filesystem
+@pytest.mark.every_major(turn=1)
 @METHODS
 def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source, method: str) -> None:
     """CNPG's prefer-standby: the backup is taken on a streaming replica (no write stalls on the
@@ -650,6 +655,7 @@ def slots(server: PostgresServer) -> str:
     return server.psql("SELECT count(*) FROM pg_replication_slots")
 
 
+@pytest.mark.every_major
 @pytest.mark.parametrize(
     "revoke, grant, missing",
     [
@@ -776,6 +782,7 @@ def test_killed_mid_clone_leaves_no_backup_no_slot_and_the_retry_succeeds(
         remove(target)
 
 
+@pytest.mark.every_major
 def test_a_source_cannot_shadow_what_the_driver_calls(source: Source) -> None:
     """A source server's own functions in public, first on the role's search_path, are never
     what the driver calls: the copy is checked against the real system identifier, and the
