@@ -149,7 +149,7 @@ bench-clone: $(STAMPS)/system $(STAMPS)/venv pg-majors
 # pairwise: tests/conftest.py).
 .PHONY: hot-clone-matrix
 hot-clone-matrix: $(STAMPS)/system $(STAMPS)/venv pg-majors
-	HOT_CLONE_MATRIX=full PG_ROOTS=$(PG_ROOTS) $(PY) -m pytest -ra -p no:cacheprovider tests/test_hot_clone.py $(PYTEST_ARGS)
+	HOT_CLONE_MATRIX=full PG_ROOTS=$(PG_ROOTS) $(PY) -m pytest -ra -p no:cacheprovider tests/host/test_hot_clone.py $(PYTEST_ARGS)
 
 .PHONY: bench-space
 bench-space: $(STAMPS)/system $(STAMPS)/venv
@@ -318,11 +318,11 @@ TOOLS_ENV := K8S_TOOLS=$(K8S_TOOLS) CNPG_TOOLS=$(CNPG_TOOLS) HELM_TOOLS=$(HELM_T
 k8s-tools: $(K8S_TOOLS)/.built $(SNAPSHOTTER_BUILT) $(CNPG_TOOLS)/.built $(GATEWAY_CRD) $(HELM_TOOLS)/.built \
 	$(COREDNS) $(OBJECT_STORE)
 
-# Core and reconciler tests: no root, no loop devices, no PostgreSQL; a real kube-apiserver and
-# etcd for the reconcilers. Seconds, not minutes.
-UNIT_TESTS := tests/test_domain.py tests/test_config.py tests/test_kube_units.py \
-	tests/test_layout_rules.py tests/test_proto.py tests/test_docs.py tests/test_host_programs.py tests/kube \
-	tests/test_chart.py
+# The tiers by folder (docs/testing.md): tests/unit needs nothing but the Go and Helm tools,
+# tests/kube a kube-apiserver and etcd in-process; no root, no loop devices, no PostgreSQL.
+# Seconds, not minutes. tests/host needs root, loop filesystems and PostgreSQL; tests/e2e the
+# control plane; tests/cluster the real cluster.
+UNIT_TESTS := tests/unit tests/kube
 
 .PHONY: unit
 unit: $(STAMPS)/venv $(K8S_TOOLS)/.built $(GATEWAY_CRD) $(HELM_TOOLS)/.built

@@ -252,13 +252,13 @@ def code_of(call, request) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
     return grpc.StatusCode.OK
 
 
-# `make hot-clone-matrix` (HOT_CLONE_MATRIX=full): every test of tests/test_hot_clone.py on
+# `make hot-clone-matrix` (HOT_CLONE_MATRIX=full): every test of tests/host/test_hot_clone.py on
 # every major; make test runs them pairwise (_kept_on_its_major).
 FULL_MATRIX = os.environ.get("HOT_CLONE_MATRIX", "") == "full"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Which setups a test of tests/test_hot_clone.py runs on: on btrfs only when it is marked
+    """Which setups a test of tests/host/test_hot_clone.py runs on: on btrfs only when it is marked
     every_filesystem (the others test what no filesystem changes); on a major below the newest
     only when it is marked every_major (the others test what no major changes)."""
     majors = sorted(

@@ -2,7 +2,7 @@
 logicalvolume_types.go is): its object name, every field and how a VolumeRecord is written to
 it and read from it, the native hand-off's spec.backup and status.backup, and every patch it
 is written with. kube/registry.py sends these; the CRD (charts/pg-reflinker/crds) is checked
-against FIELDS by tests/test_kube_units.py.
+against FIELDS by tests/unit/test_kube_units.py.
 
 A field that is missing or of the wrong type reads as empty, so a hostile or half-written
 object cannot crash a loop."""

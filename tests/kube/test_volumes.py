@@ -32,7 +32,7 @@ GiB = 1 << 30
 
 class FullDisk(LocalDisk):
     """Stand-in for a full filesystem: producing ENOSPC for real needs a loop filesystem and
-    root, which these tests do without (tests/test_controller.py fills a real one)."""
+    root, which these tests do without (tests/host/test_controller.py fills a real one)."""
 
     def make_empty(self, record: VolumeRecord) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(self.data_dir(record)))

@@ -3,7 +3,7 @@
 deploy/ is the chart's rendering with its default values (release pg-reflinker in namespace
 pg-reflinker), one file per template, and the chart's CRD; namespace.yaml and kustomization.yaml
 are deploy/'s own. The README lists every value from the comments in values.yaml (helm-docs).
-tests/test_chart.py fails when deploy/ or the README differ from what this writes.
+tests/unit/test_chart.py fails when deploy/ or the README differ from what this writes.
 """
 
 from __future__ import annotations

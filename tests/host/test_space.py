@@ -14,7 +14,7 @@ import pytest
 from csi import csi_pb2
 from reflinker_csi.disk.usage import cow_extent_size, measure
 from tests.conftest import Driver, Filesystem, create_request, mount_unavailable
-from tests.test_node import publish
+from tests.host.test_node import publish
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "reflinker_csi"
+PACKAGE = Path(__file__).resolve().parents[2] / "reflinker_csi"
 
 # package -> top-level modules it must not import (directly or through another layer)
 FORBIDDEN = {

@@ -19,7 +19,7 @@ from reflinker_csi.core.backup import MAX_BACKUP_WAL_BYTES, BackupStart, BackupS
 from reflinker_csi.core.errors import FailedPrecondition
 from reflinker_csi.disk import backup as disk_backup
 from tests.conftest import ROOT, Filesystem, requires_mount
-from tests.test_hot_clone import MAJORS, Source
+from tests.host.test_hot_clone import MAJORS, Source
 
 pytestmark = [pytest.mark.integration, requires_mount]
 

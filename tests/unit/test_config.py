@@ -11,7 +11,7 @@ import pytest
 
 from reflinker_csi import config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def good_env(tmp_path: Path) -> dict[str, str]:

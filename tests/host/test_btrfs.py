@@ -1,6 +1,6 @@
 """Volumes on btrfs: each volume a subvolume capped at its size by a qgroup, each copy of a
 volume or snapshot a subvolume snapshot, on a real btrfs loop filesystem through the standalone
-driver. (The hot clones on btrfs run in tests/test_hot_clone.py.)"""
+driver. (The hot clones on btrfs run in tests/host/test_hot_clone.py.)"""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from reflinker_csi.disk.local import LocalDisk
 from reflinker_csi.disk.subvolume import is_subvolume
 from reflinker_csi.disk.usage import measure
 from tests.conftest import Driver, Filesystem, create_request, mount_unavailable
-from tests.test_node import publish
-from tests.test_space import MiB, write
+from tests.host.test_node import publish
+from tests.host.test_space import MiB, write
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ from reflinker_csi.kube.reflinkvolume import (
     to_body,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SRC = "11111111-2222-4333-8444-555555555555"
 NEW = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee"
