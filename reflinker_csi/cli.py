@@ -28,7 +28,7 @@ from .disk.local import LocalDisk
 from .disk.publish import Publisher
 from .kube import api as kube_api
 from .kube import app
-from .kube.node_agent import require_reflink_prefix
+from .kube.node.agent import require_reflink_prefix
 from .kube.review import TokenAuthorizer
 from .kube.runtime import Runner
 from .metrics import Metrics

@@ -13,13 +13,13 @@ from ..core.volumes import VolumeService
 from ..disk.local import LocalDisk
 from ..metrics import Metrics
 from . import api
-from .annotator import PvAnnotator
-from .capture import Captures
-from .claims import ClaimLoop
-from .gate import SourceGate
-from .locator import KubeSourceLocator
-from .materializer import KubeMaterializer, NodeReports
-from .node_agent import NodeAgent, NodeSpace
+from .controller.captures import Captures
+from .controller.claim_loop import ClaimLoop
+from .controller.gate import SourceGate
+from .controller.locator import KubeSourceLocator
+from .controller.materializer import KubeMaterializer, NodeReports
+from .controller.pv_annotator import PvAnnotator
+from .node.agent import NodeAgent, NodeSpace
 from .registry import KubeRegistry
 from .runtime import Controller, Informer, LeaderElector, Runner
 

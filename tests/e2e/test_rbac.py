@@ -14,7 +14,7 @@ from kubernetes import client, config
 from reflinker_csi.core.errors import FailedPrecondition
 from reflinker_csi.core.layout import Layout
 from reflinker_csi.kube.api import NODES, REFLINKVOLUMES, SECRETS, VOLUMES, ApiError, Kube
-from reflinker_csi.kube.locator import KubeSourceLocator
+from reflinker_csi.kube.controller.locator import KubeSourceLocator
 from tests.e2e.stack import NODE, NS, Cluster
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import pytest
 
 from reflinker_csi.core.errors import OperationInProgress
 from reflinker_csi.kube.api import JSON, LEASES, Kube
-from reflinker_csi.kube.gate import SourceGate, lease_name
+from reflinker_csi.kube.controller.gate import SourceGate, lease_name
 
 
 def gates(admin: Kube, namespace: str, limit: float = 60.0) -> tuple[SourceGate, SourceGate]:

@@ -13,7 +13,7 @@ from reflinker_csi.core.layout import Layout
 from reflinker_csi.core.locator import SourceLocation
 from reflinker_csi.core.records import CloneMode, HandOff, Kind, Phase, Step, VolumeRecord
 from reflinker_csi.core.space import parse_quantity
-from reflinker_csi.kube.materializer import host_path_of
+from reflinker_csi.kube.controller.materializer import host_path_of
 from reflinker_csi.kube.model import Claim, Pod
 from reflinker_csi.kube.reflinkvolume import (
     FIELDS,

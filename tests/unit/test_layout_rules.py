@@ -45,7 +45,7 @@ def imports_of(path: Path, root: Path) -> set[str]:
 
 def violations(package: str, root: Path = PACKAGE) -> list[str]:
     bad = []
-    for path in sorted((root / package).glob("*.py")):
+    for path in sorted((root / package).rglob("*.py")):
         for name in sorted(imports_of(path, root)):
             for forbidden in FORBIDDEN[package]:
                 if name == forbidden or name.startswith(forbidden + "."):

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from ..core.capture import (
+from ...core.capture import (
     PG_DATA,
     PG_TABLESPACE,
     PG_WAL,
@@ -20,8 +20,8 @@ from ..core.capture import (
     pieces_of,
     tablespace_piece,
 )
-from ..core.errors import FailedPrecondition
-from ..core.keys import (
+from ...core.errors import FailedPrecondition
+from ...core.keys import (
     CNPG_BACKUP_LABEL,
     CNPG_INSTANCE_LABEL,
     CNPG_ROLE_LABEL,
@@ -37,14 +37,14 @@ from ..core.keys import (
     SNAPSHOT_NAME,
     SNAPSHOT_NAMESPACE,
 )
-from ..core.layout import new_guid
-from ..core.locator import SourceLocation
-from ..core.records import CloneMethod, CloneMode, Kind, Phase, VolumeRecord
-from .api import VOLUMESNAPSHOTS, ApiError, Kube, domain_error
-from .model import Meta
-from .reflinkvolume import record_of
-from .registry import KubeRegistry
-from .runtime import DONE, Informer, Requeue, Result
+from ...core.layout import new_guid
+from ...core.locator import SourceLocation
+from ...core.records import CloneMethod, CloneMode, Kind, Phase, VolumeRecord
+from ..api import VOLUMESNAPSHOTS, ApiError, Kube, domain_error
+from ..model import Meta
+from ..reflinkvolume import record_of
+from ..registry import KubeRegistry
+from ..runtime import DONE, Informer, Requeue, Result
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ import os
 import time
 from datetime import UTC, datetime
 
-from ..core.capture import PG_DATA, PG_TABLESPACE, pieces_held, pieces_of
-from ..core.errors import (
+from ...core.capture import PG_DATA, PG_TABLESPACE, pieces_held, pieces_of
+from ...core.errors import (
     FailedPrecondition,
     OperationInProgress,
     SourceUnavailable,
     from_code,
 )
-from ..core.keys import (
+from ...core.keys import (
     ANNOTATION_FILESYSTEM,
     ANNOTATION_FLOOR_BYTES,
     ANNOTATION_FREE_BYTES,
@@ -32,21 +32,21 @@ from ..core.keys import (
     SELECTED_NODE_ANNOTATION,
     TOPOLOGY_KEY,
 )
-from ..core.layout import Layout
-from ..core.locator import SourceLocation
-from ..core.placement import Placement
-from ..core.records import CloneMethod, CloneMode, Kind, Phase, VolumeRecord
-from ..core.space import check_room
-from ..core.volumes import Origin
-from ..pg.backup import native_clone
-from ..pg.source import call_function, has_function, session
-from .capture import Captures
-from .fields import obj
+from ...core.layout import Layout
+from ...core.locator import SourceLocation
+from ...core.placement import Placement
+from ...core.records import CloneMethod, CloneMode, Kind, Phase, VolumeRecord
+from ...core.space import check_room
+from ...core.volumes import Origin
+from ...pg.backup import native_clone
+from ...pg.source import call_function, has_function, session
+from ..fields import obj
+from ..handoff import RecordCopier
+from ..model import CSINode, Meta, parse_time
+from ..registry import KubeRegistry
+from ..runtime import Informer
+from .captures import Captures
 from .gate import SourceGate
-from .handoff import RecordCopier
-from .model import CSINode, Meta, parse_time
-from .registry import KubeRegistry
-from .runtime import Informer
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-from ..core.errors import OperationInProgress
-from .api import JSON, LEASES, ApiError, Kube, domain_error
-from .events import stamp
-from .model import Lease
+from ...core.errors import OperationInProgress
+from ..api import JSON, LEASES, ApiError, Kube, domain_error
+from ..events import stamp
+from ..model import Lease
 
 log = logging.getLogger(__name__)
 LEASE_PREFIX = "pg-reflinker-backup-"

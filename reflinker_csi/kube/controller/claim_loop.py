@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..core.access import require_claim_servable
-from ..core.errors import (
+from ...core.access import require_claim_servable
+from ...core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -29,7 +29,7 @@ from ..core.errors import (
     ReflinkerError,
     VolumeInUse,
 )
-from ..core.keys import (
+from ...core.keys import (
     ANNOTATION_CLAIM,
     ANNOTATION_GUID,
     ANNOTATION_SOURCE_PVC,
@@ -44,12 +44,12 @@ from ..core.keys import (
     PROVISIONED_BY,
     TOPOLOGY_KEY,
 )
-from ..core.layout import Layout
-from ..core.locator import SourceLocation
-from ..core.records import Phase, VolumeRecord
-from ..core.space import parse_quantity
-from ..core.volumes import CreateSpec, VolumeService
-from .api import (
+from ...core.layout import Layout
+from ...core.locator import SourceLocation
+from ...core.records import Phase, VolumeRecord
+from ...core.space import parse_quantity
+from ...core.volumes import CreateSpec, VolumeService
+from ..api import (
     CLAIMS,
     JSON,
     REFERENCEGRANTS,
@@ -59,12 +59,12 @@ from .api import (
     Kube,
     domain_error,
 )
-from .events import EventRecorder
-from .fields import text
+from ..events import EventRecorder
+from ..fields import text
+from ..model import Claim, PersistentVolume, grants_clone, key_of
+from ..reflinkvolume import record_of
+from ..runtime import DONE, Informer, Requeue, Result
 from .locator import KubeSourceLocator
-from .model import Claim, PersistentVolume, grants_clone, key_of
-from .reflinkvolume import record_of
-from .runtime import DONE, Informer, Requeue, Result
 
 log = logging.getLogger(__name__)
 # How long one reconcile waits for the node agent before it lets the worker go and comes back.

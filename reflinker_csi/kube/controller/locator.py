@@ -8,9 +8,9 @@ import base64
 import binascii
 from pathlib import Path
 
-from ..core.capture import PG_WAL, tablespace_piece
-from ..core.errors import FailedPrecondition, SourceUnavailable
-from ..core.keys import (
+from ...core.capture import PG_WAL, tablespace_piece
+from ...core.errors import FailedPrecondition, SourceUnavailable
+from ...core.keys import (
     CNPG_CLUSTER_LABEL,
     CNPG_DATA_MOUNT,
     CNPG_FENCED_ANNOTATION,
@@ -21,13 +21,13 @@ from ..core.keys import (
     CTX_SOURCE_POD,
     CTX_SOURCE_PVC,
 )
-from ..core.layout import Layout
-from ..core.locator import SourceLocation, SourceServer
-from ..core.records import VolumeRecord
-from .api import CLAIMS, CNPG_CLUSTERS, PODS, SECRETS, ApiError, Kube, domain_error, parse_json
-from .fields import obj, text
-from .model import Claim, Meta, PersistentVolume, Pod
-from .runtime import Informer
+from ...core.layout import Layout
+from ...core.locator import SourceLocation, SourceServer
+from ...core.records import VolumeRecord
+from ..api import CLAIMS, CNPG_CLUSTERS, PODS, SECRETS, ApiError, Kube, domain_error, parse_json
+from ..fields import obj, text
+from ..model import Claim, Meta, PersistentVolume, Pod
+from ..runtime import Informer
 
 
 def piece_at(role: str, mount_path: str) -> str:

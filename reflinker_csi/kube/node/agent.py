@@ -12,14 +12,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..core.errors import (
+from ...core.errors import (
     FailedPrecondition,
     ReflinkerError,
     ReflinkUnsupported,
     SourceUnavailable,
     classify,
 )
-from ..core.keys import (
+from ...core.keys import (
     ANNOTATION_FILESYSTEM,
     ANNOTATION_FLOOR_BYTES,
     ANNOTATION_FREE_BYTES,
@@ -33,20 +33,20 @@ from ..core.keys import (
     SNAPSHOT_NAME,
     SNAPSHOT_NAMESPACE,
 )
-from ..core.observe import Recorder
-from ..core.records import CloneMode, Kind, Phase, VolumeRecord
-from ..core.space import size
-from ..disk import reflink
-from ..disk.local import LocalDisk, remove_tree
-from ..disk.usage import Usage, volume_usage
-from ..metrics import Metrics
-from .api import JSON, NODES, ApiError, Kube
-from .events import EventRecorder, stamp
-from .handoff import NodeSteps
-from .model import Meta
-from .reflinkvolume import record_of
-from .registry import KubeRegistry
-from .runtime import DONE, Requeue, Result
+from ...core.observe import Recorder
+from ...core.records import CloneMode, Kind, Phase, VolumeRecord
+from ...core.space import size
+from ...disk import reflink
+from ...disk.local import LocalDisk, remove_tree
+from ...disk.usage import Usage, volume_usage
+from ...metrics import Metrics
+from ..api import JSON, NODES, ApiError, Kube
+from ..events import EventRecorder, stamp
+from ..handoff import NodeSteps
+from ..model import Meta
+from ..reflinkvolume import record_of
+from ..registry import KubeRegistry
+from ..runtime import DONE, Requeue, Result
 
 log = logging.getLogger(__name__)
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import logging
 
-from ..core.keys import (
+from ...core.keys import (
     ANNOTATION_CLAIM,
     ANNOTATION_GUID,
     ANNOTATION_SOURCE_PVC,
     CTX_CLAIM,
     CTX_SOURCE_PVC,
 )
-from .api import VOLUMES, ApiError, Kube
-from .model import PersistentVolume
-from .runtime import DONE, Informer, Requeue, Result
+from ..api import VOLUMES, ApiError, Kube
+from ..model import PersistentVolume
+from ..runtime import DONE, Informer, Requeue, Result
 
 log = logging.getLogger(__name__)
 
