@@ -15,6 +15,7 @@ from reflinker_csi.kube.api import (
     JSON,
     REFERENCEGRANTS,
     REFLINKVOLUMES,
+    STORAGECLASSES,
     VOLUMES,
     Kube,
 )
@@ -264,6 +265,44 @@ def test_a_claim_that_names_another_namespaces_volume_is_no_way_to_its_data(
     ]
     assert all(victim not in e and guid not in e for e in events(admin, namespace, "loot"))
     forget(admin, namespace, "loot")
+
+
+def test_a_claim_of_a_native_class_is_cloned_natively(
+    admin: Kube, mode: Mode, namespace: str
+) -> None:
+    """The claim loop passes its StorageClass's parameters as csi-provisioner passes them to
+    CreateVolume: a class with cloneMethod native gets native clones, not auto ones."""
+    other = f"{namespace}-src"
+    admin.create(NAMESPACES, {"metadata": {"name": other}})
+    source_volume(admin, mode, other, node=f"{namespace}-far")
+    grant(admin, other, claims_of=namespace)
+    native = f"{namespace}-native"
+    admin.create(
+        STORAGECLASSES,
+        {
+            "metadata": {"name": native},
+            "provisioner": DRIVER_NAME,
+            "parameters": {"cloneMethod": "native"},
+        },
+    )
+    mode.controller.claim_loop.storage_classes += (native,)
+    try:
+        made = claim("natively", source="src")
+        made["spec"]["storageClassName"] = native  # type: ignore[index]
+        admin.create(CLAIMS, made, namespace)
+        [value] = wait_for(
+            "the clone's record",
+            lambda: [
+                v
+                for v in admin.list(REFLINKVOLUMES)[0]
+                if record_of(v).context.get("pg-reflinker.csi/claim") == f"{namespace}/natively"
+            ],
+        )
+        assert record_of(value).parameters == {"cloneMethod": "native"}
+    finally:
+        mode.controller.claim_loop.storage_classes = mode.controller.claim_loop.storage_classes[:-1]
+        forget(admin, namespace, "natively")
+        admin.delete(STORAGECLASSES, native)
 
 
 def test_a_claim_no_node_can_serve_is_refused_before_anything_is_copied(

@@ -60,7 +60,7 @@ from ..api import (
     domain_error,
 )
 from ..events import EventRecorder
-from ..fields import text
+from ..fields import strings, text
 from ..model import Claim, PersistentVolume, grants_clone, key_of
 from ..reflinkvolume import record_of
 from ..runtime import DONE, Informer, Requeue, Result
@@ -242,6 +242,7 @@ class ClaimLoop:
         require_claim_servable(claim.meta.key, claim.access_modes, claim.volume_mode)
         source_ns, source = self._find_source(claim)
         pv = self._bound_volume(source_ns, source)
+        storage_class = self._storage_class(claim)
         ours = pv.driver == self.driver_name
         location = None if ours else self._locate_foreign(source_ns, source.meta.name, pv)
         if claim.meta.key not in self._announced:
@@ -259,14 +260,22 @@ class ClaimLoop:
             required_bytes=claim_bytes(claim),
             source_volume_id=pv.handle if ours else "",
             located_source=location,
+            # The class's cloneMethod, as csi-provisioner passes it to CreateVolume.
+            parameters=strings(storage_class, "parameters"),
             context={
                 CTX_CLAIM: claim.meta.key,
                 CTX_SOURCE_PVC: f"{source_ns}/{source.meta.name}",
             },
         )
         record = self.volumes.create(spec, self.wait_seconds)
-        self._create_pv(claim, record)
+        self._create_pv(claim, record, storage_class)
         return record
+
+    def _storage_class(self, claim: Claim) -> JSON:
+        try:
+            return self.kube.get(STORAGECLASSES, claim.storage_class) or {}
+        except ApiError as err:
+            raise domain_error(err, f"read StorageClass {claim.storage_class}") from None
 
     def _bound_volume(self, ns: str, source: Claim) -> PersistentVolume:
         """The source claim's volume, only while the two name each other: the claim Bound to
@@ -348,11 +357,7 @@ class ClaimLoop:
             raise FailedPrecondition(f"cannot tell which node holds source claim {ns}/{claim}")
         return location
 
-    def _create_pv(self, claim: Claim, record: VolumeRecord) -> None:
-        try:
-            sc = self.kube.get(STORAGECLASSES, claim.storage_class)
-        except ApiError as err:
-            raise domain_error(err, f"read StorageClass {claim.storage_class}") from None
+    def _create_pv(self, claim: Claim, record: VolumeRecord, sc: JSON) -> None:
         attributes = {
             CTX_GUID: record.guid,
             CTX_NODE: record.node,
