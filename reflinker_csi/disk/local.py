@@ -60,6 +60,18 @@ def _exists(dir_fd: int, name: str) -> bool:
         return False
 
 
+def _not_shut_down(pgdata: Path) -> str:
+    """Why the server of a data directory is not cleanly shut down ("" when it is)."""
+    top = reflink.open_dir(pgdata)
+    try:
+        if _exists(top, "postmaster.pid"):
+            return "postmaster.pid present"
+        state = _control_state(top)
+    finally:
+        os.close(top)
+    return "" if state in SHUT_DOWN else f"control file state {state}"
+
+
 def _control_state(pgdata_fd: int) -> int:
     """The state field of global/pg_control, read through descriptors (no link followed)."""
     global_fd = reflink.open_dir("global", pgdata_fd)
@@ -194,11 +206,16 @@ class LocalDisk:
         os.rename(partial, final)
 
     def reflink_copy(
-        self, source: VolumeRecord, record: VolumeRecord, stopped: Path | None = None
+        self,
+        source: VolumeRecord,
+        record: VolumeRecord,
+        stopped: Path | None = None,
+        clean: bool = False,
     ) -> None:
         """Cold copy: reflink the source tree into <dir>.partial, then rename it into place.
         stopped: the PGDATA of the fenced CNPG instance the source belongs to; the source may
-        be mounted by its pod, as long as that PostgreSQL is down before and after the copy."""
+        be mounted by its pod, as long as that PostgreSQL is down before and after the copy.
+        clean: a data directory in the source (pgdata) must have been shut down cleanly."""
         final = self.data_dir(record)
         if os.path.lexists(final):
             return
@@ -217,6 +234,8 @@ class LocalDisk:
                 f"(mounted at {', '.join(self.publishers(source))}); a running database is "
                 "cloned through its PostgreSQL server"
             )
+        elif clean:
+            self._require_shut_down(source, src)
         reflink.probe(self.layout.state_dir)
         final.parent.mkdir(mode=0o700, exist_ok=True)
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
@@ -337,17 +356,29 @@ class LocalDisk:
         control file says it was shut down (as a primary or as a standby). SourceUnavailable
         otherwise: CNPG stops it after fencing, and the copy is retried."""
         with self.source_dir(pgdata, pgdata.parent) as real:
-            top = reflink.open_dir(real)
-            try:
-                running = _exists(top, "postmaster.pid")
-                state = _control_state(top)
-            finally:
-                os.close(top)
-        if running or state not in SHUT_DOWN:
+            reason = _not_shut_down(real)
+        if reason:
             raise SourceUnavailable(
-                f"{instance} is fenced, but its PostgreSQL has not shut down yet "
-                f"({'postmaster.pid present' if running else f'control file state {state}'}); "
+                f"{instance} is fenced, but its PostgreSQL has not shut down yet ({reason}); "
                 "the cold copy is retried once it has"
+            )
+
+    def _require_shut_down(self, source: VolumeRecord, volume: Path) -> None:
+        """A volume no pod uses that holds a data directory (pgdata, as CNPG keeps it): its
+        server shut down cleanly, or the copy waits. A crashed or restarting instance (a pod
+        deleted, a failover) is copied hot once it runs again: its data directory alone may not
+        be consistent (with CNPG's walStorage its WAL is on another volume)."""
+        try:
+            with self.source_dir(volume / "pgdata", volume) as real:
+                reason = _not_shut_down(real)
+        except (FailedPrecondition, OSError):
+            return  # no data directory there (or not one of CNPG's): files are copied as files
+        if reason:
+            raise SourceUnavailable(
+                f"source volume {source.guid} holds a PostgreSQL data directory that no running "
+                f"instance uses and that was not shut down cleanly ({reason}): its instance is "
+                "restarting or crashed; the clone is retried, and taken hot once the instance "
+                "runs again"
             )
 
     @contextlib.contextmanager

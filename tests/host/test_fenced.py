@@ -125,3 +125,37 @@ def test_a_fenced_pgdata_reached_through_a_link_is_refused(instance, tmp_path: P
     (elsewhere / "pgdata").symlink_to(disk.data_dir(source) / "pgdata")
     with pytest.raises(FailedPrecondition, match="is a symbolic link"):
         disk.reflink_copy(source, record(), stopped=elsewhere / "pgdata")
+
+
+def test_a_data_directory_no_pod_uses_is_copied_cold_only_once_it_shut_down_cleanly(
+    instance,
+) -> None:  # type: ignore[no-untyped-def]
+    """A CNPG pod deleted mid-failover leaves its volume unused for a second while its
+    PostgreSQL has not shut down cleanly (its WAL may be on another volume): a cold copy then is
+    no consistent database, so it waits (retried, and taken hot once the instance runs
+    again); once the server shut down cleanly the volume is copied cold and boots."""
+    disk, source, server = instance
+    copy = record()
+    with pytest.raises(SourceUnavailable) as running:
+        disk.reflink_copy(source, copy, clean=True)
+    assert str(running.value) == (
+        f"source volume {source.guid} holds a PostgreSQL data directory that no running "
+        "instance uses and that was not shut down cleanly (postmaster.pid present): its "
+        "instance is restarting or crashed; the clone is retried, and taken hot once the "
+        "instance runs again"
+    )
+    server.stop("immediate")
+    (disk.data_dir(source) / "pgdata" / "postmaster.pid").unlink(missing_ok=True)
+    with pytest.raises(SourceUnavailable, match="control file state 6"):
+        disk.reflink_copy(source, copy, clean=True)
+    assert copies(disk) == [source.guid]
+    server.start(extra="-c listen_addresses='' -c ssl=off")
+    server.wait_ready()
+    server.stop("fast")
+    disk.reflink_copy(source, copy, clean=True)
+    assert copies(disk) == sorted([source.guid, copy.guid])
+    # A volume with no data directory in it is files, copied as they are.
+    plain = record()
+    disk.data_dir(plain).mkdir()
+    (disk.data_dir(plain) / "seed.sql").write_text("select 1;\n")
+    disk.reflink_copy(plain, record(), clean=True)

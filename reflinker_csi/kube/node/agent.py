@@ -149,7 +149,10 @@ class NodeAgent:
                 f"source {record.source_id} of volume {record.guid} no longer exists"
             )
         fenced = record.context.get(CTX_SOURCE_FENCED)
-        self.disk.reflink_copy(source, record, Path(fenced) if fenced else None)
+        # No pod uses it now: a data directory in it must have been shut down cleanly (a pod
+        # deleted mid-failover leaves one that is not, for a second).
+        clean = not fenced and source.kind == Kind.VOLUME
+        self.disk.reflink_copy(source, record, Path(fenced) if fenced else None, clean)
         return True
 
     def _cut(self, record: VolumeRecord) -> bool:
