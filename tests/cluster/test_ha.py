@@ -216,15 +216,16 @@ def test_a_drained_node_keeps_its_clone_and_the_other_nodes_keep_serving(
     guid = cnpg.volume_handle(k8s, clone, NS)
     data = k8s.prefix_of(drained) / guid / "pgdata"
 
-    k8s.kubectl(
-        "drain",
-        drained,
-        "--ignore-daemonsets",
-        "--delete-emptydir-data",
-        "--timeout=180s",
-        timeout=240,
-    )
     try:
+        # Uncordoned whatever happens: the scenarios after this one need the node.
+        k8s.kubectl(
+            "drain",
+            drained,
+            "--ignore-daemonsets",
+            "--delete-emptydir-data",
+            "--timeout=180s",
+            timeout=240,
+        )
         # Evicted, made again by CNPG, and refused by the scheduler everywhere: its volume can
         # only be mounted on the cordoned node.
         k8s.wait(f"{clone} evicted and unschedulable", lambda: _unschedulable(k8s, clone), 120)
