@@ -364,12 +364,15 @@ class LocalDisk:
             )
 
     def _require_shut_down(self, source: VolumeRecord, volume: Path) -> None:
-        """A volume no pod uses that holds a data directory (pgdata, as CNPG keeps it): its
-        server shut down cleanly, or the copy waits. A crashed or restarting instance (a pod
-        deleted, a failover) is copied hot once it runs again: its data directory alone may not
-        be consistent (with CNPG's walStorage its WAL is on another volume)."""
+        """A volume no pod uses that holds a data directory (pgdata, as CNPG keeps it) whose WAL
+        is on another volume (CNPG's walStorage: pg_wal a link): its server shut down cleanly,
+        or the copy waits. A crashed or restarting instance (a pod deleted, a failover) is
+        copied hot once it runs again: its data directory alone holds none of the WAL that
+        crash recovery needs. With its WAL inside, a crash-consistent copy starts as it is."""
         try:
             with self.source_dir(volume / "pgdata", volume) as real:
+                if not stat.S_ISLNK(os.lstat(real / "pg_wal").st_mode):
+                    return  # its WAL is in it: a crashed one is copied as crash recovery finds it
                 reason = _not_shut_down(real)
         except (FailedPrecondition, OSError):
             return  # no data directory there (or not one of CNPG's): files are copied as files

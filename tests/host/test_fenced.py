@@ -131,29 +131,34 @@ def test_a_data_directory_no_pod_uses_is_copied_cold_only_once_it_shut_down_clea
     instance,
 ) -> None:  # type: ignore[no-untyped-def]
     """A CNPG pod deleted mid-failover leaves its volume unused for a second while its
-    PostgreSQL has not shut down cleanly (its WAL may be on another volume): a cold copy then is
-    no consistent database, so it waits (retried, and taken hot once the instance runs
-    again); once the server shut down cleanly the volume is copied cold and boots."""
+    PostgreSQL has not shut down cleanly; with its WAL on another volume (walStorage: pg_wal a
+    link) a cold copy then is no database at all, so it waits (retried, and taken hot once the
+    instance runs again); once the server shut down cleanly the volume is copied cold. With its
+    WAL inside, a crashed data directory is copied as crash recovery finds it."""
     disk, source, server = instance
+    pgdata = disk.data_dir(source) / "pgdata"
+    server.stop("immediate")
+    (pgdata / "postmaster.pid").unlink(missing_ok=True)
+    crashed = record()
+    disk.reflink_copy(source, crashed, clean=True)  # WAL inside: copied
+    assert copies(disk) == sorted([source.guid, crashed.guid])
+    wal = disk.data_dir(source) / "wal"
+    os.rename(pgdata / "pg_wal", wal)
+    os.symlink(wal, pgdata / "pg_wal")
     copy = record()
-    with pytest.raises(SourceUnavailable) as running:
+    with pytest.raises(SourceUnavailable) as waiting:
         disk.reflink_copy(source, copy, clean=True)
-    assert str(running.value) == (
+    assert str(waiting.value) == (
         f"source volume {source.guid} holds a PostgreSQL data directory that no running "
-        "instance uses and that was not shut down cleanly (postmaster.pid present): its "
+        "instance uses and that was not shut down cleanly (control file state 6): its "
         "instance is restarting or crashed; the clone is retried, and taken hot once the "
         "instance runs again"
     )
-    server.stop("immediate")
-    (disk.data_dir(source) / "pgdata" / "postmaster.pid").unlink(missing_ok=True)
-    with pytest.raises(SourceUnavailable, match="control file state 6"):
-        disk.reflink_copy(source, copy, clean=True)
-    assert copies(disk) == [source.guid]
     server.start(extra="-c listen_addresses='' -c ssl=off")
     server.wait_ready()
     server.stop("fast")
     disk.reflink_copy(source, copy, clean=True)
-    assert copies(disk) == sorted([source.guid, copy.guid])
+    assert copy.guid in copies(disk)
     # A volume with no data directory in it is files, copied as they are.
     plain = record()
     disk.data_dir(plain).mkdir()
