@@ -29,6 +29,14 @@ LOG_FORMATS = ("json", "text")
 
 T = TypeVar("T")
 
+# The longest BACKUP_MODE_LIMIT: with the time to reach a source and to finish a copy, a backup
+# fits in the sidecars' --timeout=300s.
+MAX_BACKUP_MODE_LIMIT = 240.0
+# How long a request waits at a source instance's backup gate before it is retried later.
+GATE_WAIT_SECONDS = 5.0
+# After the backup ended, for the node to put a native copy in place (its Complete step).
+COMPLETE_MARGIN_SECONDS = 30.0
+
 
 class ConfigError(Exception):
     """A configuration variable has a value the driver cannot use."""
@@ -102,9 +110,24 @@ class Config:
     metrics_auth: str = "none"
     # Not read from the environment: the product's timings, which tests shorten with
     # dataclasses.replace().
-    claim_wait_seconds: float = 20.0  # one claim-loop reconcile waits this long for the node
+    # One claim-loop reconcile waits this long for its clone (None: as long as a clone may
+    # take, claim_wait()).
+    claim_wait_seconds: float | None = None
     claim_first_backoff_seconds: float = 2.0  # a failing claim's first retry; doubled to 60 s
     report_period_seconds: float = 60.0  # the node plugin's free-space report on its Node
+
+    def claim_wait(self) -> float:
+        """How long one claim-loop reconcile waits for its clone: the source's backup gate,
+        the connection, a whole BACKUP_MODE_LIMIT and the node's Complete step after it, as
+        csi-provisioner's CreateVolume may."""
+        if self.claim_wait_seconds is not None:
+            return self.claim_wait_seconds
+        return (
+            GATE_WAIT_SECONDS
+            + self.pg_connect_timeout_seconds
+            + self.backup_mode_limit_seconds
+            + COMPLETE_MARGIN_SECONDS
+        )
 
 
 def _get(env: Mapping[str, str], name: str, default: str | None) -> str | None:
@@ -183,6 +206,16 @@ def _positive_seconds(raw: str) -> float:
     return value
 
 
+def _seconds_up_to(most: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = _positive_seconds(raw)
+        if value > most:
+            raise ValueError
+        return value
+
+    return parse
+
+
 def _names(regex: re.Pattern[str], at_least_one: bool = False) -> Callable[[str], tuple[str, ...]]:
     """A comma-separated list of names, each matching regex (blanks around them ignored)."""
 
@@ -227,6 +260,26 @@ def load(env: Mapping[str, str] | None = None, mode: str = "standalone") -> Conf
             str(target_root),
             f"a directory that neither contains nor lies inside HOSTPATH_PREFIX={prefix}",
         )
+    # One backup budget for every path that copies a running source (csi-provisioner's and
+    # csi-snapshotter's CreateVolume and CreateSnapshot, the claim loop): BACKUP_MODE_LIMIT.
+    # Every statement of a copy runs within it, so a longer statement timeout is refused, not
+    # silently cut.
+    backup_limit = _parse(
+        env,
+        "BACKUP_MODE_LIMIT",
+        "60",
+        f"a number of seconds greater than 0 and at most {MAX_BACKUP_MODE_LIMIT:.0f} (with the "
+        "time to reach the source and to finish the copy, within the sidecars' --timeout=300s)",
+        _seconds_up_to(MAX_BACKUP_MODE_LIMIT),
+    )
+    statement_timeout = _parse(
+        env,
+        "PG_STATEMENT_TIMEOUT",
+        env.get("BACKUP_MODE_LIMIT") or "60",
+        f"a number of seconds greater than 0 and at most BACKUP_MODE_LIMIT={backup_limit:g}, "
+        "which bounds every statement of a copy (raise BACKUP_MODE_LIMIT for longer ones)",
+        _seconds_up_to(backup_limit),
+    )
     return Config(
         endpoint=_parse(
             env,
@@ -328,20 +381,8 @@ def load(env: Mapping[str, str] | None = None, mode: str = "standalone") -> Conf
             "a number of seconds greater than 0",
             _positive_seconds,
         ),
-        pg_statement_timeout_seconds=_parse(
-            env,
-            "PG_STATEMENT_TIMEOUT",
-            "300",
-            "a number of seconds greater than 0",
-            _positive_seconds,
-        ),
-        backup_mode_limit_seconds=_parse(
-            env,
-            "BACKUP_MODE_LIMIT",
-            "60",
-            "a number of seconds greater than 0",
-            _positive_seconds,
-        ),
+        pg_statement_timeout_seconds=statement_timeout,
+        backup_mode_limit_seconds=backup_limit,
         capture_wait_seconds=_parse(
             env,
             "CAPTURE_WAIT",

@@ -93,7 +93,7 @@ def controller(kube: api.Kube, settings: Config, metrics: Metrics) -> Controller
         settings.driver_name,
         settings.storage_classes,
         settings.namespace_path,
-        settings.claim_wait_seconds,
+        settings.claim_wait(),
         errors,
         settings.claim_first_backoff_seconds,
     )

@@ -65,7 +65,9 @@ log = logging.getLogger(__name__)
 
 class RecordCopier:
     """The file side of a native hot clone, done by the node agent of the source's node: each
-    step is written on the volume's record (spec.backup) and waited for (status.backup)."""
+    step is written on the volume's record (spec.backup) and waited for (status.backup), the
+    steps in backup mode until backup_limit_at at the latest, all of them until deadline (the
+    request's)."""
 
     def __init__(
         self,
@@ -141,8 +143,14 @@ class RecordCopier:
                 return current
             return None
 
-        current = self.registry.informer.wait_until(answered, self.deadline)
-        if current is None and self.deadline >= self.backup_limit_at:
+        # Copy and Finish happen in backup mode, so within its limit; Complete comes after the
+        # backup ended and has the rest of the request's time (a backlogged node agent's
+        # finished copy is not thrown away for the backup's sake).
+        until = self.deadline
+        if hand_off.step != Step.COMPLETE:
+            until = min(self.deadline, self.backup_limit_at)
+        current = self.registry.informer.wait_until(answered, until)
+        if current is None and until >= self.backup_limit_at:
             raise DeadlineExceeded(
                 f"hot clone {self.record.guid} reached BACKUP_MODE_LIMIT (the longest a source "
                 f"stays in backup mode) at step {hand_off.step} on node {self.record.node}; the "

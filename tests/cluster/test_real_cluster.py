@@ -483,6 +483,34 @@ def _volume_dirs() -> set[str]:
     return {p.name for p in PREFIX.iterdir() if not p.name.startswith(".")}
 
 
+def _wait_removed(k8s: OneNodeCluster, what: str, guids: set[str], timeout: float) -> None:
+    """Wait until none of the volumes' directories is left; on a timeout, say for each one left
+    what still holds it (its PV and its record). A deleted CNPG Cluster's claims go once its
+    pods have stopped, which CNPG allows a smart shutdown of up to 180 s
+    (smartShutdownTimeout) before a fast one."""
+    try:
+        k8s.wait(what, lambda: not (guids & _volume_dirs()), timeout)
+    except AssertionError as err:
+        left = guids & _volume_dirs()
+        pvs = {pv["spec"].get("csi", {}).get("volumeHandle"): pv for pv in k8s.get("pv")["items"]}
+        lines = []
+        for guid in sorted(left):
+            pv = pvs.get(guid)
+            found = [r for r in _records(k8s) if r["spec"]["guid"] == guid]
+            lines.append(
+                f"{guid}: PV "
+                + (
+                    f"{pv['metadata']['name']} {pv['status'].get('phase')} "
+                    f"claim {pv['spec'].get('claimRef', {}).get('name')} "
+                    f"finalizers {pv['metadata'].get('finalizers')}"
+                    if pv
+                    else "none"
+                )
+                + f"; record {[(r['metadata']['name'], r.get('status')) for r in found]}"
+            )
+        raise AssertionError(f"{err}; left: " + "; ".join(lines)) from None
+
+
 def _group_bits(directory: Path) -> list[str]:
     """Files under a data directory that kubelet's recursive fsGroup walk would have changed."""
     return [str(p) for p in directory.rglob("*") if p.is_file() and p.stat().st_mode & 0o070][:5]
@@ -590,7 +618,7 @@ def test_a_cluster_of_another_major_is_cloned_under_load_into_a_new_one(
     guids = {_pv_of(k8s, c)["spec"]["csi"]["volumeHandle"] for c in (source, pod)}
     cnpg.delete_cluster(k8s, f"{name}-dev")
     cnpg.delete_cluster(k8s, name)
-    k8s.wait("the volumes removed", lambda: not (guids & _volume_dirs()), 120)
+    _wait_removed(k8s, "the volumes removed", guids, 240)
 
 
 def test_kubelet_hands_fs_group_to_the_driver_instead_of_walking_the_clone(
@@ -730,7 +758,7 @@ def test_deleting_a_cluster_and_its_claims_removes_directories_and_records(
     assert guids <= _volume_dirs()
     cnpg.delete_cluster(k8s, "pg-xyz")
     k8s.kubectl("delete", "pvc", "pgdata-empty", "-n", NS, "--wait=true", "--timeout=60s")
-    k8s.wait("the claims' volumes removed", lambda: not (guids & _volume_dirs()), 60)
+    _wait_removed(k8s, "the claims' volumes removed", guids, 60)
     k8s.wait(
         "their records removed",
         lambda: not [r for r in _records(k8s) if r["spec"]["guid"] in guids],
@@ -1176,7 +1204,7 @@ def test_a_cluster_with_only_the_grants_and_a_wal_volume_is_cloned_natively(
     }
     cnpg.delete_cluster(k8s, "pg-lean-dev")
     cnpg.delete_cluster(k8s, "pg-lean")
-    k8s.wait("the volumes removed", lambda: not (guids & _volume_dirs()), 120)
+    _wait_removed(k8s, "the volumes removed", guids, 240)
     assert not [p for p in PREFIX.iterdir() if p.name.endswith(".partial")]
 
 
@@ -1580,7 +1608,7 @@ def test_a_cluster_with_wal_and_a_tablespace_is_copied_whole_online_and_offline(
     cnpg.delete_cluster(k8s, "pg-spaces-restored")
     cnpg.delete_cluster(k8s, "pg-spaces")
     _forget_backup(k8s, "pg-spaces", elements)
-    k8s.wait("the volumes removed", lambda: not (guids & _volume_dirs()), 120)
+    _wait_removed(k8s, "the volumes removed", guids, 240)
 
 
 SNAPSHOTS = "snapshot.storage.k8s.io"

@@ -210,8 +210,8 @@ def _driver_env(
         KUBECONFIG=str(kubeconfig),
         LOG_LEVEL="debug",
         PYTHONPATH=str(ROOT),
-        PG_STATEMENT_TIMEOUT="60",
         NAMESPACE_PATH=namespace_path,
+        STORAGE_CLASS="pg-reflinker,pg-reflinker-native",
         METRICS_PORT=str(cluster.metrics_ports.setdefault(name, free_port())),
         USAGE_INTERVAL="2",
     )

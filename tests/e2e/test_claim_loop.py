@@ -6,12 +6,14 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -64,17 +66,27 @@ def hostpath_claim(cluster: Cluster, ns: str, name: str, path: Path) -> None:
     cluster.wait_bound(name, namespace=ns)
 
 
-def claim_from(cluster: Cluster, name: str, source: str, namespace: str = NS) -> None:
+def claim_from(
+    cluster: Cluster,
+    name: str,
+    source: str,
+    namespace: str = NS,
+    storage_class: str = "pg-reflinker",
+    source_namespace: str | None = None,
+) -> None:
     cluster.core.create_namespaced_persistent_volume_claim(
         namespace,
         client.V1PersistentVolumeClaim(
             metadata=client.V1ObjectMeta(name=name),
             spec=client.V1PersistentVolumeClaimSpec(
                 access_modes=["ReadWriteOnce"],
-                storage_class_name="pg-reflinker",
+                storage_class_name=storage_class,
                 resources=client.V1VolumeResourceRequirements(requests={"storage": "1Gi"}),
                 data_source_ref=client.V1TypedObjectReference(
-                    api_group="", kind="PersistentVolumeClaim", name=source
+                    api_group="",
+                    kind="PersistentVolumeClaim",
+                    name=source,
+                    namespace=source_namespace,
                 ),
             ),
         ),
@@ -340,6 +352,58 @@ def test_claim_deleted_while_its_clone_fails_leaves_no_record(
         return not any(r["metadata"]["name"] == f"claim-{uid}" for r in items)
 
     wait_for("the orphaned record to be removed", gone, 90)
+
+
+def test_a_native_clone_whose_node_is_slow_gets_the_whole_backup_budget(
+    cluster: Cluster, template: Template
+) -> None:
+    """A claim of a cloneMethod: native class, served by the claim loop, whose node plugin
+    takes 25 s over the Copy step (frozen, so the moment is certain): within BACKUP_MODE_LIMIT
+    (60 s), so the first attempt binds. The claim loop used to give a clone 20 s in all: the
+    backup was ended and every retry, each with a checkpoint on the source, failed the same
+    way on a busy node."""
+    storage = client.StorageV1Api(cluster.plane.api_client())
+    storage.create_storage_class(
+        client.V1StorageClass(
+            metadata=client.V1ObjectMeta(name="pg-reflinker-native"),
+            provisioner="pg-reflinker.csi",
+            parameters={"cloneMethod": "native"},
+            volume_binding_mode="Immediate",
+        )
+    )
+    node = cluster.processes["node"]
+    node.send_signal(signal.SIGSTOP)
+    try:
+        claim_from(cluster, "slow-node", "pg-tmpl-1", storage_class="pg-reflinker-native")
+
+        def copy_asked() -> dict[str, Any] | None:
+            for item in cluster.custom.list_cluster_custom_object(
+                "pg-reflinker.csi", "v1alpha1", "reflinkvolumes"
+            )["items"]:
+                if item["spec"].get("claim") == f"{NS}/slow-node":
+                    step = (item["spec"].get("backup") or {}).get("step")
+                    return item if step == "Copy" else None
+            return None
+
+        first = wait_for("the claim loop to ask for the copy", copy_asked, 60)
+        time.sleep(25)  # the fault itself: a node plugin 25 s late
+    finally:
+        node.send_signal(signal.SIGCONT)
+    pv = cluster.wait_bound("slow-node", timeout=90)
+    [record] = [
+        r
+        for r in cluster.custom.list_cluster_custom_object(
+            "pg-reflinker.csi", "v1alpha1", "reflinkvolumes"
+        )["items"]
+        if r["spec"]["guid"] == pv.spec.csi.volume_handle
+    ]
+    assert record["spec"]["cloneMethod"] == "native"
+    assert record["spec"]["backup"]["attempt"] == first["spec"]["backup"]["attempt"], (
+        "the first attempt was given up: "
+        + "; ".join(cluster.events_for("PersistentVolumeClaim", "slow-node"))
+    )
+    cluster.core.delete_namespaced_persistent_volume_claim("slow-node", NS)
+    storage.delete_storage_class("pg-reflinker-native")
 
 
 CALL = re.compile(

@@ -85,6 +85,7 @@ def test_helm_3_renders_what_helm_4_renders(name: str) -> None:
         ("sourceNamespaces[0]=Apps_Prod", "sourceNamespaces"),
         ("node.freeSpaceFloor=lots", "freeSpaceFloor"),
         ("controler.replicas=3", "controler"),
+        ("controller.backupModeLimit=600", "backupModeLimit"),
     ],
 )
 @pytest.mark.parametrize("program", chart.HELMS)
@@ -95,6 +96,30 @@ def test_a_wrong_value_fails_at_install_naming_it(setting: str, needle: str, pro
     assert result.returncode != 0, f"{setting} was accepted"
     assert needle in result.stderr, result.stderr
     assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("program", chart.HELMS)
+def test_a_statement_timeout_beyond_the_backup_budget_fails_at_install(program: str) -> None:
+    """The controller refuses PG_STATEMENT_TIMEOUT above BACKUP_MODE_LIMIT at start; the chart
+    refuses it at install, naming both values, instead of a controller that will not start."""
+    result = chart.helm(
+        "template",
+        "x",
+        str(chart.CHART),
+        "--set",
+        "controller.pgStatementTimeout=120",
+        check=False,
+        program=program,
+    )
+    assert result.returncode != 0, "a statement timeout above the backup budget was accepted"
+    assert "controller.pgStatementTimeout=120" in result.stderr, result.stderr
+    assert "controller.backupModeLimit (60)" in result.stderr, result.stderr
+    rendered = chart.template("--set", "controller.backupModeLimit=120")
+    [controller] = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment"]
+    [main] = [
+        c for c in controller["spec"]["template"]["spec"]["containers"] if c["name"] == "controller"
+    ]
+    assert env(main)["BACKUP_MODE_LIMIT"] == env(main)["PG_STATEMENT_TIMEOUT"] == "120"
 
 
 def test_values_shape_what_is_installed() -> None:

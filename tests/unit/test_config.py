@@ -87,6 +87,25 @@ def test_bad_value_names_variable_value_and_expectation(
     assert "expected" in message
 
 
+def test_one_backup_budget_bounds_every_statement_and_the_claim_loop(tmp_path: Path) -> None:
+    """BACKUP_MODE_LIMIT is the one budget of a copy: the statement timeout defaults to it, a
+    longer one is refused at start (it used to be cut to the limit silently), and the claim
+    loop waits for a whole backup, not a fixed 20 s that ended native clones early."""
+    env = good_env(tmp_path)
+    cfg = config.load(env, mode="controller")
+    assert (cfg.backup_mode_limit_seconds, cfg.pg_statement_timeout_seconds) == (60, 60)
+    assert cfg.claim_wait() >= cfg.backup_mode_limit_seconds + 30
+    raised = config.load(env | {"BACKUP_MODE_LIMIT": "120"}, mode="controller")
+    assert raised.pg_statement_timeout_seconds == 120
+    assert raised.claim_wait() >= 150
+    with pytest.raises(config.ConfigError) as err:
+        config.load(env | {"PG_STATEMENT_TIMEOUT": "240"}, mode="controller")
+    assert str(err.value).startswith("PG_STATEMENT_TIMEOUT='240': expected")
+    assert "at most BACKUP_MODE_LIMIT=60" in str(err.value)
+    with pytest.raises(config.ConfigError, match=r"BACKUP_MODE_LIMIT='600'.*at most 240"):
+        config.load(env | {"BACKUP_MODE_LIMIT": "600"}, mode="controller")
+
+
 def test_target_root_inside_prefix_is_refused(tmp_path: Path) -> None:
     env = good_env(tmp_path)
     (tmp_path / "prefix" / "kubelet").mkdir()

@@ -30,3 +30,26 @@ system:serviceaccount:{{ .Release.Namespace }}:pg-reflinker-{{ .component }}
     verbs: [create]
 {{- end }}
 {{- end }}
+
+{{/* BACKUP_MODE_LIMIT, checked as the controller checks it at start, so a bad value fails the
+install instead of a controller that will not start. */}}
+{{- define "pg-reflinker.backupModeLimit" -}}
+{{- $limit := .Values.controller.backupModeLimit | float64 }}
+{{- if or (le $limit 0.0) (gt $limit 240.0) }}
+{{- fail (printf "controller.backupModeLimit=%v: expected seconds greater than 0 and at most 240 (within the sidecars' 300 s timeout)" .Values.controller.backupModeLimit) }}
+{{- end }}
+{{- .Values.controller.backupModeLimit }}
+{{- end }}
+
+{{/* PG_STATEMENT_TIMEOUT: backupModeLimit when empty; never longer than it. */}}
+{{- define "pg-reflinker.statementTimeout" -}}
+{{- $limit := .Values.controller.backupModeLimit | float64 }}
+{{- with .Values.controller.pgStatementTimeout }}
+{{- if or (le (float64 .) 0.0) (gt (float64 .) $limit) }}
+{{- fail (printf "controller.pgStatementTimeout=%v: expected seconds greater than 0 and at most controller.backupModeLimit (%v), which bounds every statement of a copy" . $limit) }}
+{{- end }}
+{{- . }}
+{{- else }}
+{{- .Values.controller.backupModeLimit }}
+{{- end }}
+{{- end }}

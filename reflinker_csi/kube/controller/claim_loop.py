@@ -67,8 +67,6 @@ from ..runtime import DONE, Informer, Requeue, Result
 from .locator import KubeSourceLocator
 
 log = logging.getLogger(__name__)
-# How long one reconcile waits for the node agent before it lets the worker go and comes back.
-WAIT_SECONDS = 20.0
 MAX_BACKOFF = 60.0
 REQUEST_PREFIX = "claim-"
 # external-provisioner names volumes <prefix>-<claim UID>; "pvc" unless --volume-name-prefix.
@@ -126,7 +124,7 @@ class ClaimLoop:
         driver_name: str,
         storage_classes: tuple[str, ...],
         namespace_path: tuple[str, ...],
-        wait_seconds: float = WAIT_SECONDS,
+        wait_seconds: float,
         on_error: Callable[[str], None] = lambda loop: None,
         first_backoff: float = 2.0,
     ) -> None:
@@ -134,6 +132,8 @@ class ClaimLoop:
         self.first_backoff = first_backoff  # doubled on each failure, up to MAX_BACKOFF
         self.on_error = on_error
         self.events = EventRecorder(kube, CLAIM_LOOP_COMPONENT)
+        # How long one reconcile waits for its clone before it lets the worker go and comes
+        # back: long enough for a whole backup (a native clone's ends with its session).
         self.wait_seconds = wait_seconds
         self.volumes = volumes
         self.claims = claims

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
+from ...config import GATE_WAIT_SECONDS
 from ...core.errors import OperationInProgress
 from ..api import JSON, LEASES, ApiError, Kube, domain_error
 from ..events import stamp
@@ -29,8 +30,6 @@ from ..model import Lease
 
 log = logging.getLogger(__name__)
 LEASE_PREFIX = "pg-reflinker-backup-"
-# How long a request waits at a source instance's gate before it is retried later.
-GATE_WAIT_SECONDS = 5.0
 # Beyond the longest backup, before a Lease left by a holder that died is taken over.
 HOLD_MARGIN_SECONDS = 15.0
 POLL_SECONDS = 0.2

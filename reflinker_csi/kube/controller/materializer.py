@@ -342,7 +342,7 @@ class KubeMaterializer:
                 )
                 return None
             limit = began + self.backup_limit
-            copier = RecordCopier(self.registry, record, location, min(deadline, limit), limit)
+            copier = RecordCopier(self.registry, record, location, deadline, limit)
             in_backup = native_clone(
                 conn, server, record.guid, copier, budget, whole=record.kind == Kind.CAPTURE
             )
