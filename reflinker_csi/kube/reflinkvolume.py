@@ -129,6 +129,12 @@ def record_of(value: JSON) -> VolumeRecord:
     )
 
 
+def claim_of(value: JSON) -> str:
+    """The claim (namespace/name) a ReflinkVolume was made for, "" for none: read without
+    parsing the whole record (an informer's index calls it on every change)."""
+    return text(obj(obj(value, "spec"), "context"), CTX_CLAIM)
+
+
 def status_body(phase: Phase, code: str = "", message: str = "") -> JSON:
     """status: the phase, and a failure's CSI code and message (status subresource)."""
     return {"status": {"phase": str(phase), "code": code, "message": message[:1000]}}

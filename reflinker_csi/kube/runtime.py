@@ -66,6 +66,8 @@ class Informer:
         self._changed = threading.Condition()
         self._handlers: list[Handler] = []
         self._watch = WatchHandle()
+        # name -> (what an object is looked up by, that value -> the keys of its objects)
+        self._indexes: dict[str, tuple[Callable[[JSON], str], dict[str, set[str]]]] = {}
 
     def close(self) -> None:
         """End the current watch now; run() returns once its stop event is set."""
@@ -82,6 +84,36 @@ class Informer:
     def on_change(self, handler: Handler) -> None:
         """handler(key) runs after each change of key (and on resync); read the cache there."""
         self._handlers.append(handler)
+
+    def index(self, name: str, value_of: Callable[[JSON], str]) -> None:
+        """Keep the cache's objects indexed by value_of(object) ("" is not indexed), for
+        by_index: a lookup costs the objects found, not the whole cache."""
+        with self._changed:
+            found: dict[str, set[str]] = {}
+            for key, value in self._cache.items():
+                if indexed := value_of(value):
+                    found.setdefault(indexed, set()).add(key)
+            self._indexes[name] = (value_of, found)
+
+    def by_index(self, name: str, value: str) -> list[JSON]:
+        with self._changed:
+            keys = self._indexes[name][1].get(value, ())
+            return [self._cache[k] for k in keys if k in self._cache]
+
+    def _unindex(self, key: str) -> None:
+        old = self._cache.get(key)
+        if old is None:
+            return
+        for value_of, found in self._indexes.values():
+            if (indexed := value_of(old)) and indexed in found:
+                found[indexed].discard(key)
+                if not found[indexed]:
+                    del found[indexed]
+
+    def _reindex(self, key: str, value: JSON) -> None:
+        for value_of, found in self._indexes.values():
+            if indexed := value_of(value):
+                found.setdefault(indexed, set()).add(key)
 
     def get(self, key: str) -> JSON | None:
         with self._changed:
@@ -106,10 +138,12 @@ class Informer:
     def _store(self, kind: str, value: JSON) -> str:
         key = Meta.of(value).key
         with self._changed:
+            self._unindex(key)
             if kind == "DELETED":
                 self._cache.pop(key, None)
             else:
                 self._cache[key] = value
+                self._reindex(key, value)
             self._changed.notify_all()
         return key
 
@@ -126,6 +160,10 @@ class Informer:
         with self._changed:
             gone = set(self._cache) - set(fresh)
             self._cache = fresh
+            for _, found in self._indexes.values():
+                found.clear()
+            for key, value in fresh.items():
+                self._reindex(key, value)
             self._changed.notify_all()
         self.synced.set()
         for key in [*fresh, *gone]:
@@ -186,14 +224,20 @@ class WorkQueue:
         self._queued: set[str] = set()
         self._active: set[str] = set()
         self._again: set[str] = set()
-        self._later: list[tuple[float, str]] = []
+        self._later: list[tuple[float, str]] = []  # may hold stale entries: see _due
+        self._due: dict[str, float] = {}  # key -> when it is due: one delayed add per key
         self._cond = threading.Condition()
         self._closed = False
 
     def add(self, key: str, after: float = 0.0) -> None:
         with self._cond:
             if after > 0:
-                heapq.heappush(self._later, (time.monotonic() + after, key))
+                # The earliest of a key's delayed adds is kept, so a key retried often (a
+                # requeue on each resync, each event) holds one entry, not one per add.
+                when = time.monotonic() + after
+                if key not in self._due or when < self._due[key]:
+                    self._due[key] = when
+                    heapq.heappush(self._later, (when, key))
             elif key in self._active:
                 self._again.add(key)
             elif key not in self._queued:
@@ -207,7 +251,10 @@ class WorkQueue:
             while not self._closed:
                 now = time.monotonic()
                 while self._later and self._later[0][0] <= now:
-                    _, key = heapq.heappop(self._later)
+                    when, key = heapq.heappop(self._later)
+                    if self._due.get(key) != when:
+                        continue  # superseded by an earlier add of the key
+                    del self._due[key]
                     if key in self._active:
                         self._again.add(key)
                     elif key not in self._queued:
@@ -234,6 +281,11 @@ class WorkQueue:
                     self._queued.add(key)
                     self._ready.append(key)
             self._cond.notify()
+
+    def pending(self) -> int:
+        """Keys queued or waiting for their delay (each counted once)."""
+        with self._cond:
+            return len(self._queued | set(self._due))
 
     def close(self) -> None:
         with self._cond:
@@ -310,8 +362,7 @@ class Controller:
             except Exception as err:
                 count = self._failures.get(key, 0) + 1
                 self._failures[key] = count
-                if self.on_error is not None:
-                    self.on_error(self.name)
+                self._count_error()
                 delay = min(self.max_backoff, 0.5 * 2.0**count) * random.uniform(0.9, 1.1)
                 if isinstance(err, ReflinkerError):
                     log.warning("%s: %s: %s; again in %.1f s", self.name, key, err, delay)
@@ -322,6 +373,15 @@ class Controller:
                 self.queue.add(key, after=delay)
             finally:
                 self.queue.done(key)
+
+    def _count_error(self) -> None:
+        """on_error (a metric), which must not end the worker that calls it."""
+        if self.on_error is None:
+            return
+        try:
+            self.on_error(self.name)
+        except Exception:
+            log.exception("%s: counting an error failed", self.name)
 
     def run(self, stop: threading.Event) -> None:
         """Workers start once the caches are synced; with a leader they take keys only while

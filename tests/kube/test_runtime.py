@@ -114,6 +114,91 @@ def test_a_failing_reconcile_is_retried_with_backoff() -> None:
     assert 0.9 <= gaps[0] <= 1.3 and 1.35 <= gaps[1] <= 1.8, gaps
 
 
+def test_a_key_requeued_many_times_waits_once_at_its_earliest_time() -> None:
+    """A key requeued on every event and resync holds one delayed entry, due at the earliest
+    time asked, and is handed out once (the heap used to grow by one entry per add)."""
+    queue = WorkQueue()
+    for _ in range(10_000):
+        queue.add("often", after=30.0)
+    queue.add("often", after=0.2)
+    queue.add("often", after=60.0)
+    assert queue.pending() == 1
+    assert len(queue._later) <= 2, "one heap entry per add"
+    assert queue.get() == "often"
+    queue.done("often")
+    assert queue.pending() == 0
+    queue.add("last", after=0.05)
+    assert queue.get() == "last"  # not a stale "often" from the heap
+
+
+def test_a_worker_outlives_a_failing_error_counter() -> None:
+    """on_error (the metric) raising does not end the worker that called it: the failing key
+    is retried and the keys after it are still reconciled."""
+    done: list[str] = []
+    tried: dict[str, int] = {}
+    finished = threading.Event()
+
+    def reconcile(key: str) -> Result:
+        tried[key] = tried.get(key, 0) + 1
+        if key == "bad" and tried[key] == 1:
+            raise RuntimeError("transient")
+        done.append(key)
+        if {"bad", "next"} <= set(done):
+            finished.set()
+        return DONE
+
+    def broken_counter(name: str) -> None:
+        raise ValueError("metrics are broken")
+
+    controller = Controller("test", reconcile, workers=1, on_error=broken_counter)
+    stop = threading.Event()
+    thread = threading.Thread(target=controller.run, args=(stop,))
+    thread.start()
+    controller.queue.add("bad")
+    controller.queue.add("next")
+    try:
+        assert finished.wait(10), f"the worker died: reconciled {done}"
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_an_index_finds_objects_by_value_as_they_change(admin: Kube) -> None:
+    """An informer's index follows creates, changes, deletes and relists: a lookup returns the
+    objects with that value now, without scanning the cache."""
+    informer = Informer(admin, NODES, selector="t=runtime")
+    informer.index(
+        "zone",
+        lambda v: str((v.get("metadata") or {}).get("labels", {}).get("zone", "")),  # type: ignore[union-attr]
+    )
+    runner = Runner()
+    runner.start("informer", informer.run, informer.close)
+
+    def names(zone: str) -> set[str]:
+        return {str(v["metadata"]["name"]) for v in informer.by_index("zone", zone)}  # type: ignore[index]
+
+    def until(check: Callable[[], bool]) -> None:
+        assert informer.wait_until(lambda: True if check() else None, time.monotonic() + 10)
+
+    try:
+        assert informer.synced.wait(10)
+        for name, zone in (("idx-1", "a"), ("idx-2", "a"), ("idx-3", "b")):
+            admin.create(
+                NODES, {"metadata": {"name": name, "labels": {"t": "runtime", "zone": zone}}}
+            )
+        until(lambda: names("a") == {"idx-1", "idx-2"} and names("b") == {"idx-3"})
+        admin.merge_patch(NODES, "idx-2", {"metadata": {"labels": {"zone": "b"}}})
+        until(lambda: names("a") == {"idx-1"} and names("b") == {"idx-2", "idx-3"})
+        admin.delete(NODES, "idx-3")
+        until(lambda: names("b") == {"idx-2"})
+        informer._relist()
+        assert names("a") == {"idx-1"} and names("b") == {"idx-2"} and names("") == set()
+    finally:
+        for name in ("idx-1", "idx-2", "idx-3"):
+            admin.delete(NODES, name)
+        assert runner.stop(10)
+
+
 def node(name: str) -> dict[str, object]:
     return {"metadata": {"name": name, "labels": {"t": "runtime"}}}
 

@@ -62,11 +62,12 @@ from ..api import (
 from ..events import EventRecorder
 from ..fields import strings, text
 from ..model import Claim, PersistentVolume, grants_clone, key_of
-from ..reflinkvolume import record_of
+from ..reflinkvolume import claim_of, record_of
 from ..runtime import DONE, Informer, Requeue, Result
 from .locator import KubeSourceLocator
 
 log = logging.getLogger(__name__)
+BY_CLAIM = "claim"  # the records' index by the claim they were made for
 MAX_BACKOFF = 60.0
 REQUEST_PREFIX = "claim-"
 # external-provisioner names volumes <prefix>-<claim UID>; "pvc" unless --volume-name-prefix.
@@ -139,6 +140,7 @@ class ClaimLoop:
         self.claims = claims
         self.pvs = persistent_volumes
         self.records = records
+        records.index(BY_CLAIM, claim_of)
         self.locator = locator
         self.layout = layout
         self.driver_name = driver_name
@@ -478,11 +480,7 @@ class ClaimLoop:
 
     def records_of_claim(self, key: str) -> list[str]:
         """The records made for claim key (to check when the claim changes or goes)."""
-        return [
-            text(v.get("metadata"), "name")
-            for v in self.records.items()
-            if record_of(v).context.get(CTX_CLAIM) == key
-        ]
+        return [text(v.get("metadata"), "name") for v in self.records.by_index(BY_CLAIM, key)]
 
     # -- events -----------------------------------------------------------------------------
 
