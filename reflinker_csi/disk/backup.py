@@ -262,6 +262,10 @@ def _copy_file(wal_fd: int, name: str, dst: Path) -> None:
     fd = reflink.open_regular(name, wal_fd)
     try:
         st = os.fstat(fd)
+        # A Finish step run again (its answer was not written) copies the segment anew: it
+        # may have more WAL now, and a copy is never appended to.
+        with contextlib.suppress(FileNotFoundError):
+            dst.unlink()
         try:
             reflink.clone_fd(fd, dst, st, name)
             return

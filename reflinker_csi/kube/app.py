@@ -4,6 +4,9 @@ assembly in-process against a real API server."""
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import Config
@@ -39,9 +42,23 @@ class ControllerApp:
         return self.records.synced.is_set()
 
 
-def controller(kube: api.Kube, settings: Config, metrics: Metrics) -> ControllerApp:
+def end_process() -> None:
+    """The controller's end when it lost its Lease: exit code 1 at once (kubelet starts it
+    again, a follower now), so nothing the deposed leader had in hand goes on beside the new
+    leader's work."""
+    logging.shutdown()
+    os._exit(1)
+
+
+def controller(
+    kube: api.Kube,
+    settings: Config,
+    metrics: Metrics,
+    on_lost_lease: Callable[[], None] = end_process,
+) -> ControllerApp:
     """The controller's loops, started: informers, the PV annotator, and on the Lease holder
-    the claim loop and the sweep of records whose claim went away."""
+    the claim loop and the sweep of records whose claim went away. on_lost_lease: what losing
+    the Lease does (ends the process)."""
     layout = Layout(settings.hostpath_prefix)
     errors = metrics.reconcile_error
     records = Informer(kube, api.REFLINKVOLUMES, on_error=errors)
@@ -74,6 +91,7 @@ def controller(kube: api.Kube, settings: Config, metrics: Metrics) -> Controller
         settings.pod_namespace,
         CLAIM_LOOP_LEASE,
         hold_on_stop=settings.shutdown_grace_seconds * 0.8,
+        on_lost=on_lost_lease,
     )
     annotate = Controller(
         "pv-annotator",

@@ -44,6 +44,7 @@ from ..core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     OperationInProgress,
+    ReflinkerError,
     SourceUnavailable,
     from_code,
 )
@@ -185,6 +186,12 @@ def _lsn(value: str, field: str) -> int:
         ) from None
 
 
+class AnswerNotWritten(Exception):
+    """A step was done but the record could not say so: the key is retried (with backoff),
+    the step done again (each one is idempotent for its attempt), and the answer written;
+    never a failed copy."""
+
+
 class NodeSteps:
     """The steps of native hot copies whose source is on this node."""
 
@@ -263,7 +270,15 @@ class NodeSteps:
                 self.disk.limit(record, partial)  # btrfs: the new volume's size
                 backup.complete(partial, self.disk.data_dir(record), hand_off.attempt)
                 return True
-        self.registry.set_step_done(record, hand_off.attempt, hand_off.step)
+        try:
+            self.registry.set_step_done(record, hand_off.attempt, hand_off.step)
+        except ReflinkerError as err:
+            # The step's work is done and is done again, the same, on the retry: an answer
+            # the API server did not take is no reason to fail the copy.
+            raise AnswerNotWritten(
+                f"step {hand_off.step} of hot clone {record.guid} is done but its answer was "
+                f"not written ({err}); written again on the retry"
+            ) from err
         return False
 
     def _wal_dir(self, source: Path, volumes: dict[str, str], held: contextlib.ExitStack) -> Path:

@@ -436,9 +436,11 @@ class LeaseTimings:
 
 class LeaderElector:
     """Holds a Lease for the loops that must run on one replica only (`is_leading()` gates
-    their work queues). Losing the Lease pauses that work; nothing else in the process stops.
-    On stop it keeps renewing until the loops registered with `follow` have ended, then
-    releases the Lease so a successor takes over at once."""
+    their work queues). Losing the Lease pauses that work and calls `on_lost` (the process
+    ends there, as controller-runtime's managers do: work a deposed leader still has in hand
+    ends with it, its backup sessions closed by the kernel). On stop it keeps renewing until
+    the loops registered with `follow` have ended, then releases the Lease so a successor
+    takes over at once."""
 
     def __init__(
         self,
@@ -448,8 +450,10 @@ class LeaderElector:
         timings: LeaseTimings = LeaseTimings(),
         identity: str = "",
         hold_on_stop: float = 30.0,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
         self.kube = kube.with_timeout(timings.request_timeout)
+        self.on_lost = on_lost
         self.namespace = namespace
         self.name = name
         self.timings = timings
@@ -517,13 +521,15 @@ class LeaderElector:
             log.info("leading", extra={"fields": fields})
         elif not held:
             log.error(
-                "lost the lease %s/%s: not renewed for %.0f s; its loops pause until it is "
-                "held again",
+                "lost the lease %s/%s: not renewed for %.0f s; its loops pause%s",
                 self.namespace,
                 self.name,
                 self.timings.renew_deadline,
+                "" if self.on_lost is None else " and the process ends",
                 extra={"fields": {"lease": self.name, "id": self.identity, "until": _wall(ended)}},
             )
+            if self.on_lost is not None:
+                self.on_lost()
 
     def _try(self, now: float) -> bool:
         """Acquire or renew; False when another holder's Lease is not expired, or another

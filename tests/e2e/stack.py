@@ -101,6 +101,17 @@ class Cluster:
     def restart(self, name: str) -> None:
         self.spawn(name, *self.commands[name])
 
+    def restart_controller(self, env: dict[str, str] | None = None) -> None:
+        """The controller (with another environment if given); its sidecars exit with it, so
+        they restart."""
+        if self.processes["controller"].poll() is None:
+            self.stop_process("controller")
+        args, current = self.commands["controller"]
+        self.spawn("controller", args, current if env is None else env)
+        for sidecar in ("csi-provisioner", "csi-snapshotter"):
+            self.stop_process(sidecar)
+            self.restart(sidecar)
+
     @property
     def core(self) -> client.CoreV1Api:
         return client.CoreV1Api(self.plane.api_client())

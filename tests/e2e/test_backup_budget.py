@@ -17,24 +17,14 @@ from tests.pgserver import PostgresServer
 pytestmark = pytest.mark.integration
 
 
-def restart_controller(cluster: Cluster, env: dict[str, str]) -> None:
-    """The controller with another environment; its sidecars exit with it, so they restart."""
-    cluster.stop_process("controller")
-    args, _ = cluster.commands["controller"]
-    cluster.spawn("controller", args, env)
-    for sidecar in ("csi-provisioner", "csi-snapshotter"):
-        cluster.stop_process(sidecar)
-        cluster.restart(sidecar)
-
-
 @pytest.fixture
 def limit_of_three_seconds(cluster: Cluster) -> Iterator[None]:
     original = dict(cluster.commands["controller"][1])
-    restart_controller(cluster, {**original, "BACKUP_MODE_LIMIT": "3"})
+    cluster.restart_controller({**original, "BACKUP_MODE_LIMIT": "3"})
     try:
         yield
     finally:
-        restart_controller(cluster, original)
+        cluster.restart_controller(original)
 
 
 def test_a_backup_that_reaches_the_limit_is_ended_and_the_claim_says_so(

@@ -3,6 +3,7 @@ or on another driver, which external-provisioner cannot clone."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -11,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -404,6 +405,42 @@ def test_a_native_clone_whose_node_is_slow_gets_the_whole_backup_budget(
     )
     cluster.core.delete_namespaced_persistent_volume_claim("slow-node", NS)
     storage.delete_storage_class("pg-reflinker-native")
+
+
+def test_a_controller_that_loses_its_lease_ends_and_comes_back_a_follower(
+    cluster: Cluster,
+) -> None:
+    """Another holder takes the claim loop's Lease and keeps it renewed: the controller stops
+    leading within its renew deadline and its process ends (exit code 1, as a
+    controller-runtime manager's), so nothing it had in hand goes on beside the new leader;
+    restarted, it follows until the Lease is free again, then leads."""
+    leases = client.CoordinationV1Api(cluster.plane.api_client())
+    name, namespace = "pg-reflinker-claim-loop", "pg-reflinker"
+
+    def holder() -> str:
+        return str(leases.read_namespaced_lease(name, namespace).spec.holder_identity or "")
+
+    controller = cluster.processes["controller"]
+    wait_for("the controller to lead", lambda: holder() not in ("", "usurper"), 30)
+    ended = None
+    deadline = time.monotonic() + 40
+    while ended is None and time.monotonic() < deadline:
+        lease = leases.read_namespaced_lease(name, namespace)
+        lease.spec.holder_identity = "usurper"
+        lease.spec.renew_time = datetime.now(UTC)
+        with contextlib.suppress(client.ApiException):  # the controller wrote meanwhile
+            leases.replace_namespaced_lease(name, namespace, lease)
+        ended = controller.poll()
+        time.sleep(1)
+    try:
+        assert ended == 1, f"the deposed controller's process: {ended}"
+        assert "lost the lease" in cluster.log_tail("controller", 200)
+    finally:
+        lease = leases.read_namespaced_lease(name, namespace)
+        lease.spec.holder_identity = ""
+        leases.replace_namespaced_lease(name, namespace, lease)
+        cluster.restart_controller()
+    wait_for("the restarted controller to lead", lambda: holder() not in ("", "usurper"), 30)
 
 
 CALL = re.compile(

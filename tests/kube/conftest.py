@@ -142,7 +142,9 @@ def mode(
     floor = getattr(request, "param", {}).get("floor", NO_FLOOR)
     disk_type = getattr(request, "param", {}).get("disk", LocalDisk)
     agent = app.node(admin, settings, disk_type(Layout(prefix), floor=floor), Metrics())
-    controller = app.controller(admin, settings, Metrics())
+    # In-process: losing the Lease must not end the test run (the product's process exits;
+    # tests/e2e/test_claim_loop.py shows that on a real process).
+    controller = app.controller(admin, settings, Metrics(), on_lost_lease=lambda: None)
     nodes = [node]
     try:
         wait_for(

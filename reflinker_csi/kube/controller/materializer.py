@@ -299,6 +299,13 @@ class KubeMaterializer:
                 return current  # made while this request waited at the gate
             if current is not None and current.hot_clone_dir:
                 return None
+            if current is not None and current.phase in (Phase.FAILED, Phase.DELETING):
+                # Failed or deleted while this request waited at the gate (another replica's
+                # attempt): no backup for it; the retry starts a new attempt, or stops.
+                raise OperationInProgress(
+                    f"volume {record.guid} changed while its request waited for the source's "
+                    f"backup ({current.phase}); the request is retried"
+                )
             left = max(1.0, deadline - time.monotonic())
             budget = min(self.statement_timeout, self.backup_limit, left)
             return self._hot_clone(record, location, budget, deadline)
