@@ -37,9 +37,12 @@ class ControllerApp:
     claim_loop: ClaimLoop
     lease: LeaderElector
     reports: NodeReports
+    informers: tuple[Informer, ...] = ()
 
     def ready(self) -> bool:
-        return self.records.synced.is_set()
+        """Probe's answer: every cache synced and fresh (a watch that went quiet without an
+        error, or an API server unreachable for minutes, turns the liveness probe red)."""
+        return self.records.synced.is_set() and all(i.fresh() for i in self.informers)
 
 
 def end_process() -> None:
@@ -135,7 +138,9 @@ def controller(
     runner.start("lease", lease.run)
     for each in (annotate, claim_loop, orphans, expiry):
         runner.start(each.name, each.run)
-    return ControllerApp(volumes, runner, records, loop, lease, reports)
+    return ControllerApp(
+        volumes, runner, records, loop, lease, reports, (records, pvs, claims, csinodes, nodes)
+    )
 
 
 @dataclass

@@ -66,6 +66,7 @@ class Informer:
         self._changed = threading.Condition()
         self._handlers: list[Handler] = []
         self._watch = WatchHandle()
+        self._progress = time.monotonic()  # the last list, event, bookmark or watch end
         # name -> (what an object is looked up by, that value -> the keys of its objects)
         self._indexes: dict[str, tuple[Callable[[JSON], str], dict[str, set[str]]]] = {}
 
@@ -76,6 +77,15 @@ class Informer:
     def watching(self) -> bool:
         """A watch is open on the server."""
         return self._watch.attached
+
+    def fresh(self, within: float | None = None) -> bool:
+        """Synced, and the server was heard from (a list, an event, a bookmark, a watch that
+        ended on time) within `within` seconds (default: a watch's length and 90 s; the API
+        server sends a bookmark about every minute and ends each watch after watch_seconds).
+        False means the cache may be stale with no error to show it: the health probe says
+        so, and kubelet restarts the process."""
+        limit = self.watch_seconds + 90.0 if within is None else within
+        return self.synced.is_set() and time.monotonic() - self._progress < limit
 
     @property
     def name(self) -> str:
@@ -178,9 +188,11 @@ class Informer:
             try:
                 if not version:
                     version = self._relist()
+                    self._progress = time.monotonic()
                 for kind, value in self.kube.watch(
                     self.resource, version, self.selector, self.watch_seconds, self._watch
                 ):
+                    self._progress = time.monotonic()
                     version = Meta.of(value).resource_version or version
                     if kind != "BOOKMARK":
                         self._notify(self._store(kind, value))
@@ -190,6 +202,7 @@ class Informer:
                             self._notify(key)
                     if stop.is_set():
                         break
+                self._progress = time.monotonic()  # the watch ended on time
                 if time.monotonic() >= next_resync:
                     next_resync = time.monotonic() + self.resync
                     for key in list(self._cache):

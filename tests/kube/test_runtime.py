@@ -199,6 +199,29 @@ def test_an_index_finds_objects_by_value_as_they_change(admin: Kube) -> None:
         assert runner.stop(10)
 
 
+def test_a_cache_the_server_stopped_answering_is_not_fresh_and_is_again_after(
+    plane: ControlPlane, admin: Kube
+) -> None:
+    """The API server frozen (SIGSTOP: the watch neither ends nor errs, as on a half-open
+    connection): the informer stops being fresh, which the controller's Probe answers (the
+    liveness probe then restarts it); resumed, it is fresh again."""
+    informer = Informer(admin, NODES, selector="t=runtime", watch_seconds=1)
+    runner = Runner()
+    runner.start("informer", informer.run, informer.close)
+    apiserver = plane.process("kube-apiserver")
+    try:
+        assert informer.synced.wait(10)
+        assert wait(lambda: informer.fresh(within=3), 10)
+        os.kill(apiserver.pid, signal.SIGSTOP)
+        try:
+            assert wait(lambda: not informer.fresh(within=3), 10)
+        finally:
+            os.kill(apiserver.pid, signal.SIGCONT)
+        assert wait(lambda: informer.fresh(within=3), 60)
+    finally:
+        assert runner.stop(30)
+
+
 def node(name: str) -> dict[str, object]:
     return {"metadata": {"name": name, "labels": {"t": "runtime"}}}
 
