@@ -13,6 +13,7 @@ drops the slot, and the partial copy is never put in place."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import psycopg
@@ -155,20 +156,29 @@ def native_clone(
         step = "drop replication slot"
         run(conn, server, "SELECT pg_catalog.pg_drop_replication_slot(%s)", (slot,))
     except ValueError as err:
-        copier.abandon()
+        _abandon(conn, copier)
         raise FailedPrecondition(
             f"{server.source} answered {step} with what PostgreSQL never returns ({err}); "
             "it is not a usable source"
         ) from None
     except psycopg.Error as err:
-        copier.abandon()
+        _abandon(conn, copier)
         timed_out = time.monotonic() - began >= statement_timeout
         raise _query_error(err, server, timed_out, step) from None
     except BaseException:
-        copier.abandon()
+        _abandon(conn, copier)
         raise
     copier.complete()
     return in_backup
+
+
+def _abandon(conn: psycopg.Connection[tuple[object, ...]], copier: Copier) -> None:
+    """A failed copy: the backup ends first (closing the session aborts it on the server and
+    drops its temporary slot), then the copier says so to the API, so an API server that
+    hangs cannot keep the source in backup mode."""
+    with contextlib.suppress(Exception):
+        conn.close()
+    copier.abandon()
 
 
 def _int(value: object) -> int:

@@ -721,6 +721,38 @@ def test_native_refuses_tablespaces_by_name(source: Source) -> None:
     assert partials(source) == [] and slots(source.server) == "0"
 
 
+class FailingCopier(LocalCopier):
+    """A copy that fails after the backup began, and whose abandon() (the controller's write
+    to the API) looks at the source: in the product it may hang on an API server that does
+    not answer, so the source must be out of backup mode by then."""
+
+    def __init__(self, source: Path, target: Path, server: PostgresServer) -> None:
+        super().__init__(source, target)
+        self.server = server
+        self.seen_in_abandon: tuple[str, str] | None = None
+
+    def copy(self, start: Any) -> None:
+        raise errors.FailedPrecondition("the node could not copy")
+
+    def abandon(self) -> None:
+        deadline = time.monotonic() + 5  # a closed session's backend exits within moments
+        while True:
+            self.seen_in_abandon = (backends(self.server), slots(self.server))
+            if self.seen_in_abandon == ("0", "0") or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        super().abandon()
+
+
+def test_a_failed_copy_ends_the_backup_before_the_api_hears_of_it(source: Source) -> None:
+    label = str(uuid.uuid4())
+    copier = FailingCopier(source.server.pgdata, source.clone_area / label, source.server)
+    with pytest.raises(errors.FailedPrecondition, match="could not copy"):
+        native_hot_clone(source.endpoint, label, copier)
+    # Our session (and with it the backup and its temporary slot) was gone when abandon ran.
+    assert copier.seen_in_abandon == ("0", "0")
+
+
 class StoppingCopier(LocalCopier):
     """The real file work, with a pause at one point of the hand-off so the test can kill the
     process that holds the backup session there."""
