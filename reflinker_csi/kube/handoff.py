@@ -123,9 +123,9 @@ class RecordCopier:
             return
         current = self.registry.get_by_name(self.record.name, self.record.kind)
         if current is not None and current.phase == Phase.PENDING:
-            self.registry.set_phase(
+            self.registry.fail_attempt(
                 self.record,
-                Phase.FAILED,
+                self.hand_off.attempt,
                 SourceUnavailable("the hot clone's attempt was abandoned; it is retried"),
             )
 

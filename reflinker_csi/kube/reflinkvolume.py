@@ -225,9 +225,25 @@ def clone_method_patch(method: str) -> JSON:
     return {"spec": {"cloneMethod": method, "context": {CTX_CLONE_METHOD: method}}}
 
 
+def attempt_test(attempt: str) -> JSON:
+    """A JSON patch's precondition: the record is still at attempt (a writer whose attempt was
+    replaced, a deposed leader resumed, gets 422 and stops)."""
+    return {"op": "test", "path": "/spec/backup/attempt", "value": attempt}
+
+
 def hand_off_ops(hand_off: HandOff) -> list[JSON]:
-    """spec.backup replaced whole (JSON patch), so nothing of an earlier step survives in it."""
-    return [{"op": "add", "path": "/spec/backup", "value": hand_off_body(hand_off)}]
+    """spec.backup replaced whole (JSON patch), so nothing of an earlier step survives in it;
+    a step after Copy only while its attempt is still the record's."""
+    ops = [] if hand_off.step == Step.COPY else [attempt_test(hand_off.attempt)]
+    return [*ops, {"op": "add", "path": "/spec/backup", "value": hand_off_body(hand_off)}]
+
+
+def attempt_failed_ops(value: JSON, attempt: str, code: str, message: str) -> list[JSON]:
+    """status of an attempt that failed (status subresource), only while it is the record's
+    attempt: a stale writer cannot fail its successor's attempt."""
+    status: JSON = {**obj(value, "status"), "phase": str(Phase.FAILED)}
+    status.update(code=code, message=message[:1000])
+    return [attempt_test(attempt), {"op": "add", "path": "/status", "value": status}]
 
 
 def no_hand_off_patch() -> JSON:

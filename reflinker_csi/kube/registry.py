@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from ..core.errors import classify
+from ..core.errors import OperationInProgress, classify
 from ..core.layout import is_guid
 from ..core.records import HandOff, Kind, Phase, Step, VolumeRecord
 from . import reflinkvolume as rv
@@ -124,8 +124,24 @@ class KubeRegistry:
 
     def set_hand_off(self, record: VolumeRecord, hand_off: HandOff) -> None:
         """The controller's next step of a native hot clone: spec.backup replaced whole, so
-        nothing of an earlier step or attempt survives in it."""
-        self._patch(record, rv.hand_off_ops(hand_off))
+        nothing of an earlier step or attempt survives in it; a later step only while its
+        attempt is the record's (else OperationInProgress: this writer's attempt is over)."""
+        self._patch(record, rv.hand_off_ops(hand_off), attempt=hand_off.attempt)
+
+    def fail_attempt(self, record: VolumeRecord, attempt: str, error: Exception) -> bool:
+        """The record Failed for attempt, only while attempt is the record's; False when
+        another attempt has replaced it (nothing written)."""
+        value = self.object_of(record.guid)
+        if value is None:
+            return False
+        known = classify(error)
+        code, message = (known.code, str(known)) if known else ("INTERNAL", str(error))
+        try:
+            ops = rv.attempt_failed_ops(value, attempt, code, message)
+            self._patch(record, ops, status=True, attempt=attempt)
+        except OperationInProgress:
+            return False
+        return True
 
     def new_attempt(self, record: VolumeRecord) -> None:
         """After a failed attempt: the old hand-off goes first, then the record is Pending, so
@@ -147,9 +163,11 @@ class KubeRegistry:
         patch: JSON | _Ops,
         status: bool = False,
         gone_ok: bool = False,
+        attempt: str = "",
     ) -> None:
         """Send one patch of kube/reflinkvolume.py to the record's object (a list: a JSON
-        patch, else a merge patch); API failures become domain errors naming the object."""
+        patch, else a merge patch); API failures become domain errors naming the object, and
+        a failed precondition on attempt (422) OperationInProgress."""
         name = rv.object_name(record)
         try:
             if isinstance(patch, list):
@@ -159,6 +177,11 @@ class KubeRegistry:
         except ApiError as err:
             if gone_ok and err.status == 404:
                 return
+            if attempt and err.status == 422:
+                raise OperationInProgress(
+                    f"attempt {attempt} of volume {record.guid} is no longer the record's "
+                    "(another attempt began); this one stops"
+                ) from None
             part = "the status of " if status else ""
             raise domain_error(err, f"update {part}ReflinkVolume {name}") from None
 

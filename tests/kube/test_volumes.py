@@ -24,7 +24,7 @@ from reflinker_csi.disk.local import LocalDisk
 from reflinker_csi.kube.api import EVENTS, NODES, REFLINKVOLUMES, Kube
 from reflinker_csi.kube.fields import obj, text
 from reflinker_csi.kube.model import Meta
-from reflinker_csi.kube.reflinkvolume import record_of
+from reflinker_csi.kube.reflinkvolume import hand_off_body, object_name, record_of
 from tests.kube.conftest import Mode, add_node, wait_for
 
 GiB = 1 << 30
@@ -219,6 +219,58 @@ def test_a_new_attempt_never_runs_the_old_attempts_step(
     )
 
 
+def test_a_writer_whose_attempt_was_replaced_changes_nothing(admin: Kube, mode: Mode) -> None:
+    """A deposed leader resumed after its successor began a new attempt (it was frozen after
+    its slot was dropped): its Finish and Complete steps and its abandon are refused by the
+    API server (JSON-patch tests on the attempt), and the successor's attempt is intact. The
+    record is on a node without an agent, so only these writers touch it."""
+    registry = mode.controller.volumes.registry
+    record, _ = registry.reserve(
+        VolumeRecord(
+            guid=str(uuid.uuid4()),
+            name="pvc-fenced",
+            node=f"{mode.node}-without-agent",
+            required_bytes=0,
+            limit_bytes=0,
+            clone_mode=CloneMode.HOT,
+        )
+    )
+    stale = HandOff(
+        attempt="attempt-1",
+        step=Step.COPY,
+        source_dir=str(mode.prefix / "src" / "pgdata"),
+        volumes={},
+        system_id="1",
+        start_lsn="0/2000028",
+        segment_bytes=16 << 20,
+    )
+    registry.set_hand_off(record, stale)  # type: ignore[attr-defined]
+    successor = dataclasses.replace(stale, attempt="attempt-2")
+    registry.set_hand_off(record, successor)  # type: ignore[attr-defined]
+    for step in (Step.FINISH, Step.COMPLETE):
+        with pytest.raises(
+            errors.OperationInProgress, match=r"attempt attempt-1 .* this one stops"
+        ):
+            registry.set_hand_off(record, dataclasses.replace(stale, step=step))  # type: ignore[attr-defined]
+    wait_for(
+        "the cache at the successor's attempt",
+        lambda: (registry.get(record.guid).hand_off or stale).attempt == "attempt-2" or None,
+    )
+    gone = errors.SourceUnavailable("abandoned")
+    assert registry.fail_attempt(record, "attempt-1", gone) is False  # type: ignore[attr-defined]
+    value = admin.get(REFLINKVOLUMES, "pvc-fenced") or {}
+    backup = obj(obj(value, "spec"), "backup")
+    assert (backup["attempt"], backup["step"]) == ("attempt-2", "Copy")
+    assert text(obj(value, "status"), "phase") != "Failed"
+    # The successor's own writes go through.
+    registry.set_hand_off(record, dataclasses.replace(successor, step=Step.FINISH))  # type: ignore[attr-defined]
+    assert registry.fail_attempt(record, "attempt-2", gone) is True  # type: ignore[attr-defined]
+    value = admin.get(REFLINKVOLUMES, "pvc-fenced") or {}
+    assert text(obj(value, "status"), "phase") == "Failed"
+    admin.delete(REFLINKVOLUMES, "pvc-fenced")
+    registry.drop_finalizer(admin.get(REFLINKVOLUMES, "pvc-fenced") or {})  # no agent here
+
+
 def test_a_step_with_a_broken_lsn_fails_the_attempt_and_says_why(admin: Kube, mode: Mode) -> None:
     registry = mode.controller.volumes.registry
     record, _ = registry.reserve(
@@ -243,7 +295,13 @@ def test_a_step_with_a_broken_lsn_fails_the_attempt_and_says_why(admin: Kube, mo
         segment_bytes=16 << 20,
         stop_lsn="not-an-lsn",
     )
-    registry.set_hand_off(record, step)  # type: ignore[attr-defined]
+    # The record at Finish as a broken controller would leave it (written whole: the
+    # registry refuses a Finish whose attempt is not the record's).
+    admin.json_patch(
+        REFLINKVOLUMES,
+        object_name(record),
+        [{"op": "add", "path": "/spec/backup", "value": hand_off_body(step)}],
+    )
     failed = wait_for(
         "the attempt to fail",
         lambda: (
