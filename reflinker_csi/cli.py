@@ -70,16 +70,17 @@ def _serve(
             }
         },
     )
-    stopping = runner.stopping if runner is not None else threading.Event()
+    failed = runner.stopping if runner is not None else threading.Event()
+    asked = threading.Event()
     reason: list[str] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         reason.append(signal.Signals(signum).name)
-        stopping.set()
+        asked.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stopping.wait(1.0):
+    while not asked.wait(1.0) and not failed.is_set():
         pass
     log.info(
         "stopping",
@@ -90,13 +91,16 @@ def _serve(
             }
         },
     )
-    # In-flight calls and the loops end side by side, all within the grace (the pod's
-    # terminationGracePeriodSeconds leaves a margin above it).
+    # No new calls; those in flight finish first, while the caches they wait on (a native
+    # clone waits for the node's answers on its record) and the other loops still run; then
+    # the loops stop, the caches last. All within the grace (the pod's
+    # terminationGracePeriodSeconds leaves a margin above it); a call still running then
+    # ends with the process, and its backup session with it (the server ends the backup).
     deadline = time.monotonic() + cfg.shutdown_grace_seconds
     stopped = server.stop(cfg.shutdown_grace_seconds)
+    stopped.wait(max(0.0, deadline - time.monotonic()) * 0.8)
     if runner is not None:
-        runner.stop(cfg.shutdown_grace_seconds)
-    stopped.wait(max(0.0, deadline - time.monotonic()))
+        runner.stop(max(1.0, deadline - time.monotonic()))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(cfg.endpoint)
     log.info("stopped")

@@ -134,7 +134,7 @@ def controller(
     expiry = Controller("captures", captures.reconcile, workers=1, leader=lease, on_error=errors)
     expiry.watch(records)
     for informer in (records, pvs, claims, csinodes, nodes):
-        runner.start(informer.name, informer.run, informer.close)
+        runner.start(informer.name, informer.run, informer.close, cache=True)
     runner.start("lease", lease.run)
     for each in (annotate, claim_loop, orphans, expiry):
         runner.start(each.name, each.run)
@@ -182,7 +182,7 @@ def node(kube: api.Kube, settings: Config, disk: LocalDisk, metrics: Metrics) ->
         usage_interval=settings.usage_interval_seconds,
     )
     runner = Runner()
-    runner.start(records.name, records.run, records.close)
+    runner.start(records.name, records.run, records.close, cache=True)
     runner.start("node-agent", agent_loop.run)
     runner.start("space", space.run)
     return NodeApp(agent, runner, records, space)

@@ -622,43 +622,55 @@ def _wall(monotonic: float) -> str:
 
 
 class Runner:
-    """Starts loops (callables taking a stop event) in threads; stop() ends and joins them."""
+    """Starts loops (callables taking a stop event) in threads; stop() ends and joins them,
+    the work loops first and the caches (`cache=True`) last, so work in hand when the
+    process is told to stop still sees the answers it waits for."""
 
     def __init__(self) -> None:
-        self.stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._closers: list[Callable[[], None]] = []
+        self.stopping = threading.Event()  # set by stop(), or when a loop failed
+        self._loops: list[tuple[bool, threading.Thread, threading.Event]] = []
+        self._closers: list[tuple[bool, Callable[[], None]]] = []
 
     def start(
         self,
         name: str,
         loop: Callable[[threading.Event], None],
         close: Callable[[], None] | None = None,
+        cache: bool = False,
     ) -> None:
-        """Run loop(stop) in a thread; close() (if given) interrupts it when stopping."""
+        """Run loop(stop) in a thread; close() (if given) interrupts it when it is stopped.
+        cache: a loop others read from (an informer), stopped after the rest."""
         if close is not None:
-            self._closers.append(close)
+            self._closers.append((cache, close))
+        stop = threading.Event()
 
         def body() -> None:
             try:
-                loop(self.stopping)
+                loop(stop)
             except Exception:
                 log.exception("loop %s failed; stopping", name)
                 self.stopping.set()
 
         thread = threading.Thread(target=body, name=name, daemon=True)
         thread.start()
-        self._threads.append(thread)
+        self._loops.append((cache, thread, stop))
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Stop every loop and wait for it; True when all ended in time."""
+        """Stop every loop and wait for it, the work loops, then the caches; True when all
+        ended in time."""
         self.stopping.set()
-        for close in self._closers:
-            close()
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        alive = [t.name for t in self._threads if t.is_alive()]
+        for caches in (False, True):
+            for cache, _, stop in self._loops:
+                if cache == caches:
+                    stop.set()
+            for cache, close in self._closers:
+                if cache == caches:
+                    close()
+            for cache, thread, _ in self._loops:
+                if cache == caches:
+                    thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for _, t, _ in self._loops if t.is_alive()]
         if alive:
             log.warning("loops still running after %.0f s: %s", timeout, ", ".join(alive))
         return not alive

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 import uuid
 from typing import Any
 
@@ -136,6 +137,45 @@ def test_controller_killed_while_the_node_copies_then_the_retry_binds(
     assert record["spec"]["backup"]["attempt"] != first["spec"]["backup"]["attempt"]
     assert leftovers(cluster) == [] and slots_and_sessions(without_function) == "0,0"
     boots_with_the_rows(cluster, guid, without_function)
+
+
+def test_a_controller_told_to_stop_mid_clone_finishes_it_first(
+    cluster: Cluster, cnpg: CnpgInstance, without_function: PostgresServer
+) -> None:
+    """SIGTERM (a pod deleted with its grace) while the node plugin has the Copy step in hand
+    (frozen, then thawed two seconds later): the controller takes no new call but keeps its
+    caches while the call in flight finishes, so the clone binds from its first attempt and
+    the source is out of backup mode before the process ends (exit 0, within its grace). It
+    used to close every watch at once: the clone never saw the node's answer, waited out the
+    grace and was taken again after the restart."""
+    node = cluster.processes["node"]
+    controller = cluster.processes["controller"]
+    node.send_signal(signal.SIGSTOP)
+    try:
+        cluster.pvc("native-graceful", source=cnpg.pvc)
+
+        def copy_asked() -> dict[str, Any] | None:
+            record = record_for_claim(cluster, "native-graceful")
+            step = ((record or {}).get("spec", {}).get("backup") or {}).get("step")
+            return record if step == "Copy" else None
+
+        first = wait_for("the controller to ask for the copy", copy_asked, 60)
+        controller.send_signal(signal.SIGTERM)
+        time.sleep(2)  # the fault: the node plugin still busy as the controller stops
+    finally:
+        node.send_signal(signal.SIGCONT)
+    assert controller.wait(45) == 0, cluster.log_tail("controller", 40)
+    # Out of backup mode by the time the process is gone, nothing of the copy left over.
+    assert slots_and_sessions(without_function) == "0,0"
+    cluster.restart_controller()
+    pv = cluster.wait_bound("native-graceful", timeout=90)
+    record = record_for_claim(cluster, "native-graceful")
+    assert record is not None and pv.spec.csi.volume_handle == first["spec"]["guid"]
+    assert record["spec"]["backup"]["attempt"] == first["spec"]["backup"]["attempt"], (
+        "the clone in flight was given up at shutdown and taken again"
+    )
+    assert leftovers(cluster) == []
+    boots_with_the_rows(cluster, pv.spec.csi.volume_handle, without_function)
 
 
 STEP = re.compile(r"hot clone step guid=(\S+) attempt=(\S+) step=(\S+)")
