@@ -220,7 +220,8 @@ class Informer:
                     log.warning("%s: %s; retrying in %.0f s", self.name, err, backoff)
                 else:
                     log.exception("%s failed; retrying in %.0f s", self.name, backoff)
-                version = ""
+                # The watch resumes from the last version seen: a failed watch is no reason to
+                # list everything again (a version too old answers 410, which lists).
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 
