@@ -34,6 +34,7 @@ from typing import TypeVar
 from ..core.errors import ReflinkerError
 from .api import JSON, LEASES, ApiError, Kube, Resource, WatchHandle
 from .events import stamp
+from .fields import obj
 from .model import Lease, Meta
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,22 @@ T = TypeVar("T")
 
 
 # -- informer -----------------------------------------------------------------------------------
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def trimmed(value: JSON) -> JSON:
+    """An object as the caches keep it: without what no loop reads and every object carries
+    (the server's managedFields, kubectl's copy of the last applied object), which is most of
+    a small object's size."""
+    meta = obj(value, "metadata")
+    annotations = obj(meta, "annotations")
+    if "managedFields" not in meta and LAST_APPLIED not in annotations:
+        return value
+    kept: JSON = {k: v for k, v in meta.items() if k != "managedFields"}
+    if LAST_APPLIED in annotations:
+        kept["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+    return {**value, "metadata": kept}
 
 
 class Informer:
@@ -146,6 +163,7 @@ class Informer:
                 self._changed.wait(left)
 
     def _store(self, kind: str, value: JSON) -> str:
+        value = trimmed(value)
         key = Meta.of(value).key
         with self._changed:
             self._unindex(key)
@@ -166,7 +184,7 @@ class Informer:
 
     def _relist(self) -> str:
         items, version = self.kube.list(self.resource, selector=self.selector)
-        fresh = {Meta.of(i).key: i for i in items}
+        fresh = {Meta.of(i).key: trimmed(i) for i in items}
         with self._changed:
             gone = set(self._cache) - set(fresh)
             self._cache = fresh

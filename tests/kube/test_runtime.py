@@ -223,6 +223,34 @@ def test_a_cache_the_server_stopped_answering_is_not_fresh_and_is_again_after(
         assert runner.stop(30)
 
 
+def test_the_cache_keeps_no_managed_fields_or_last_applied_copy(admin: Kube) -> None:
+    """What every object carries and no loop reads stays out of the caches (most of a small
+    object's bytes, times every claim and PV in the cluster); the rest is kept as it is."""
+    informer = Informer(admin, NODES, selector="t=runtime")
+    runner = Runner()
+    runner.start("informer", informer.run, informer.close, cache=True)
+    applied = '{"kind":"Node","metadata":{"name":"trimmed-1"}}'
+    try:
+        assert informer.synced.wait(10)
+        body = node("trimmed-1")
+        body["metadata"]["annotations"] = {  # type: ignore[index]
+            "kubectl.kubernetes.io/last-applied-configuration": applied,
+            "kept": "yes",
+        }
+        admin.create(NODES, body)
+        served = admin.get(NODES, "trimmed-1") or {}
+        assert served["metadata"].get("managedFields")  # type: ignore[union-attr]
+        cached = informer.wait_until(lambda: informer.get("trimmed-1"), time.monotonic() + 10)
+        assert cached is not None
+        meta = cached["metadata"]
+        assert "managedFields" not in meta  # type: ignore[operator]
+        assert meta["annotations"] == {"kept": "yes"}  # type: ignore[index]
+        assert meta["labels"] == {"t": "runtime"}  # type: ignore[index]
+    finally:
+        admin.delete(NODES, "trimmed-1")
+        assert runner.stop(10)
+
+
 class FlakyWatches(Kube):
     """The real API server, with the first two watches failing as a broken connection or a
     500 would (a stand-in: the fault must hit the watch and not the list, which a real network
