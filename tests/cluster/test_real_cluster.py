@@ -497,6 +497,17 @@ def _wait_removed(k8s: OneNodeCluster, what: str, guids: set[str], timeout: floa
         for guid in sorted(left):
             pv = pvs.get(guid)
             found = [r for r in _records(k8s) if r["spec"]["guid"] == guid]
+            ref = (pv or {}).get("spec", {}).get("claimRef") or {}
+            claim = k8s.kubectl(
+                "get",
+                "pvc",
+                ref.get("name", "-"),
+                "-n",
+                ref.get("namespace", NS),
+                "-o",
+                "jsonpath={.metadata.deletionTimestamp} {.metadata.finalizers}",
+                check=False,
+            ).stdout
             lines.append(
                 f"{guid}: PV "
                 + (
@@ -506,6 +517,7 @@ def _wait_removed(k8s: OneNodeCluster, what: str, guids: set[str], timeout: floa
                     if pv
                     else "none"
                 )
+                + f"; its claim (deleted at, finalizers): {claim}"
                 + f"; record {[(r['metadata']['name'], r.get('status')) for r in found]}"
             )
         raise AssertionError(f"{err}; left: " + "; ".join(lines)) from None

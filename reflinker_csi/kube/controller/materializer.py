@@ -225,7 +225,16 @@ class KubeMaterializer:
         if current.capture:
             pass  # the node agent cuts the piece from the capture
         elif location is not None and location.server is not None and not current.hot_clone_dir:
-            group = self._group(record, location)
+            try:
+                group = self._group(record, location)
+            except FailedPrecondition:
+                # Refused as asked (a WAL or tablespace claim alone): the reserved record, with
+                # nothing copied for it, goes, so a refusal leaves nothing behind and a retry is
+                # a new request (once the instance is stopped, its claims copy cold). A record
+                # kept would answer the retries "no running instance", which csi-snapshotter
+                # retries for ever, holding the source claim's deletion.
+                self.registry.remove(record.guid)
+                raise
             if group:
                 self.captures.cut(record, location, group, deadline, self._take)
             else:
