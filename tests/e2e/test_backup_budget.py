@@ -5,6 +5,7 @@ claims of one source at once.)"""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -17,7 +18,7 @@ from tests.pgserver import PostgresServer
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def limit_of_three_seconds(cluster: Cluster) -> Iterator[None]:
     original = dict(cluster.commands["controller"][1])
     cluster.restart_controller({**original, "BACKUP_MODE_LIMIT": "3"})
@@ -70,4 +71,59 @@ def test_a_backup_that_reaches_the_limit_is_ended_and_the_claim_says_so(
     finally:
         node.send_signal(signal.SIGCONT)
     pv = cluster.wait_bound("over-limit", timeout=120)
+    boots_with_the_rows(cluster, pv.spec.csi.volume_handle, without_function)
+
+
+@pytest.mark.parametrize("fault", ["frozen", "cut off"])
+def test_a_controller_frozen_or_cut_off_in_backup_mode_leaves_the_source_within_the_limit(
+    cluster: Cluster,
+    cnpg: CnpgInstance,
+    without_function: PostgresServer,
+    limit_of_three_seconds: None,
+    fault: str,
+) -> None:
+    """The controller holds the source in backup mode (the node plugin frozen at Copy) and is
+    then frozen itself (SIGSTOP), or its traffic to the source dropped (iptables): it can end
+    nothing, so the server must. The session's idle_session_timeout (BACKUP_MODE_LIMIT and a
+    second) ends the backup and drops the slot on the server within the limit and a few
+    seconds, whatever the controller or the network does; once they are back, the claim
+    binds."""
+    node, controller = cluster.processes["node"], cluster.processes["controller"]
+    claim = f"stalled-{fault.replace(' ', '-')}"
+    drop = ["INPUT", "-p", "tcp", "--dport", str(without_function.port), "-j", "DROP"]
+    node.send_signal(signal.SIGSTOP)
+    try:
+        cluster.pvc(claim, source=cnpg.pvc)
+        wait_for(
+            "the controller to ask for the copy",
+            lambda: (
+                ((record_for_claim(cluster, claim) or {}).get("spec", {}).get("backup") or {}).get(
+                    "step"
+                )
+                == "Copy"
+            ),
+            60,
+        )
+        assert slots_and_sessions(without_function) == "1,1"  # in backup mode
+        began = time.monotonic()
+        if fault == "frozen":
+            controller.send_signal(signal.SIGSTOP)
+        else:
+            subprocess.run(["iptables", "-w", "-I", *drop], check=True)
+        try:
+            wait_for(
+                "the server to end the backup",
+                lambda: slots_and_sessions(without_function) == "0,0",
+                30,
+            )
+            in_backup = time.monotonic() - began
+        finally:
+            if fault == "frozen":
+                controller.send_signal(signal.SIGCONT)
+            else:
+                subprocess.run(["iptables", "-w", "-D", *drop], check=True)
+        assert in_backup < 3 + 1 + 4, f"the source stayed in backup mode {in_backup:.1f} s"
+    finally:
+        node.send_signal(signal.SIGCONT)
+    pv = cluster.wait_bound(claim, timeout=120)
     boots_with_the_rows(cluster, pv.spec.csi.volume_handle, without_function)
