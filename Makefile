@@ -357,6 +357,7 @@ bench-stack: deps k8s-tools
 
 # The controller at BENCH_OBJECTS claims and records (10,000) on a real API server: time to
 # ready and resident memory, against the chart's limit.
+BENCH_OBJECTS ?= 10000
 .PHONY: bench-scale-kube
 bench-scale-kube: deps k8s-tools
-	BENCH_OBJECTS=$(or $(BENCH_OBJECTS),10000) $(TOOLS_ENV) $(PY) -m tests.bench.bench_kube_scale
+	BENCH_OBJECTS=$(BENCH_OBJECTS) $(TOOLS_ENV) $(PY) -m tests.bench.bench_kube_scale
