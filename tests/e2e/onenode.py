@@ -596,9 +596,18 @@ def clean_after_a_killed_run() -> None:
     _remove_kubepods_cgroups()
     with contextlib.suppress(OSError, ValueError):
         _remove_netns(set(json.loads((RUN_DIR / "netns.json").read_text())))
+    filesystems: list[str] = []
+    with contextlib.suppress(OSError, ValueError):
+        filesystems = json.loads((RUN_DIR / "filesystems.json").read_text())
     for path in (KUBELET_ROOT, PREFIX, RUN_DIR):
         _unmount_tree(path)
         shutil.rmtree(path, ignore_errors=True)
+    # The nodes' loop filesystems, once nothing above holds them: each loop device goes with
+    # its last mount.
+    for work in filesystems:
+        if Path(work).name.startswith("pg-reflinker-"):  # ours, nothing else
+            _unmount_tree(Path(work))
+            shutil.rmtree(work, ignore_errors=True)
     for node in map(NodeSpec, range(1, MAX_NODES + 1)):
         _run("ip", "addr", "del", f"{node.ip}/32", "dev", "lo", check=False)
         _remove_link(node.bridge)
@@ -660,6 +669,10 @@ def _start_node(c: OneNodeCluster, announce: Callable[[str], None]) -> None:
     netns_before = set(os.listdir(netns_dir))
     # So is the list of network namespaces the pods' will be told from.
     (RUN_DIR / "netns.json").write_text(json.dumps(sorted(netns_before)))
+    # And the nodes' loop filesystems (each holds a loop device until it is unmounted).
+    (RUN_DIR / "filesystems.json").write_text(
+        json.dumps(sorted({str(fs.work) for fs in c.node_fs.values()}))
+    )
     # Undone in reverse: containers are ended first, then their cgroups, netns and bridge.
     for node in c.nodes:
         host.then(f"remove the pod bridge {node.bridge}", lambda n=node: _remove_link(n.bridge))
