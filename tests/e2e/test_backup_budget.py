@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.stack import Cluster, CnpgInstance, wait_for
-from tests.e2e.test_native import boots_with_the_rows, record_for_claim, slots_and_sessions
+from tests.e2e.test_native import boots_with_the_rows, slots_and_sessions, wait_copy_asked
 from tests.pgserver import PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -41,17 +41,7 @@ def test_a_backup_that_reaches_the_limit_is_ended_and_the_claim_says_so(
     node.send_signal(signal.SIGSTOP)
     try:
         cluster.pvc("over-limit", source=cnpg.pvc)
-        wait_for(
-            "the controller to ask for the copy",
-            lambda: (
-                (
-                    ((record_for_claim(cluster, "over-limit") or {}).get("spec", {}).get("backup"))
-                    or {}
-                ).get("step")
-                == "Copy"
-            ),
-            60,
-        )
+        wait_copy_asked(cluster, "over-limit")
         asked = time.monotonic()
         wait_for(
             "the source to leave backup mode",
@@ -94,16 +84,7 @@ def test_a_controller_frozen_or_cut_off_in_backup_mode_leaves_the_source_within_
     node.send_signal(signal.SIGSTOP)
     try:
         cluster.pvc(claim, source=cnpg.pvc)
-        wait_for(
-            "the controller to ask for the copy",
-            lambda: (
-                ((record_for_claim(cluster, claim) or {}).get("spec", {}).get("backup") or {}).get(
-                    "step"
-                )
-                == "Copy"
-            ),
-            60,
-        )
+        wait_copy_asked(cluster, claim)
         assert slots_and_sessions(without_function) == "1,1"  # in backup mode
         began = time.monotonic()
         if fault == "frozen":

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubernetes import client
 
 from tests.e2e.stack import NS, Cluster, create_cnpg_objects, enable_source_namespace, wait_for
+from tests.e2e.test_native import wait_copy_asked
 from tests.pgserver import Certificates, PostgresServer, boot_clone, chown_postgres, free_port
 
 pytestmark = pytest.mark.integration
@@ -377,16 +377,7 @@ def test_a_native_clone_whose_node_is_slow_gets_the_whole_backup_budget(
     try:
         claim_from(cluster, "slow-node", "pg-tmpl-1", storage_class="pg-reflinker-native")
 
-        def copy_asked() -> dict[str, Any] | None:
-            for item in cluster.custom.list_cluster_custom_object(
-                "pg-reflinker.csi", "v1alpha1", "reflinkvolumes"
-            )["items"]:
-                if item["spec"].get("claim") == f"{NS}/slow-node":
-                    step = (item["spec"].get("backup") or {}).get("step")
-                    return item if step == "Copy" else None
-            return None
-
-        first = wait_for("the claim loop to ask for the copy", copy_asked, 60)
+        first = wait_copy_asked(cluster, "slow-node")
         time.sleep(25)  # the fault itself: a node plugin 25 s late
     finally:
         node.send_signal(signal.SIGCONT)

@@ -37,6 +37,22 @@ def record_for_claim(cluster: Cluster, claim: str) -> dict[str, Any] | None:
     return None
 
 
+def wait_copy_asked(cluster: Cluster, claim: str) -> dict[str, Any]:
+    """The record of claim (csi-provisioner's or the claim loop's) once the controller has
+    handed the Copy step of a native clone to the node plugin."""
+
+    def asked() -> dict[str, Any] | None:
+        for item in records(cluster):
+            spec = item["spec"]
+            named = spec.get("parameters", {}).get("csi.storage.k8s.io/pvc/name") == claim
+            if named or spec.get("claim", "").endswith(f"/{claim}"):
+                return item if (spec.get("backup") or {}).get("step") == "Copy" else None
+        return None
+
+    found: dict[str, Any] = wait_for("the controller to ask for the copy", asked, 60)
+    return found
+
+
 def leftovers(cluster: Cluster) -> list[str]:
     return sorted(p.name for p in cluster.prefix.iterdir() if p.name.endswith(".partial"))
 
@@ -92,12 +108,7 @@ def test_controller_killed_while_the_node_copies_then_the_retry_binds(
     try:
         cluster.pvc("native-killed", source=cnpg.pvc)
 
-        def copy_asked() -> dict[str, Any] | None:
-            record = record_for_claim(cluster, "native-killed")
-            step = ((record or {}).get("spec", {}).get("backup") or {}).get("step")
-            return record if step == "Copy" else None
-
-        first = wait_for("the controller to ask for the copy", copy_asked, 60)
+        first = wait_copy_asked(cluster, "native-killed")
         assert slots_and_sessions(without_function) == "1,1"  # in backup mode, holding WAL
         cluster.processes["controller"].send_signal(signal.SIGKILL)
         cluster.processes["controller"].wait(30)
@@ -154,12 +165,7 @@ def test_a_controller_told_to_stop_mid_clone_finishes_it_first(
     try:
         cluster.pvc("native-graceful", source=cnpg.pvc)
 
-        def copy_asked() -> dict[str, Any] | None:
-            record = record_for_claim(cluster, "native-graceful")
-            step = ((record or {}).get("spec", {}).get("backup") or {}).get("step")
-            return record if step == "Copy" else None
-
-        first = wait_for("the controller to ask for the copy", copy_asked, 60)
+        first = wait_copy_asked(cluster, "native-graceful")
         controller.send_signal(signal.SIGTERM)
         time.sleep(2)  # the fault: the node plugin still busy as the controller stops
     finally:
