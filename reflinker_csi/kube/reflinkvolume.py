@@ -241,8 +241,7 @@ def hand_off_ops(hand_off: HandOff) -> list[JSON]:
 def attempt_failed_ops(value: JSON, attempt: str, code: str, message: str) -> list[JSON]:
     """status of an attempt that failed (status subresource), only while it is the record's
     attempt: a stale writer cannot fail its successor's attempt."""
-    status: JSON = {**obj(value, "status"), "phase": str(Phase.FAILED)}
-    status.update(code=code, message=message[:1000])
+    status = {**obj(value, "status"), **obj(status_body(Phase.FAILED, code, message), "status")}
     return [attempt_test(attempt), {"op": "add", "path": "/status", "value": status}]
 
 

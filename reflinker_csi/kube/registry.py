@@ -21,6 +21,12 @@ from .runtime import Informer
 _Ops = list[JSON]  # a JSON patch's operations
 
 
+def _failure(error: Exception) -> tuple[str, str]:
+    """A failure's CSI code and message, as the record shows them."""
+    known = classify(error)
+    return (known.code, str(known)) if known else ("INTERNAL", str(error))
+
+
 def _guid(record: VolumeRecord) -> str:
     return record.guid
 
@@ -103,10 +109,7 @@ class KubeRegistry:
         self.informer.wait_until(seen, time.monotonic() + 5.0)
 
     def set_phase(self, record: VolumeRecord, phase: Phase, error: Exception | None = None) -> None:
-        code = message = ""
-        if error is not None:
-            known = classify(error)
-            code, message = (known.code, str(known)) if known else ("INTERNAL", str(error))
+        code, message = _failure(error) if error is not None else ("", "")
         self._patch(record, rv.status_body(phase, code, message), status=True)
 
     def set_usage(self, record: VolumeRecord, used: int, own: int) -> None:
@@ -134,10 +137,8 @@ class KubeRegistry:
         value = self.object_of(record.guid)
         if value is None:
             return False
-        known = classify(error)
-        code, message = (known.code, str(known)) if known else ("INTERNAL", str(error))
         try:
-            ops = rv.attempt_failed_ops(value, attempt, code, message)
+            ops = rv.attempt_failed_ops(value, attempt, *_failure(error))
             self._patch(record, ops, status=True, attempt=attempt)
         except OperationInProgress:
             return False
