@@ -78,6 +78,15 @@ class Metrics:
             ["node"],
             registry=r,
         )
+        # Read at each hot copy, in the copy's own session; NaN while the lag is unknown (a
+        # standby whose stream from production is down).
+        self.source_lag = Gauge(
+            "pg_reflinker_source_lag_seconds",
+            "How far behind production a hot copy's source instance was at its last copy (0 "
+            "for a primary; NaN: a standby without a WAL stream)",
+            ["namespace", "cluster", "pod"],
+            registry=r,
+        )
         self.scan_seconds = Gauge(
             "pg_reflinker_usage_scan_seconds",
             "How long the last measurement of every volume's used and own bytes took",
@@ -91,6 +100,9 @@ class Metrics:
         self.made.labels(method, result).inc()
         if result == "OK":
             self.seconds.labels(method).observe(seconds)
+
+    def source_read(self, namespace: str, cluster: str, pod: str, lag: float | None) -> None:
+        self.source_lag.labels(namespace, cluster, pod).set(float("nan") if lag is None else lag)
 
     def reconcile_error(self, loop: str) -> None:
         self.reconcile_errors.labels(loop).inc()

@@ -31,6 +31,12 @@ CTX_WAL_LINK = _P + "pg-wal-link"
 # On a capture: the pieces it holds, comma-separated.
 CTX_PIECES = _P + "pieces"
 CTX_PV = _P + "pv"
+# What a hot copy is as of (core/freshness.py): the source's LSN and the commit time of the
+# last transaction it held, and how far behind production the source was (seconds).
+CTX_AS_OF_LSN = _P + "as-of-lsn"
+CTX_AS_OF_TIME = _P + "as-of-time"
+CTX_SOURCE_LAG = _P + "source-lag-seconds"
+AS_OF_KEYS = (CTX_AS_OF_LSN, CTX_AS_OF_TIME, CTX_SOURCE_LAG)
 
 # -- parameters external-provisioner adds (--extra-create-metadata): recorded, not options ----
 METADATA_PREFIX = "csi.storage.k8s.io/"
@@ -43,6 +49,9 @@ SNAPSHOT_NAMESPACE = METADATA_PREFIX + "volumesnapshot/namespace"
 
 # -- StorageClass parameters ----------------------------------------------------------------
 PARAM_CLONE_METHOD = "cloneMethod"  # auto (default), function or native
+# A bound on the source's lag behind production (30s, 5m): a copy of a staler one is refused.
+PARAM_MAX_SOURCE_LAG = "maxSourceLag"
+PARAMETERS = (PARAM_CLONE_METHOD, PARAM_MAX_SOURCE_LAG)
 
 # -- ReflinkVolume labels and finalizer -------------------------------------------------------
 LABEL_GUID = _P + "guid"
@@ -53,6 +62,8 @@ FINALIZER = _P + "node-agent"
 ANNOTATION_GUID = _P + "guid"
 ANNOTATION_SOURCE_PVC = _P + "source-pvc"
 ANNOTATION_CLAIM = _P + "claim"
+# The volume's as-of LSN, time and source lag (the context keys of the same names).
+ANNOTATIONS_AS_OF = AS_OF_KEYS
 PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 
 # -- annotations on Nodes: the node plugin's report of its free space --------------------------
@@ -82,3 +93,4 @@ SELECTED_NODE_ANNOTATION = "volume.kubernetes.io/selected-node"
 CNPG_TABLESPACE_LABEL = "cnpg.io/tablespaceName"
 CLAIM_LOOP_COMPONENT = _P + "claim-loop"
 NODE_COMPONENT = _P + "node"
+COPY_COMPONENT = _P + "controller"  # what a hot copy is as of

@@ -21,6 +21,7 @@ from .errors import (
     VolumeNotFound,
     classify,
 )
+from .freshness import lag_bound
 from .keys import (
     CTX_CLAIM,
     CTX_CLONE_MODE,
@@ -32,6 +33,7 @@ from .keys import (
     CTX_SOURCE_VOLUME,
     METADATA_PREFIX,
     PARAM_CLONE_METHOD,
+    PARAMETERS,
     PV_NAME,
     PVC_NAME,
     PVC_NAMESPACE,
@@ -81,17 +83,18 @@ class CreateSpec:
 
 
 def check_parameters(parameters: dict[str, str], where: str) -> None:
-    """The parameters of a StorageClass or VolumeSnapshotClass: cloneMethod and the sidecars'
-    metadata, nothing else."""
+    """The parameters of a StorageClass or VolumeSnapshotClass: cloneMethod, maxSourceLag and
+    the sidecars' metadata, nothing else."""
     unknown = sorted(
-        k for k in parameters if not k.startswith(METADATA_PREFIX) and k != PARAM_CLONE_METHOD
+        k for k in parameters if not k.startswith(METADATA_PREFIX) and k not in PARAMETERS
     )
     if unknown:
         raise InvalidArgument(
             f"unknown {where} parameters {unknown}; pg-reflinker takes only "
-            f"{PARAM_CLONE_METHOD} besides the {METADATA_PREFIX}* metadata; remove them "
-            f"from the {where}"
+            f"{' and '.join(PARAMETERS)} besides the {METADATA_PREFIX}* metadata; remove "
+            f"them from the {where}"
         )
+    lag_bound(parameters, where)
     method = parameters.get(PARAM_CLONE_METHOD)
     if method is not None and method not in set(CloneMethod):
         raise InvalidArgument(

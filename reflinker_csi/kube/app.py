@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import Config
-from ..core.keys import LABEL_NODE
+from ..core.keys import COPY_COMPONENT, LABEL_NODE
 from ..core.layout import Layout
 from ..core.volumes import VolumeService
 from ..disk.local import LocalDisk
@@ -22,6 +22,7 @@ from .controller.gate import SourceGate
 from .controller.locator import KubeSourceLocator
 from .controller.materializer import KubeMaterializer, NodeReports
 from .controller.pv_annotator import PvAnnotator
+from .events import EventRecorder
 from .node.agent import NodeAgent, NodeSpace
 from .registry import KubeRegistry
 from .runtime import Controller, Informer, LeaderElector, Runner
@@ -82,6 +83,8 @@ def controller(
         claims,
         SourceGate(kube, settings.pod_namespace, settings.backup_mode_limit_seconds),
         settings.backup_mode_limit_seconds,
+        EventRecorder(kube, COPY_COMPONENT),
+        metrics,
     )
     locator = KubeSourceLocator(kube, pvs, layout, settings.driver_name, settings.target_root)
     volumes = VolumeService(layout, registry, locator, settings.node_id, materializer, metrics)

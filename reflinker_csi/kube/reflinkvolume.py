@@ -14,9 +14,13 @@ import re
 from typing import TypeVar
 
 from ..core.keys import (
+    AS_OF_KEYS,
+    CTX_AS_OF_LSN,
+    CTX_AS_OF_TIME,
     CTX_CLAIM,
     CTX_CLONE_METHOD,
     CTX_GROUP,
+    CTX_SOURCE_LAG,
     CTX_SOURCE_PVC,
     FINALIZER,
     LABEL_GUID,
@@ -39,13 +43,14 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "context", "sourceVolume", "sourceSnapshot", "cloneMode", "source", "claim",
         "hotCloneDir", "cloneMethod", "backup", "capture",
     ),
-    "status": ("phase", "code", "message", "usage", "backup"),
+    "status": ("phase", "code", "message", "usage", "backup", "asOf"),
     "spec.backup": (
         "attempt", "step", "sourceDir", "volumes", "systemId", "startLSN", "segmentBytes",
         "stopLSN", "labelFile", "mapFile",
     ),
     "status.backup": ("attempt", "done"),
     "status.usage": ("usedBytes", "ownBytes", "used", "own", "measuredAt"),
+    "status.asOf": ("lsn", "time", "lagSeconds"),
 }  # fmt: skip
 
 
@@ -223,6 +228,20 @@ def capture_patch(capture: str, group: str, context: dict[str, str]) -> JSON:
 def clone_method_patch(method: str) -> JSON:
     """How a hot clone is taken: on the record and in the volume's context (the PV shows it)."""
     return {"spec": {"cloneMethod": method, "context": {CTX_CLONE_METHOD: method}}}
+
+
+def as_of_patch(context: dict[str, str]) -> JSON:
+    """What a hot copy is as of, in the volume's context (the PV shows it)."""
+    return {"spec": {"context": {k: context[k] for k in AS_OF_KEYS if k in context}}}
+
+
+def as_of_status_patch(context: dict[str, str]) -> JSON:
+    """status.asOf (status subresource), for `kubectl get reflinkvolumes`."""
+    as_of: JSON = {"lsn": context.get(CTX_AS_OF_LSN, ""), "time": context.get(CTX_AS_OF_TIME, "")}
+    lag = context.get(CTX_SOURCE_LAG, "")
+    if lag:  # absent: unknown
+        as_of["lagSeconds"] = round(float(lag), 3)
+    return {"status": {"asOf": as_of}}
 
 
 def attempt_test(attempt: str) -> JSON:

@@ -154,6 +154,12 @@ class KubeRegistry:
         """How the hot clone is taken, on the record and in the volume's context (PV)."""
         self._patch(record, rv.clone_method_patch(method))
 
+    def set_as_of(self, record: VolumeRecord, context: dict[str, str]) -> None:
+        """What a hot copy (or the capture a piece is cut from) is as of: in the volume's
+        context (the PV shows it) and in status.asOf."""
+        self._patch(record, rv.as_of_patch(context))
+        self._patch(record, rv.as_of_status_patch(context), status=True)
+
     def set_step_done(self, record: VolumeRecord, attempt: str, step: Step) -> None:
         """The node agent finished step of a native hot clone (status.backup)."""
         self._patch(record, rv.step_done_patch(attempt, step), status=True)

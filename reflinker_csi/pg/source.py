@@ -26,6 +26,7 @@ from ..core.errors import (
     ResourceExhausted,
     SourceUnavailable,
 )
+from ..core.freshness import Position
 from ..core.layout import is_guid
 from ..core.locator import SourceServer
 
@@ -281,6 +282,45 @@ def has_function(conn: psycopg.Connection[tuple[object, ...]], server: SourceSer
         "pg_catalog.has_function_privilege('public.reflink_snapshot(text)', 'EXECUTE')",
     )
     return bool(row and row[0])
+
+
+# One statement, so every part is read at one moment. A WAL receiver's pid is shown to any role
+# (its details need pg_read_all_stats, which streaming_replica has not): enough to know the
+# stream runs. An LSN is cut on the server: a real one is at most 17 characters.
+_POSITION = """
+SELECT r,
+       pg_catalog.left((CASE WHEN r THEN pg_catalog.pg_last_wal_replay_lsn()
+                             ELSE pg_catalog.pg_current_wal_lsn() END)::text, 20),
+       pg_catalog.date_part('epoch', CASE WHEN r THEN pg_catalog.pg_last_xact_replay_timestamp()
+                                          ELSE pg_catalog.clock_timestamp() END)::float8,
+       EXISTS (SELECT 1 FROM pg_catalog.pg_stat_get_wal_receiver() w WHERE w.pid IS NOT NULL),
+       coalesce(pg_catalog.pg_last_wal_receive_lsn() <= pg_catalog.pg_last_wal_replay_lsn(),
+                false),
+       pg_catalog.date_part('epoch', pg_catalog.clock_timestamp())::float8
+FROM pg_catalog.pg_is_in_recovery() r
+"""
+
+
+def position(conn: psycopg.Connection[tuple[object, ...]], server: SourceServer) -> Position:
+    """Where the source is (core/freshness.py): what a copy taken now holds at least, and how
+    far behind production it is."""
+    row = run(conn, server, _POSITION, what="where its WAL is")
+    try:
+        assert row is not None and len(row) == 6
+        recovery, lsn, replayed, streaming, caught_up, now = row
+        return Position(
+            lsn=str(lsn),
+            in_recovery=recovery is True,
+            replayed_at=float(replayed) if isinstance(replayed, float) else None,
+            streaming=streaming is True,
+            caught_up=caught_up is True,
+            read_at=float(now) if isinstance(now, float) else time.time(),
+        )
+    except (AssertionError, ValueError) as err:
+        raise FailedPrecondition(
+            f"{server.source} answered where its WAL is with what PostgreSQL never returns "
+            f"({err}); it is not a usable source"
+        ) from None
 
 
 def hot_clone(

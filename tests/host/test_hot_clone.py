@@ -30,6 +30,7 @@ import psycopg
 import pytest
 
 from reflinker_csi.core import errors
+from reflinker_csi.core.freshness import Position, check_lag
 from reflinker_csi.core.locator import SourceServer
 from reflinker_csi.disk.backup import LocalCopier
 from reflinker_csi.disk.subvolume import is_subvolume
@@ -614,6 +615,88 @@ def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source, meth
             clone.amcheck()
         finally:
             clone.stop()
+    finally:
+        standby.stop("immediate")
+        remove(standby.volume)
+
+
+def position_of(endpoint: SourceServer) -> Position:
+    with source_module.session(endpoint) as conn:
+        return source_module.position(conn, endpoint)
+
+
+def lsn(text: str) -> int:
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def test_a_standbys_position_says_how_far_behind_production_it_is_and_a_bound_refuses_it(
+    source: Source,
+) -> None:
+    """What a copy is as of and the maxSourceLag bound, read as streaming_replica (no
+    pg_read_all_stats): a primary has no lag; a standby that replayed all it received has none;
+    one whose replay is paused while the primary writes is behind by the age of its last
+    replayed transaction and is refused by a smaller bound; one whose stream is down has an
+    unknown lag and is refused by any bound, saying so."""
+    standby = PostgresServer(
+        volume=source.fs.mnt / "volume-lagging",
+        port=free_port(),
+        socket_dir=source.fs.work / "sock",
+        certs=source.certs,
+        bin=source.server.bin,
+    )
+    source.fs.new_volume(standby.volume)
+    chown_postgres(standby.volume)
+    source.server.basebackup(standby.pgdata, standby=True)
+    standby.start()
+    at_standby = replace(source.endpoint, port=standby.port)
+
+    def caught_up() -> Position:
+        deadline = time.monotonic() + 60
+        while not (at := position_of(at_standby)).caught_up or not at.streaming:
+            assert time.monotonic() < deadline, f"the standby did not catch up in 60 s: {at}"
+            time.sleep(0.1)
+        return at
+
+    try:
+        primary = position_of(source.endpoint)
+        assert (primary.in_recovery, primary.lag) == (False, 0.0)
+        source.server.pgbench("-n", "-c", "1", "-t", "20")
+        at = caught_up()
+        assert at.in_recovery and at.lag == 0.0
+        assert lsn(primary.lsn) <= lsn(at.lsn) <= lsn(position_of(source.endpoint).lsn)
+        check_lag(at, 1.0, "the standby")  # caught up: within any bound
+
+        standby.psql("SELECT pg_wal_replay_pause()")
+        source.server.pgbench("-n", "-c", "1", "-t", "20")
+        deadline = time.monotonic() + 30
+        while (at := position_of(at_standby)).caught_up:
+            assert time.monotonic() < deadline, "the paused standby received nothing in 30 s"
+            time.sleep(0.1)
+        time.sleep(2.0)
+        at = position_of(at_standby)
+        assert at.lag is not None and at.lag >= 2.0, at
+        assert lsn(at.lsn) < lsn(position_of(source.endpoint).lsn)
+        with pytest.raises(errors.SourceUnavailable) as refused:
+            check_lag(at, 1.0, "the standby")
+        assert "s behind production" in str(refused.value)
+        assert "over the StorageClass's maxSourceLag of 1 s" in str(refused.value)
+        check_lag(at, 3600.0, "the standby")
+        standby.psql("SELECT pg_wal_replay_resume()")
+        assert caught_up().lag == 0.0
+
+        source.server.stop("fast")
+        try:
+            deadline = time.monotonic() + 30
+            while (at := position_of(at_standby)).streaming:
+                assert time.monotonic() < deadline, "the WAL receiver outlived its primary"
+                time.sleep(0.2)
+            assert at.lag is None
+            with pytest.raises(errors.SourceUnavailable) as refused:
+                check_lag(at, 3600.0, "the standby")
+            assert "its WAL receiver is not running" in str(refused.value)
+        finally:
+            source.server.start()
     finally:
         standby.stop("immediate")
         remove(standby.volume)

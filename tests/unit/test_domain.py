@@ -7,9 +7,10 @@ import pytest
 
 from reflinker_csi import TOPOLOGY_KEY
 from reflinker_csi.core import errors
+from reflinker_csi.core.freshness import Position, check_lag, lag_bound
 from reflinker_csi.core.layout import check_absolute_path, is_guid, require_guid
 from reflinker_csi.core.placement import Placement, check_clone_node, choose_node
-from reflinker_csi.core.volumes import CreateSpec
+from reflinker_csi.core.volumes import CreateSpec, check_parameters
 from reflinker_csi.disk.mounts import parse_mountinfo
 from reflinker_csi.rpc.server import status_of
 
@@ -201,3 +202,65 @@ def test_a_piece_is_found_only_inside_its_capture() -> None:
     assert capture_name("instance apps/new-1", "apps/pg-1") != capture_name(
         "instance apps/new-1", "apps/pg-2"
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("30", 30.0), ("30s", 30.0), ("5m", 300.0), ("24h", 86400.0)]
+)
+def test_max_source_lag_reads_as_seconds(value: str, seconds: float) -> None:
+    assert lag_bound({"maxSourceLag": value}) == seconds
+    assert lag_bound({}) is None
+
+
+@pytest.mark.parametrize("value", ["0", "25h", "-5s", "5 minutes", "1e3", ""])
+def test_a_max_source_lag_that_is_no_duration_is_refused_naming_the_class(value: str) -> None:
+    with pytest.raises(errors.InvalidArgument) as err:
+        check_parameters({"maxSourceLag": value, "cloneMethod": "native"}, "StorageClass")
+    assert "StorageClass parameter maxSourceLag" in str(err.value)
+    assert "1s to 24h" in str(err.value)
+
+
+def test_an_unknown_class_parameter_is_refused_naming_both_known_ones() -> None:
+    with pytest.raises(errors.InvalidArgument) as err:
+        check_parameters({"maxLag": "5s"}, "VolumeSnapshotClass")
+    assert "['maxLag']" in str(err.value)
+    assert "cloneMethod and maxSourceLag" in str(err.value)
+
+
+def _at(**kw: object) -> Position:
+    fields: dict[str, object] = {
+        "lsn": "0/3000060",
+        "in_recovery": True,
+        "replayed_at": 1000.0,
+        "streaming": True,
+        "caught_up": False,
+        "read_at": 1012.5,
+    }
+    return Position(**{**fields, **kw})  # type: ignore[arg-type]
+
+
+def test_a_sources_lag_is_what_it_has_not_replayed_and_unknown_without_a_stream() -> None:
+    assert _at().lag == 12.5
+    assert _at(caught_up=True).lag == 0.0  # an idle production sends nothing to replay
+    assert _at(in_recovery=False).lag == 0.0  # production itself
+    assert _at(streaming=False).lag is None
+    assert _at(replayed_at=None).lag is None
+    assert _at().context() == {
+        "pg-reflinker.csi/as-of-lsn": "0/3000060",
+        "pg-reflinker.csi/as-of-time": "1970-01-01T00:16:40.000000Z",
+        "pg-reflinker.csi/source-lag-seconds": "12.500",
+    }
+    with pytest.raises(ValueError):
+        _at(lsn="0/3000060; DROP")
+
+
+def test_a_copy_over_the_lag_bound_is_refused_saying_by_how_much() -> None:
+    check_lag(_at(), None, "source")
+    check_lag(_at(), 13.0, "source")
+    with pytest.raises(errors.SourceUnavailable) as err:
+        check_lag(_at(), 10.0, "CNPG cluster pg-copies")
+    assert str(err.value).startswith("CNPG cluster pg-copies is 12.5 s behind production")
+    assert "2.5 s over the StorageClass's maxSourceLag of 10 s" in str(err.value)
+    with pytest.raises(errors.SourceUnavailable) as err:
+        check_lag(_at(streaming=False), 10.0, "CNPG cluster pg-copies")
+    assert "the stream from production is down" in str(err.value)

@@ -22,6 +22,7 @@ from ...core.capture import (
 )
 from ...core.errors import FailedPrecondition
 from ...core.keys import (
+    AS_OF_KEYS,
     CNPG_BACKUP_LABEL,
     CNPG_INSTANCE_LABEL,
     CNPG_ROLE_LABEL,
@@ -34,6 +35,7 @@ from ...core.keys import (
     CTX_PIECES,
     CTX_WAL_LINK,
     PARAM_CLONE_METHOD,
+    PARAMETERS,
     SNAPSHOT_NAME,
     SNAPSHOT_NAMESPACE,
 )
@@ -125,7 +127,8 @@ class Captures:
                     node=location.node,
                     required_bytes=0,
                     limit_bytes=0,
-                    parameters={PARAM_CLONE_METHOD: method} if method else {},
+                    # The class's options the capture is taken with (the first piece's).
+                    parameters={k: v for k in PARAMETERS if (v := record.parameters.get(k))},
                     kind=Kind.CAPTURE,
                     clone_mode=CloneMode.HOT,
                     context=context,
@@ -144,7 +147,10 @@ class Captures:
         piece = location.context.get(CTX_PIECE, PG_DATA)
         if piece == PG_DATA and PG_WAL in pieces_held(capture) and self._wal_volume(record):
             context[CTX_WAL_LINK] = WAL_LINK
-        self.registry.set_capture(record, capture.guid, name, context)
+        as_of = {k: capture.context[k] for k in AS_OF_KEYS if k in capture.context}
+        self.registry.set_capture(record, capture.guid, name, {**context, **as_of})
+        if as_of:  # every piece is as of its capture
+            self.registry.set_as_of(record, as_of)
 
     def _wal_volume(self, record: VolumeRecord) -> bool:
         """Whether the PG_DATA piece's instance keeps its WAL on a volume of its own: a new

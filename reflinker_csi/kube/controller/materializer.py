@@ -17,11 +17,13 @@ from ...core.errors import (
     SourceUnavailable,
     from_code,
 )
+from ...core.freshness import Position, check_lag, lag_bound
 from ...core.keys import (
     ANNOTATION_FILESYSTEM,
     ANNOTATION_FLOOR_BYTES,
     ANNOTATION_FREE_BYTES,
     ANNOTATION_REPORTED_AT,
+    AS_OF_KEYS,
     CNPG_CLUSTER_LABEL,
     CNPG_INSTANCE_LABEL,
     CTX_CLAIM,
@@ -30,16 +32,21 @@ from ...core.keys import (
     CTX_SOURCE_PVC,
     PARAM_CLONE_METHOD,
     SELECTED_NODE_ANNOTATION,
+    SNAPSHOT_NAME,
+    SNAPSHOT_NAMESPACE,
     TOPOLOGY_KEY,
 )
-from ...core.layout import Layout
-from ...core.locator import SourceLocation
+from ...core.layout import Layout, is_guid
+from ...core.locator import SourceLocation, SourceServer
+from ...core.observe import NoRecorder, Recorder
 from ...core.placement import Placement
 from ...core.records import CloneMethod, CloneMode, Kind, Phase, VolumeRecord
 from ...core.space import check_room
 from ...core.volumes import Origin
 from ...pg.backup import native_clone
-from ...pg.source import call_function, has_function, session
+from ...pg.source import call_function, has_function, position, session
+from ..api import JSON
+from ..events import EventRecorder
 from ..fields import obj
 from ..handoff import RecordCopier
 from ..model import CSINode, Meta, parse_time
@@ -142,8 +149,12 @@ class KubeMaterializer:
         claims: Informer,
         gate: SourceGate,
         backup_limit: float = 60.0,
+        events: EventRecorder | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.gate = gate
+        self.events = events
+        self.recorder = recorder or NoRecorder()
         self.captures = captures
         self.claims = claims
         self.registry = registry
@@ -240,6 +251,7 @@ class KubeMaterializer:
             else:
                 made = self._take_hot(record, location, deadline)
                 if made is not None:
+                    self._announce(made)
                     return made
         elif record.clone_mode == CloneMode.HOT and not current.hot_clone_dir:
             raise SourceUnavailable(
@@ -253,6 +265,7 @@ class KubeMaterializer:
         if settled.phase == Phase.READY:
             if settled.capture:
                 self.captures.release(settled)
+            self._announce(settled)
             return settled
         if settled.phase == Phase.FAILED:
             raise from_code(
@@ -336,6 +349,7 @@ class KubeMaterializer:
             p.startswith(PG_TABLESPACE) for p in pieces_held(record)
         )
         with session(server, self.connect_timeout, budget, self.backup_limit) as conn:
+            self._as_of(record, position(conn, server), server)
             method = wanted
             if method == CloneMethod.AUTO:
                 # On btrfs the function's copy, made file by file inside the source's
@@ -365,6 +379,62 @@ class KubeMaterializer:
         fields.update(s=round(time.monotonic() - began, 3), backup_s=round(in_backup, 3))
         log.info("hot clone taken", extra={"fields": fields})
         return copier.ready
+
+    def _as_of(self, record: VolumeRecord, at: Position, server: SourceServer) -> None:
+        """The source's position before its backup begins: refused when further behind
+        production than the class's maxSourceLag, else written on the record (what the copy
+        is as of)."""
+        self.recorder.source_read(server.namespace, server.cluster, server.pod, at.lag)
+        check_lag(at, lag_bound(record.parameters), server.source)
+        self.registry.set_as_of(record, at.context())
+
+    def _announce(self, record: VolumeRecord) -> None:
+        """An event on the claim (or VolumeSnapshot) a hot copy was made for: what it is as
+        of. Posted once per copy (the recorder folds a retry's repeat into a count)."""
+        if self.events is None or record.kind == Kind.CAPTURE:
+            return
+        lsn, when, lag = (record.context.get(k, "") for k in AS_OF_KEYS)
+        involved = self._involved(record) if lsn else None
+        if involved is None:
+            return
+        source = record.context.get(CTX_SOURCE_PVC) or record.source_volume_id
+        behind = f"{float(lag):.1f} s" if lag else "unknown (no WAL stream)"
+        message = (
+            f"{record.kind} {record.guid} is a copy of {source} as of LSN {lsn}"
+            + (f", last transaction committed {when}" if when else "")
+            + f"; its source was {behind} behind production"
+        )
+        self.events.record(involved, "Normal", "CopiedAsOf", message)
+
+    def _involved(self, record: VolumeRecord) -> JSON | None:
+        """The claim or VolumeSnapshot a record was made for, with its uid (kubectl describe
+        matches events by it); None when it is not known."""
+        if record.kind == Kind.SNAPSHOT:
+            name = record.parameters.get(SNAPSHOT_NAME, "")
+            namespace = record.parameters.get(SNAPSHOT_NAMESPACE, "")
+            # csi-snapshotter names its request snapshot-<the VolumeSnapshot's uid>.
+            uid = record.name.removeprefix("snapshot-")
+            if not name or not namespace or not is_guid(uid):
+                return None
+            return {
+                "apiVersion": "snapshot.storage.k8s.io/v1",
+                "kind": "VolumeSnapshot",
+                "namespace": namespace,
+                "name": name,
+                "uid": uid,
+            }
+        key = record.context.get(CTX_CLAIM, "")
+        claim = self.claims.get(key) if key else None
+        if claim is None:
+            return None
+        meta = Meta.of(claim)
+        return {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "namespace": meta.namespace,
+            "name": meta.name,
+            "uid": meta.uid,
+        }
 
     def _check_room(self, node: str) -> None:
         """The node's floor, from its report, before the source server makes a copy there."""

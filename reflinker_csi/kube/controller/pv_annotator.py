@@ -1,5 +1,6 @@
-"""Traceability on our PersistentVolumes: the GUID, the source claim and the claim as
-annotations, whoever created the PV (external-provisioner or the claim loop)."""
+"""Traceability on our PersistentVolumes: the GUID, the source claim, the claim and what a hot
+copy is as of (LSN, time, source lag) as annotations, whoever created the PV
+(external-provisioner or the claim loop)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from ...core.keys import (
     ANNOTATION_CLAIM,
     ANNOTATION_GUID,
     ANNOTATION_SOURCE_PVC,
+    ANNOTATIONS_AS_OF,
     CTX_CLAIM,
     CTX_SOURCE_PVC,
 )
@@ -35,6 +37,8 @@ class PvAnnotator:
         wanted = {ANNOTATION_GUID: pv.handle}
         if pv.attributes.get(CTX_SOURCE_PVC):
             wanted[ANNOTATION_SOURCE_PVC] = pv.attributes[CTX_SOURCE_PVC]
+        # What a hot copy is as of, from its volume context (empty when unknown).
+        wanted.update({k: pv.attributes[k] for k in ANNOTATIONS_AS_OF if pv.attributes.get(k)})
         if pv.claim is not None:
             wanted[ANNOTATION_CLAIM] = f"{pv.claim.namespace}/{pv.claim.name}"
         elif pv.attributes.get(CTX_CLAIM):
