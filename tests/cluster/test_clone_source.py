@@ -1,0 +1,351 @@
+"""Production on storage that is not ours, copies from a clone source (docs/clone-source.md), on
+the real three-node cluster.
+
+Production: a CNPG Cluster on Kubernetes local PVs (StorageClass kubernetes.io/no-provisioner,
+what bare-metal CNPG users run) on the second node. The clone source: a CNPG replica Cluster of
+it on pg-reflinker volumes (PGDATA and WAL) on the third node, labelled and tainted for copies.
+Copies are taken from the clone source's designated primary, a standby in continuous recovery;
+nothing of pg-reflinker connects to production.
+
+The other nodes are uncordoned for this module only, as for tests/cluster/test_ha.py, and the
+third node's label and taint are removed at its end."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from tests.cluster import cnpg
+from tests.e2e.onenode import OneNodeCluster
+
+NS = "prod"
+PROD = "pg-prod"
+COPIES = "pg-copies"
+DEV = "pg-dev"
+LOCAL_CLASS = "local-disks"
+# The clone source's own empty volumes: bound where the scheduler puts its pod (the clone node).
+SOURCE_CLASS = "pg-reflinker-clone-source"
+# The copies' class: a copy of a source further behind production than this is refused.
+FRESH_CLASS = "pg-reflinker-fresh"
+LAG_BOUND = 10
+CLONE_NODE_KEY = "pg-reflinker.csi/clone-node"
+TOLERATE_CLONE_NODE = [{"key": CLONE_NODE_KEY, "operator": "Exists", "effect": "NoSchedule"}]
+SCALE = 5
+
+
+@pytest.fixture(scope="module")
+def nodes(k8s: OneNodeCluster) -> Iterator[tuple[str, str]]:
+    """(production's node, the clone node): the second node, and the third labelled and
+    tainted for copies."""
+    names = [n.name for n in k8s.nodes]
+    assert len(names) == 3, "the real-cluster package runs on three nodes"
+    prod_node, clone_node = names[1], names[2]
+    k8s.kubectl("uncordon", prod_node, clone_node)
+    k8s.kubectl("label", "node", clone_node, f"{CLONE_NODE_KEY}=true", "--overwrite")
+    k8s.kubectl("taint", "node", clone_node, f"{CLONE_NODE_KEY}=true:NoSchedule", "--overwrite")
+    try:
+        yield prod_node, clone_node
+    finally:
+        k8s.kubectl(
+            "delete", "namespace", NS, "--wait=true", "--timeout=240s", check=False, timeout=300
+        )
+        k8s.wait("the prod namespace's volumes gone", lambda: not _records_in(k8s), 120)
+        k8s.kubectl("delete", "pv", "-l", "test=clone-source", "--wait=true", check=False)
+        k8s.kubectl("delete", "storageclass", LOCAL_CLASS, SOURCE_CLASS, FRESH_CLASS, check=False)
+        k8s.kubectl("taint", "node", clone_node, f"{CLONE_NODE_KEY}-", check=False)
+        k8s.kubectl("label", "node", clone_node, f"{CLONE_NODE_KEY}-", check=False)
+        k8s.kubectl("cordon", prod_node, clone_node)
+
+
+def _records_in(k8s: OneNodeCluster) -> list[dict[str, Any]]:
+    records = k8s.get("reflinkvolumes")["items"]
+    return [r for r in records if r["spec"].get("claim", "").startswith(f"{NS}/")]
+
+
+def _classes() -> list[dict[str, Any]]:
+    def pg_reflinker(name: str, binding: str, **parameters: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": name},
+            "provisioner": "pg-reflinker.csi",
+            "volumeBindingMode": binding,
+            "reclaimPolicy": "Delete",
+            **({"parameters": parameters} if parameters else {}),
+        }
+
+    return [
+        {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": LOCAL_CLASS},
+            "provisioner": "kubernetes.io/no-provisioner",
+            "volumeBindingMode": "WaitForFirstConsumer",
+        },
+        pg_reflinker(SOURCE_CLASS, "WaitForFirstConsumer"),
+        pg_reflinker(FRESH_CLASS, "Immediate", maxSourceLag=f"{LAG_BOUND}s"),
+    ]
+
+
+def _local_pv(k8s: OneNodeCluster, node: str) -> dict[str, Any]:
+    """A Kubernetes local PV: a directory on the node, made as an admin would."""
+    (spec,) = [n for n in k8s.nodes if n.name == node]
+    path = k8s.work / f"local-disk-{node}"
+    subprocess.run([*spec.enter(), "mkdir", "-p", str(path)], check=True)
+    subprocess.run([*spec.enter(), "chown", "26:26", str(path)], check=True)
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"local-{node}", "labels": {"test": "clone-source"}},
+        "spec": {
+            "capacity": {"storage": "4Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": LOCAL_CLASS,
+            "local": {"path": str(path)},
+            "nodeAffinity": {
+                "required": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {
+                                    "key": "kubernetes.io/hostname",
+                                    "operator": "In",
+                                    "values": [node],
+                                }
+                            ]
+                        }
+                    ]
+                }
+            },
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def production(k8s: OneNodeCluster, nodes: tuple[str, str]) -> str:
+    """pg-prod on a local PV of the second node, with pgbench's tables and the two grants of
+    the native method (replayed by its replicas); its primary's pod name."""
+    prod_node, _ = nodes
+    cnpg.ensure_namespace(k8s, NS)
+    k8s.apply([*_classes(), _local_pv(k8s, prod_node)])
+    doc = cnpg.example("source-cluster-native.yaml")
+    doc["metadata"].update(name=PROD, namespace=NS)
+    doc["spec"]["storage"] = {"storageClass": LOCAL_CLASS, "size": "4Gi"}
+    del doc["spec"]["walStorage"]
+    doc["spec"]["affinity"] = {"nodeSelector": {"kubernetes.io/hostname": prod_node}}
+    k8s.apply(doc)
+    seconds = cnpg.wait_healthy(k8s, PROD, NS, timeout=300)
+    print(f"\nproduction on a local PV healthy in {seconds:.1f} s")
+    primary = cnpg.primary_pod(k8s, PROD, NS)
+    cnpg.pgbench(k8s, primary, "-i", "-s", str(SCALE), "-q", ns=NS)
+    # CNPG's pg_basebackup asks for a spread checkpoint: with pgbench's load dirty, it would
+    # take most of checkpoint_timeout; with nothing left to write it takes a moment.
+    cnpg.psql(k8s, primary, "CHECKPOINT", db="postgres", ns=NS)
+    return primary
+
+
+@pytest.fixture(scope="module")
+def clone_source(k8s: OneNodeCluster, production: str) -> str:
+    """pg-copies: a replica Cluster of pg-prod on pg-reflinker volumes on the clone node
+    (docs/clone-source.md's manifest); its designated primary's pod name."""
+    doc = cnpg.example("clone-source.yaml")
+    doc["metadata"]["namespace"] = NS
+    doc["spec"]["storage"]["storageClass"] = SOURCE_CLASS
+    doc["spec"]["walStorage"]["storageClass"] = SOURCE_CLASS
+    k8s.apply(doc)
+    seconds = cnpg.wait_healthy(k8s, COPIES, NS, timeout=300)
+    print(f"clone source streaming from production, healthy in {seconds:.1f} s")
+    return cnpg.primary_pod(k8s, COPIES, NS)
+
+
+def _lsn(text: str) -> int:
+    high, _, low = text.strip().partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+class Watch:
+    """Production's WAL position and pg-reflinker's sessions on it, sampled every half second
+    (by the host's clock, as the API server's timestamps are)."""
+
+    def __init__(self, k8s: OneNodeCluster, pod: str) -> None:
+        self.k8s, self.pod = k8s, pod
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            answer = cnpg.psql(
+                self.k8s,
+                self.pod,
+                "SELECT pg_current_wal_lsn() || ' ' || (SELECT count(*) FROM pg_stat_activity "
+                "WHERE application_name = 'pg-reflinker' OR usename = 'streaming_replica' "
+                "AND backend_type <> 'walsender')",
+                db="postgres",
+                ns=NS,
+            )
+            lsn, sessions = answer.split()
+            self.samples.append((time.time(), _lsn(lsn), int(sessions)))
+
+    def __enter__(self) -> Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def lsn_at(self, when: float) -> int:
+        """Production's LSN at the last sample at or before `when`."""
+        before = [lsn for t, lsn, _ in self.samples if t <= when]
+        assert before, f"no sample of production before {when}"
+        return before[-1]
+
+    def sessions(self) -> int:
+        return max((s for _, _, s in self.samples), default=0)
+
+
+def _created(item: dict[str, Any]) -> float:
+    stamp = item["metadata"]["creationTimestamp"].replace("Z", "+00:00")
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def _phase(k8s: OneNodeCluster, claim: str) -> str:
+    """A claim's phase; "" while it does not exist (CNPG makes a new Cluster's claims)."""
+    found = k8s.kubectl(
+        "get", "pvc", claim, "-n", NS, "-o", "jsonpath={.status.phase}", check=False
+    )
+    return found.stdout if found.returncode == 0 else ""
+
+
+def _record_of_claim(k8s: OneNodeCluster, claim: str) -> dict[str, Any]:
+    guid = cnpg.volume_handle(k8s, claim, NS)
+    (record,) = [r for r in k8s.get("reflinkvolumes")["items"] if r["spec"]["guid"] == guid]
+    return record
+
+
+def test_a_copy_of_production_on_local_disks_comes_from_its_clone_source_under_load(
+    k8s: OneNodeCluster, nodes: tuple[str, str], production: str, clone_source: str
+) -> None:
+    """A new Cluster recovered from the clone source's claims while pgbench writes to
+    production: it lands on the clone node, keeps pgbench's invariant and passes amcheck; each
+    volume says what it is as of (record, PV, claim event), an LSN no later than production's
+    after the copy and no earlier than production's LSN maxSourceLag before the request; no
+    pg-reflinker session, slot or volume ever touches production or its node."""
+    prod_node, clone_node = nodes
+    assert cnpg.instance_nodes(k8s, COPIES, NS) == {clone_source: clone_node}
+    assert cnpg.psql(k8s, clone_source, "SELECT pg_is_in_recovery()", ns=NS) == "t"
+    load = cnpg.pgbench_background(k8s, production, seconds=40, ns=NS)
+    with Watch(k8s, production) as watch:
+        try:
+            time.sleep(LAG_BOUND + 2)  # production's LSN moves for a whole bound before the copy
+            doc = cnpg.example("clone-cluster.yaml")
+            doc["metadata"].update(name=DEV, namespace=NS)
+            doc["spec"]["storage"]["storageClass"] = FRESH_CLASS
+            doc["spec"]["walStorage"] = {"storageClass": FRESH_CLASS, "size": "1Gi"}
+            doc["spec"]["affinity"] = {"tolerations": TOLERATE_CLONE_NODE}
+            doc["spec"]["bootstrap"]["recovery"]["volumeSnapshots"] = {
+                "storage": {"apiGroup": "", "kind": "PersistentVolumeClaim", "name": clone_source},
+                "walStorage": {
+                    "apiGroup": "",
+                    "kind": "PersistentVolumeClaim",
+                    "name": f"{clone_source}-wal",
+                },
+            }
+            k8s.apply(doc)
+            k8s.wait(
+                "the copy's claims bound",
+                lambda: all(_phase(k8s, c) == "Bound" for c in (f"{DEV}-1", f"{DEV}-1-wal")),
+                180,
+            )
+            after = watch.samples[-1][1] if watch.samples else 0
+            time.sleep(1.0)
+        finally:
+            out, _ = load.communicate(timeout=120)
+    assert load.returncode == 0, out
+    cnpg.wait_healthy(k8s, DEV, NS, timeout=300)
+    dev = cnpg.primary_pod(k8s, DEV, NS)
+    assert cnpg.instance_nodes(k8s, DEV, NS) == {dev: clone_node}
+    assert len(cnpg.pgbench_sums(k8s, dev, ns=NS)) == 1, "pgbench's invariant broke in the copy"
+    cnpg.amcheck(k8s, dev, ns=NS)
+
+    for claim in (f"{DEV}-1", f"{DEV}-1-wal"):
+        record = _record_of_claim(k8s, claim)
+        as_of = record["status"]["asOf"]
+        lsn = _lsn(as_of["lsn"])
+        assert lsn <= after, f"{claim} claims to be as of {as_of}, later than production"
+        floor = watch.lsn_at(_created(record) - LAG_BOUND - 1)
+        assert lsn >= floor, f"{claim} is as of {as_of}: older than production {LAG_BOUND} s before"
+        assert 0 <= as_of["lagSeconds"] <= LAG_BOUND
+        pv = k8s.get("pv", k8s.get("pvc", claim, "-n", NS)["spec"]["volumeName"])
+        assert pv["metadata"]["annotations"]["pg-reflinker.csi/as-of-lsn"] == as_of["lsn"]
+        events = k8s.get("events", "-n", NS, "--field-selector", f"involvedObject.name={claim}")[
+            "items"
+        ]
+        copied = [e["message"] for e in events if e["reason"] == "CopiedAsOf"]
+        assert copied and f"as of LSN {as_of['lsn']}" in copied[0], events
+    wide = k8s.kubectl("get", "reflinkvolumes", "-o", "wide").stdout
+    assert "AS OF" in wide.splitlines()[0] and "LAG" in wide.splitlines()[0]
+
+    assert watch.sessions() == 0, "pg-reflinker connected to production"
+    slots = cnpg.psql(
+        k8s, production, "SELECT count(*) FROM pg_replication_slots", db="postgres", ns=NS
+    )
+    assert slots == "0", "a replication slot was left on production"
+    assert not [r for r in k8s.get("reflinkvolumes")["items"] if r["spec"]["nodeName"] == prod_node]
+
+
+def test_a_clone_source_behind_the_bound_is_refused_saying_by_how_much_then_copied(
+    k8s: OneNodeCluster, production: str, clone_source: str
+) -> None:
+    """The clone source stops replaying (as when it falls behind a burst of writes) while
+    production writes: a copy in a class with maxSourceLag is refused, the claim's event saying
+    how far behind it is and over which bound; once it replays again the claim binds, as of an
+    LSN that holds the writes made meanwhile."""
+    claim = "lagging-copy"
+    cnpg.psql(k8s, clone_source, "SELECT pg_wal_replay_pause()", db="postgres", ns=NS)
+    try:
+        cnpg.pgbench(k8s, production, "-n", "-c", "1", "-t", "200", ns=NS)
+        written = _lsn(cnpg.psql(k8s, production, "SELECT pg_current_wal_lsn()", ns=NS))
+        time.sleep(LAG_BOUND + 1)
+        k8s.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim, "namespace": NS},
+                "spec": {
+                    "storageClassName": FRESH_CLASS,
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": "4Gi"}},
+                    "dataSource": {"kind": "PersistentVolumeClaim", "name": clone_source},
+                },
+            }
+        )
+
+        def refusal() -> str:
+            events = k8s.get(
+                "events", "-n", NS, "--field-selector", f"involvedObject.name={claim}"
+            )["items"]
+            found = [e["message"] for e in events if "behind production" in e["message"]]
+            return found[0] if found else ""
+
+        message = k8s.wait("the copy refused for the source's lag", refusal, 90)
+        assert f"over the StorageClass's maxSourceLag of {LAG_BOUND} s" in message, message
+        assert _phase(k8s, claim) == "Pending"
+    finally:
+        cnpg.psql(k8s, clone_source, "SELECT pg_wal_replay_resume()", db="postgres", ns=NS)
+    k8s.wait(
+        "the copy bound once the source caught up",
+        lambda: _phase(k8s, claim) == "Bound",
+        120,
+    )
+    as_of = _record_of_claim(k8s, claim)["status"]["asOf"]
+    assert _lsn(as_of["lsn"]) >= written, f"the copy is as of {as_of}, before the writes"
+    k8s.kubectl("delete", "pvc", claim, "-n", NS, "--wait=true")
