@@ -16,10 +16,13 @@ database sizes, all in one run:
 
   - high availability on the three nodes (tests/bench/bench_ha.py): the tps dip on a primary
     while its claim or its standby's is cloned, and a scaled-up replica seeded from a
-    pg-reflinker snapshot against one joined by pg_basebackup.
+    pg-reflinker snapshot against one joined by pg_basebackup;
+  - what copies cost production (tests/bench/bench_impact.py): pgbench on production while ten
+    copies are taken of it, against while ten are taken of its clone source.
 
 BENCH_SIZES (GiB of pgbench data, default "1 4 16"), WHOLE_SIZES (default "1 4"), HA_SIZES
-(default "1 4") and BENCH_RUNS (default 3); an empty list skips its part. Writes its sections
+(default "1 4"), IMPACT_SIZE (default 1), IMPACT_COPIES (default 10) and BENCH_RUNS (default
+3); an empty list skips its part. Writes its sections
 of docs/benchmarks.md and docs/cluster-time.png."""
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.bench_ha import bench_ha, write_ha_report
+from tests.bench.bench_impact import bench_impact, write_impact_report
 from tests.bench.report import DOCS, plot, write_section
 from tests.cluster import cnpg
 from tests.e2e import images
@@ -323,8 +327,10 @@ def bench() -> int:
     sizes = [float(s) for s in os.environ.get("BENCH_SIZES", "1 4 16").split()]
     whole_sizes = [float(s) for s in os.environ.get("WHOLE_SIZES", "1 4").split()]
     ha_sizes = [float(s) for s in os.environ.get("HA_SIZES", "1 4").split()]
+    impact_sizes = [float(s) for s in os.environ.get("IMPACT_SIZE", "1").split()][:1]
+    copies = int(os.environ.get("IMPACT_COPIES", "10"))
     runs = int(os.environ.get("BENCH_RUNS", "3"))
-    largest = max(sizes + whole_sizes + ha_sizes)
+    largest = max(sizes + whole_sizes + ha_sizes + impact_sizes)
     volume = f"{int(largest * 2.5) + 8}Gi"
     disk = f"{int(largest * 4) + 24}G"
     started = time.monotonic()
@@ -347,6 +353,10 @@ def bench() -> int:
             began = time.monotonic()
             rows = bench_ha(k8s, ha_sizes, runs)
             write_ha_report(rows, runs, time.monotonic() - began)
+        if impact_sizes:
+            began = time.monotonic()
+            row = bench_impact(k8s, impact_sizes[0], copies, runs)
+            write_impact_report(row, runs, time.monotonic() - began)
     return 0
 
 

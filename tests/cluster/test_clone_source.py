@@ -40,8 +40,8 @@ SCALE = 5
 
 
 @pytest.fixture(scope="module")
-def nodes(k8s: OneNodeCluster) -> Iterator[tuple[str, str]]:
-    """(production's node, the clone node): the second node, and the third labelled and
+def nodes(k8s: OneNodeCluster) -> Iterator[tuple[str, str, str]]:
+    """(production's two nodes, the clone node): the first two, and the third labelled and
     tainted for copies."""
     names = [n.name for n in k8s.nodes]
     assert len(names) == 3, "the real-cluster package runs on three nodes"
@@ -50,7 +50,7 @@ def nodes(k8s: OneNodeCluster) -> Iterator[tuple[str, str]]:
     k8s.kubectl("label", "node", clone_node, f"{CLONE_NODE_KEY}=true", "--overwrite")
     k8s.kubectl("taint", "node", clone_node, f"{CLONE_NODE_KEY}=true:NoSchedule", "--overwrite")
     try:
-        yield prod_node, clone_node
+        yield names[0], prod_node, clone_node
     finally:
         k8s.kubectl(
             "delete", "namespace", NS, "--wait=true", "--timeout=240s", check=False, timeout=300
@@ -129,17 +129,17 @@ def _local_pv(k8s: OneNodeCluster, node: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def production(k8s: OneNodeCluster, nodes: tuple[str, str]) -> str:
-    """pg-prod on a local PV of the second node, with pgbench's tables and the two grants of
-    the native method (replayed by its replicas); its primary's pod name."""
-    prod_node, _ = nodes
+def production(k8s: OneNodeCluster, nodes: tuple[str, ...]) -> str:
+    """pg-prod: two instances, each on a local PV of one of the production nodes, with
+    pgbench's tables and the two grants of the native method (replayed by its replicas); its
+    primary's pod name."""
     cnpg.ensure_namespace(k8s, NS)
-    k8s.apply([*_classes(), _local_pv(k8s, prod_node)])
+    k8s.apply([*_classes(), *(_local_pv(k8s, node) for node in nodes[:2])])
     doc = cnpg.example("source-cluster-native.yaml")
     doc["metadata"].update(name=PROD, namespace=NS)
+    doc["spec"]["instances"] = 2
     doc["spec"]["storage"] = {"storageClass": LOCAL_CLASS, "size": "4Gi"}
     del doc["spec"]["walStorage"]
-    doc["spec"]["affinity"] = {"nodeSelector": {"kubernetes.io/hostname": prod_node}}
     k8s.apply(doc)
     seconds = cnpg.wait_healthy(k8s, PROD, NS, timeout=300)
     print(f"\nproduction on a local PV healthy in {seconds:.1f} s")
@@ -225,6 +225,42 @@ def _phase(k8s: OneNodeCluster, claim: str) -> str:
     return found.stdout if found.returncode == 0 else ""
 
 
+def _copy_claim(name: str, source: str, storage_class: str) -> dict[str, Any]:
+    """A claim that copies the clone source's PGDATA claim (its copy carries the WAL)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "storageClassName": storage_class,
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": "8Gi"}},
+            "dataSource": {"kind": "PersistentVolumeClaim", "name": source},
+        },
+    }
+
+
+def _event(k8s: OneNodeCluster, claim: str, text: str) -> str:
+    """The message of the claim's first event that says text, "" for none."""
+    events = k8s.get("events", "-n", NS, "--field-selector", f"involvedObject.name={claim}")
+    found = [e["message"] for e in events["items"] if text in e["message"]]
+    return found[0] if found else ""
+
+
+def _copy_cluster(name: str, source: str) -> dict[str, Any]:
+    """A new Cluster recovered from the clone source's claims, on the clone node."""
+    doc = cnpg.example("clone-cluster.yaml")
+    doc["metadata"].update(name=name, namespace=NS)
+    doc["spec"]["storage"]["storageClass"] = FRESH_CLASS
+    doc["spec"]["walStorage"] = {"storageClass": FRESH_CLASS, "size": "2Gi"}
+    doc["spec"]["affinity"] = {"tolerations": TOLERATE_CLONE_NODE}
+    doc["spec"]["bootstrap"]["recovery"]["volumeSnapshots"] = {
+        "storage": {"apiGroup": "", "kind": "PersistentVolumeClaim", "name": source},
+        "walStorage": {"apiGroup": "", "kind": "PersistentVolumeClaim", "name": f"{source}-wal"},
+    }
+    return doc
+
+
 def _record_of_claim(k8s: OneNodeCluster, claim: str) -> dict[str, Any]:
     guid = cnpg.volume_handle(k8s, claim, NS)
     (record,) = [r for r in k8s.get("reflinkvolumes")["items"] if r["spec"]["guid"] == guid]
@@ -232,34 +268,22 @@ def _record_of_claim(k8s: OneNodeCluster, claim: str) -> dict[str, Any]:
 
 
 def test_a_copy_of_production_on_local_disks_comes_from_its_clone_source_under_load(
-    k8s: OneNodeCluster, nodes: tuple[str, str], production: str, clone_source: str
+    k8s: OneNodeCluster, nodes: tuple[str, str, str], production: str, clone_source: str
 ) -> None:
     """A new Cluster recovered from the clone source's claims while pgbench writes to
     production: it lands on the clone node, keeps pgbench's invariant and passes amcheck; each
     volume says what it is as of (record, PV, claim event), an LSN no later than production's
     after the copy and no earlier than production's LSN maxSourceLag before the request; no
     pg-reflinker session, slot or volume ever touches production or its node."""
-    prod_node, clone_node = nodes
+    clone_node = nodes[2]
+    assert set(cnpg.instance_nodes(k8s, PROD, NS).values()) == set(nodes[:2])
     assert cnpg.instance_nodes(k8s, COPIES, NS) == {clone_source: clone_node}
     assert cnpg.psql(k8s, clone_source, "SELECT pg_is_in_recovery()", ns=NS) == "t"
     load = cnpg.pgbench_background(k8s, production, seconds=40, ns=NS)
     with Watch(k8s, production) as watch:
         try:
             time.sleep(LAG_BOUND + 2)  # production's LSN moves for a whole bound before the copy
-            doc = cnpg.example("clone-cluster.yaml")
-            doc["metadata"].update(name=DEV, namespace=NS)
-            doc["spec"]["storage"]["storageClass"] = FRESH_CLASS
-            doc["spec"]["walStorage"] = {"storageClass": FRESH_CLASS, "size": "1Gi"}
-            doc["spec"]["affinity"] = {"tolerations": TOLERATE_CLONE_NODE}
-            doc["spec"]["bootstrap"]["recovery"]["volumeSnapshots"] = {
-                "storage": {"apiGroup": "", "kind": "PersistentVolumeClaim", "name": clone_source},
-                "walStorage": {
-                    "apiGroup": "",
-                    "kind": "PersistentVolumeClaim",
-                    "name": f"{clone_source}-wal",
-                },
-            }
-            k8s.apply(doc)
+            k8s.apply(_copy_cluster(DEV, clone_source))
             k8s.wait(
                 "the copy's claims bound",
                 lambda: all(_phase(k8s, c) == "Bound" for c in (f"{DEV}-1", f"{DEV}-1-wal")),
@@ -299,7 +323,9 @@ def test_a_copy_of_production_on_local_disks_comes_from_its_clone_source_under_l
         k8s, production, "SELECT count(*) FROM pg_replication_slots", db="postgres", ns=NS
     )
     assert slots == "0", "a replication slot was left on production"
-    assert not [r for r in k8s.get("reflinkvolumes")["items"] if r["spec"]["nodeName"] == prod_node]
+    records = _records_in(k8s)
+    assert records and {r["spec"]["nodeName"] for r in records} == {clone_node}
+    cnpg.delete_cluster(k8s, DEV, NS)
 
 
 def test_a_clone_source_behind_the_bound_is_refused_saying_by_how_much_then_copied(
@@ -315,28 +341,12 @@ def test_a_clone_source_behind_the_bound_is_refused_saying_by_how_much_then_copi
         cnpg.pgbench(k8s, production, "-n", "-c", "1", "-t", "200", ns=NS)
         written = _lsn(cnpg.psql(k8s, production, "SELECT pg_current_wal_lsn()", ns=NS))
         time.sleep(LAG_BOUND + 1)
-        k8s.apply(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": claim, "namespace": NS},
-                "spec": {
-                    "storageClassName": FRESH_CLASS,
-                    "accessModes": ["ReadWriteOnce"],
-                    "resources": {"requests": {"storage": "4Gi"}},
-                    "dataSource": {"kind": "PersistentVolumeClaim", "name": clone_source},
-                },
-            }
+        k8s.apply(_copy_claim(claim, clone_source, FRESH_CLASS))
+        message = k8s.wait(
+            "the copy refused for the source's lag",
+            lambda: _event(k8s, claim, "behind production"),
+            90,
         )
-
-        def refusal() -> str:
-            events = k8s.get(
-                "events", "-n", NS, "--field-selector", f"involvedObject.name={claim}"
-            )["items"]
-            found = [e["message"] for e in events if "behind production" in e["message"]]
-            return found[0] if found else ""
-
-        message = k8s.wait("the copy refused for the source's lag", refusal, 90)
         assert f"over the StorageClass's maxSourceLag of {LAG_BOUND} s" in message, message
         assert _phase(k8s, claim) == "Pending"
     finally:
@@ -348,4 +358,92 @@ def test_a_clone_source_behind_the_bound_is_refused_saying_by_how_much_then_copi
     )
     as_of = _record_of_claim(k8s, claim)["status"]["asOf"]
     assert _lsn(as_of["lsn"]) >= written, f"the copy is as of {as_of}, before the writes"
+    k8s.kubectl("delete", "pvc", claim, "-n", NS, "--wait=true")
+
+
+def test_production_fails_over_while_a_copy_is_taken_and_the_clone_source_follows(
+    k8s: OneNodeCluster, production: str, clone_source: str
+) -> None:
+    """Production's primary is deleted as a copy is asked for: CNPG promotes the other
+    instance, the replica Cluster streams from it (through pg-prod-rw) on the new timeline, the
+    copy binds (refused for an unknown lag while the stream is down, then retried), and the
+    next copy is consistent and holds the new primary's writes."""
+    old_primary = cnpg.primary_pod(k8s, PROD, NS)
+    claim = "copy-during-failover"
+    k8s.apply(_copy_claim(claim, clone_source, FRESH_CLASS))
+    k8s.kubectl("delete", "pod", old_primary, "-n", NS, "--wait=false")
+    new_primary = k8s.wait(
+        "production failed over",
+        lambda: (
+            (p := cnpg.cluster_status(k8s, PROD, NS).get("currentPrimary")) != old_primary and p
+        ),
+        180,
+    )
+    k8s.wait(
+        "the copy asked for during the failover bound", lambda: _phase(k8s, claim) == "Bound", 240
+    )
+    cnpg.wait_healthy(k8s, PROD, NS, timeout=300)
+    cnpg.pgbench(k8s, new_primary, "-n", "-c", "1", "-t", "200", ns=NS)
+    written = _lsn(cnpg.psql(k8s, new_primary, "SELECT pg_current_wal_lsn()", ns=NS))
+
+    def replayed() -> bool:
+        at = cnpg.psql(k8s, clone_source, "SELECT pg_last_wal_replay_lsn()", db="postgres", ns=NS)
+        return _lsn(at) >= written
+
+    k8s.wait("the clone source replayed the new primary's writes", replayed, 120)
+    stream = cnpg.psql(
+        k8s,
+        clone_source,
+        "SELECT status || ' ' || received_tli FROM pg_stat_wal_receiver",
+        db="postgres",
+        ns=NS,
+    )
+    assert stream.split()[0] == "streaming" and int(stream.split()[1]) >= 2, stream
+
+    k8s.apply(_copy_cluster(f"{DEV}-next", clone_source))
+    cnpg.wait_healthy(k8s, f"{DEV}-next", NS, timeout=300)
+    copy = cnpg.primary_pod(k8s, f"{DEV}-next", NS)
+    assert len(cnpg.pgbench_sums(k8s, copy, ns=NS)) == 1, "pgbench's invariant broke"
+    cnpg.amcheck(k8s, copy, ns=NS)
+    as_of = _record_of_claim(k8s, f"{DEV}-next-1")["status"]["asOf"]
+    assert _lsn(as_of["lsn"]) >= written, f"the next copy is as of {as_of}, before the writes"
+    cnpg.delete_cluster(k8s, f"{DEV}-next", NS)
+    k8s.kubectl("delete", "pvc", claim, "-n", NS, "--wait=true")
+
+
+def _ready(k8s: OneNodeCluster, node: str) -> bool:
+    conditions = k8s.get("node", node)["status"].get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def test_the_clone_nodes_kubelet_stopped_leaves_production_serving_and_copies_waiting(
+    k8s: OneNodeCluster, nodes: tuple[str, str, str], production: str, clone_source: str
+) -> None:
+    """The clone node's kubelet stops: production keeps serving (pgbench runs on without an
+    error), a copy asked for meanwhile is refused as unavailable (its source pod is not
+    Ready), and it binds once the kubelet is back."""
+    clone_node = nodes[2]
+    primary = cnpg.primary_pod(k8s, PROD, NS)
+    claim = "copy-while-node-down"
+    load = cnpg.pgbench_background(k8s, primary, seconds=100, ns=NS)
+    try:
+        k8s.stop_kubelet(clone_node)
+        try:
+            k8s.wait(f"{clone_node} NotReady", lambda: not _ready(k8s, clone_node), 150)
+            k8s.apply(_copy_claim(claim, clone_source, "pg-reflinker"))
+            message = k8s.wait(
+                "the copy refused while the clone node is down",
+                lambda: _event(k8s, claim, "is not Running and Ready"),
+                120,
+            )
+            assert clone_source in message, message
+            assert _phase(k8s, claim) == "Pending"
+        finally:
+            k8s.start_kubelet(clone_node)
+        k8s.wait(
+            "the copy bound once the node was back", lambda: _phase(k8s, claim) == "Bound", 240
+        )
+    finally:
+        out, _ = load.communicate(timeout=240)
+    assert load.returncode == 0, f"production's pgbench failed while the clone node was down: {out}"
     k8s.kubectl("delete", "pvc", claim, "-n", NS, "--wait=true")

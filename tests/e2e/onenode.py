@@ -341,6 +341,21 @@ class OneNodeCluster:
                 raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
             time.sleep(0.25)
 
+    def stop_kubelet(self, node: str) -> None:
+        """A node whose kubelet is gone (SIGTERM): its containers go on running, the API server
+        hears nothing from it, and the node goes NotReady after the node monitor's grace."""
+        (spec,) = [n for n in self.nodes if n.name == node]
+        daemon = self.daemons.pop(spec.suffix("kubelet"))
+        daemon.process.terminate()
+        daemon.process.wait(timeout=60)
+
+    def start_kubelet(self, node: str) -> None:
+        """The node's kubelet started again (after stop_kubelet), and the node Ready."""
+        (spec,) = [n for n in self.nodes if n.name == node]
+        if spec.suffix("kubelet") not in self.daemons:
+            _spawn_kubelet(self, spec)
+        self.wait(f"{node} Ready again", lambda: _node_ready(self, node), 120)
+
     def pod_logs(self, namespace: str, selector: str, container: str = "") -> str:
         args = ["logs", "-n", namespace, "-l", selector, "--tail=60", "--prefix"]
         args += ["-c", container] if container else ["--all-containers"]
@@ -890,23 +905,26 @@ def _start_kubernetes(c: OneNodeCluster, announce: Callable[[str], None]) -> Non
     )
 
 
+def _spawn_kubelet(c: OneNodeCluster, node: NodeSpec) -> None:
+    c.spawn(
+        node.suffix("kubelet"),
+        [
+            *node.enter(),
+            str(c.bin / "kubelet"),
+            f"--config={_kubelet_config(c, node)}",
+            f"--kubeconfig={c.plane.admin_kubeconfig}",
+            f"--hostname-override={node.name}",
+            f"--node-ip={node.ip}",
+            f"--root-dir={KUBELET_ROOT}",
+            f"--cert-dir={_node_work(c, node) / 'kubelet-pki'}",
+            "--v=1",
+        ],
+    )
+
+
 def _start_kubelets(c: OneNodeCluster) -> None:
-    admin = str(c.plane.admin_kubeconfig)
     for node in c.nodes:
-        c.spawn(
-            node.suffix("kubelet"),
-            [
-                *node.enter(),
-                str(c.bin / "kubelet"),
-                f"--config={_kubelet_config(c, node)}",
-                f"--kubeconfig={admin}",
-                f"--hostname-override={node.name}",
-                f"--node-ip={node.ip}",
-                f"--root-dir={KUBELET_ROOT}",
-                f"--cert-dir={_node_work(c, node) / 'kubelet-pki'}",
-                "--v=1",
-            ],
-        )
+        _spawn_kubelet(c, node)
     # The other nodes take no pods until a scenario uncordons them.
     for node in c.nodes[1:]:
         c.wait(f"{node.name} registered", lambda n=node: _registered(c, n.name), 60)
