@@ -32,6 +32,9 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set=storageClasses[1].name=pg-reflinker-native",
         "--set=storageClasses[1].cloneMethod=native",
         "--set=storageClasses[1].default=true",
+        "--set=storageClasses[1].maxSourceLag=30s",
+        "--set=storageClasses[2].name=pg-reflinker-clone-source",
+        "--set=storageClasses[2].volumeBindingMode=WaitForFirstConsumer",
         "--set=node.nodeSelector.pg-reflinker\\.csi/storage=xfs",
     ],
     "one-replica-debug-text-logs-retained": [

@@ -86,6 +86,9 @@ def test_helm_3_renders_what_helm_4_renders(name: str) -> None:
         ("node.freeSpaceFloor=lots", "freeSpaceFloor"),
         ("controler.replicas=3", "controler"),
         ("controller.backupModeLimit=600", "backupModeLimit"),
+        ("storageClasses[0].maxSourceLag=soon", "maxSourceLag"),
+        ("volumeSnapshotClass.maxSourceLag=-5s", "maxSourceLag"),
+        ("storageClasses[0].volumeBindingMode=Later", "volumeBindingMode"),
     ],
 )
 @pytest.mark.parametrize("program", chart.HELMS)
@@ -133,13 +136,20 @@ def test_values_shape_what_is_installed() -> None:
     assert not [r for r in rules if "snapshot.storage.k8s.io" in r["apiGroups"]], rules
     # Two classes, the second the default and native; the claim loop serves both.
     native = one(docs, "StorageClass", "pg-reflinker-native")
-    assert native["parameters"] == {"cloneMethod": "native"}
+    assert native["parameters"] == {"cloneMethod": "native", "maxSourceLag": "30s"}
+    assert native["volumeBindingMode"] == "Immediate"
+    # A class for a clone source's empty volumes: bound where its pod is scheduled.
+    placed = one(docs, "StorageClass", "pg-reflinker-clone-source")
+    assert placed["volumeBindingMode"] == "WaitForFirstConsumer"
+    assert "parameters" not in placed
     assert native["metadata"]["annotations"] == {
         "storageclass.kubernetes.io/is-default-class": "true"
     }
     assert "parameters" not in one(docs, "StorageClass", "pg-reflinker")
     settings = env(controller["controller"])
-    assert settings["STORAGE_CLASS"] == "pg-reflinker,pg-reflinker-native"
+    assert settings["STORAGE_CLASS"] == (
+        "pg-reflinker,pg-reflinker-native,pg-reflinker-clone-source"
+    )
     assert settings["NAMESPACE_PATH"] == "ledger,analytics"
     assert settings["HOSTPATH_PREFIX"] == "/srv/pg-reflinker"
     # A RoleBinding in each source namespace, for the release's own service account.
