@@ -23,6 +23,9 @@ _NODE_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9\-_.]{0,61}[A-Za-z0-9])?$")
 _NAMESPACE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 _SC_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+# <namespace>/<CNPG Cluster>:<namespace of its clone source>
+_MIRROR_RE = re.compile(rf"^{_LABEL}/{_LABEL}:{_LABEL}$")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
@@ -105,6 +108,9 @@ class Config:
     cow_extent_size: int
     metrics_port: int
     usage_interval_seconds: float
+    # CNPG Clusters whose replication certificate and CA are kept in another namespace (that of
+    # their clone source): (namespace, cluster, target namespace) each.
+    cert_mirrors: tuple[tuple[str, str, str], ...] = ()
     # Who may read /metrics: "kubernetes" (a bearer token the API server allows GET /metrics)
     # or "none" (anyone who reaches the port).
     metrics_auth: str = "none"
@@ -115,6 +121,7 @@ class Config:
     claim_wait_seconds: float | None = None
     claim_first_backoff_seconds: float = 2.0  # a failing claim's first retry; doubled to 60 s
     report_period_seconds: float = 60.0  # the node plugin's free-space report on its Node
+    cert_mirror_period_seconds: float = 60.0  # how often mirrored certificates are compared
 
     def claim_wait(self) -> float:
         """How long one claim-loop reconcile waits for its clone: the source's backup gate,
@@ -228,6 +235,12 @@ def _names(regex: re.Pattern[str], at_least_one: bool = False) -> Callable[[str]
     return parse
 
 
+def _mirror(entry: str) -> tuple[str, str, str]:
+    source, _, target = entry.partition(":")
+    namespace, _, cluster = source.partition("/")
+    return namespace, cluster, target
+
+
 MODES = ("standalone", "controller", "node")
 
 
@@ -317,6 +330,16 @@ def load(env: Mapping[str, str] | None = None, mode: str = "standalone") -> Conf
             "pg-reflinker",
             "a comma-separated list of StorageClass names (lowercase letters, digits, '-', '.')",
             _names(_SC_RE, at_least_one=True),
+        ),
+        cert_mirrors=tuple(
+            _mirror(entry)
+            for entry in _parse(
+                env,
+                "CERT_MIRRORS",
+                "",
+                "a comma-separated list of <namespace>/<CNPG cluster>:<target namespace>",
+                _names(_MIRROR_RE),
+            )
         ),
         pod_namespace=_parse(
             env,

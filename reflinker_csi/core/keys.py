@@ -57,6 +57,9 @@ PARAMETERS = (PARAM_CLONE_METHOD, PARAM_MAX_SOURCE_LAG)
 LABEL_GUID = _P + "guid"
 LABEL_NODE = _P + "node"
 FINALIZER = _P + "node-agent"
+# On a Secret kept in a clone source's namespace (kube/controller/cert_mirror.py): whose it is,
+# <namespace>.<cluster>.
+CERT_MIRROR_LABEL = _P + "mirror-of"
 
 # -- annotations on PersistentVolumes (traceability) ------------------------------------------
 ANNOTATION_GUID = _P + "guid"

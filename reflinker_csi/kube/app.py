@@ -17,6 +17,8 @@ from ..disk.local import LocalDisk
 from ..metrics import Metrics
 from . import api
 from .controller.captures import Captures
+from .controller.cert_mirror import CertMirror
+from .controller.cert_mirror import key_of as mirror_key
 from .controller.claim_loop import ClaimLoop
 from .controller.gate import SourceGate
 from .controller.locator import KubeSourceLocator
@@ -136,10 +138,16 @@ def controller(
     orphans.reads(pvs)
     expiry = Controller("captures", captures.reconcile, workers=1, leader=lease, on_error=errors)
     expiry.watch(records)
+    # Production's replication certificate and CA in its clone source's namespace: compared
+    # every period, no watch (the controller may read secrets only by name).
+    mirror = CertMirror(kube, settings.cert_mirror_period_seconds)
+    mirrors = Controller("cert-mirror", mirror.reconcile, workers=1, leader=lease, on_error=errors)
+    for entry in settings.cert_mirrors:
+        mirrors.queue.add(mirror_key(*entry))
     for informer in (records, pvs, claims, csinodes, nodes):
         runner.start(informer.name, informer.run, informer.close, cache=True)
     runner.start("lease", lease.run)
-    for each in (annotate, claim_loop, orphans, expiry):
+    for each in (annotate, claim_loop, orphans, expiry, mirrors):
         runner.start(each.name, each.run)
     return ControllerApp(
         volumes, runner, records, loop, lease, reports, (records, pvs, claims, csinodes, nodes)

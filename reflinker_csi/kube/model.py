@@ -120,22 +120,26 @@ class SourceRef:
     namespace: str  # "" when the claim's own namespace is meant
 
 
-def grants_clone(grant: JSON, claim_namespace: str, source_claim: str) -> bool:
-    """A ReferenceGrant (in the source claim's namespace) lets claims of claim_namespace use
-    source_claim as their data source: a `from` entry for PersistentVolumeClaims of that
-    namespace and a `to` entry for PersistentVolumeClaims, all or this one by name."""
+def grants(grant: JSON, group: str, kind: str, namespace: str, name: str) -> bool:
+    """A ReferenceGrant (in the namespace of the object referred to) lets objects of `kind`
+    (in `group`) of `namespace` refer to the grant's namespace's object of that kind `name`:
+    a `from` entry for that kind and namespace, and a `to` entry for it, all or this one."""
     spec = obj(grant, "spec")
-    claims_from = any(
-        text(f, "group") == "" and text(f, "kind") == "PersistentVolumeClaim"
-        and text(f, "namespace") == claim_namespace
+    granted_from = any(
+        text(f, "group") == group and text(f, "kind") == kind
+        and text(f, "namespace") == namespace
         for f in objs(spec, "from")
     )  # fmt: skip
-    claims_to = any(
-        text(t, "group") == "" and text(t, "kind") == "PersistentVolumeClaim"
-        and text(t, "name") in ("", source_claim)
+    granted_to = any(
+        text(t, "group") == group and text(t, "kind") == kind and text(t, "name") in ("", name)
         for t in objs(spec, "to")
     )  # fmt: skip
-    return claims_from and claims_to
+    return granted_from and granted_to
+
+
+def grants_clone(grant: JSON, claim_namespace: str, source_claim: str) -> bool:
+    """Claims of claim_namespace may use source_claim as their data source."""
+    return grants(grant, "", "PersistentVolumeClaim", claim_namespace, source_claim)
 
 
 @dataclass(frozen=True)

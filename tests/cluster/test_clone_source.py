@@ -282,7 +282,7 @@ def test_a_copy_of_production_on_local_disks_comes_from_its_clone_source_under_l
     load = cnpg.pgbench_background(k8s, production, seconds=40, ns=NS)
     with Watch(k8s, production) as watch:
         try:
-            time.sleep(LAG_BOUND + 2)  # production's LSN moves for a whole bound before the copy
+            time.sleep(LAG_BOUND + 5)  # production's LSN moves for a whole bound before the copy
             k8s.apply(_copy_cluster(DEV, clone_source))
             k8s.wait(
                 "the copy's claims bound",

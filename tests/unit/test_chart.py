@@ -89,6 +89,7 @@ def test_helm_3_renders_what_helm_4_renders(name: str) -> None:
         ("storageClasses[0].maxSourceLag=soon", "maxSourceLag"),
         ("volumeSnapshotClass.maxSourceLag=-5s", "maxSourceLag"),
         ("storageClasses[0].volumeBindingMode=Later", "volumeBindingMode"),
+        ("certMirrors[0].cluster=pg-prod", "cluster"),
     ],
 )
 @pytest.mark.parametrize("program", chart.HELMS)
@@ -205,3 +206,35 @@ def test_the_default_rendering_installs_what_deploy_always_had() -> None:
     crd = yaml.safe_load((chart.CHART / "crds" / "reflinkvolume.yaml").read_text())
     assert crd["metadata"]["name"] == "reflinkvolumes.pg-reflinker.csi"
     assert Path(chart.CHART / "values.schema.json").exists()
+
+
+def test_cert_mirrors_reach_the_controller_and_may_write_secrets_only_in_their_namespaces() -> None:
+    docs = documents(
+        "--set=certMirrors[0].cluster=apps/pg-prod",
+        "--set=certMirrors[0].to=copies",
+        "--set=certMirrors[1].cluster=ledger/pg-books",
+        "--set=certMirrors[1].to=analytics",
+    )
+    controller = containers(docs, "Deployment", "pg-reflinker-controller")["controller"]
+    assert env(controller)["CERT_MIRRORS"] == "apps/pg-prod:copies,ledger/pg-books:analytics"
+    bindings = [
+        d
+        for d in docs
+        if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "pg-reflinker-cert-mirror"
+    ]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["analytics", "copies"]
+    role = one(docs, "ClusterRole", "pg-reflinker-cert-mirror")
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "verbs": ["get", "create", "update", "delete"],
+        }
+    ]
+    # Without mirrors, no variable and no binding; the controller's own role writes no secret.
+    docs = documents()
+    assert "CERT_MIRRORS" not in env(
+        containers(docs, "Deployment", "pg-reflinker-controller")["controller"]
+    )
+    for rule in one(docs, "ClusterRole", "pg-reflinker-controller")["rules"]:
+        assert "secrets" not in rule["resources"], rule

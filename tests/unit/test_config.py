@@ -69,6 +69,9 @@ def test_defaults_and_parsing(tmp_path: Path) -> None:
         ("COW_EXTENT_SIZE", "2Gi"),
         ("METRICS_PORT", "70000"),
         ("USAGE_INTERVAL", "0"),
+        ("CERT_MIRRORS", "apps/pg-prod"),
+        ("CERT_MIRRORS", "apps/pg-prod:Copies"),
+        ("CERT_MIRRORS", "pg-prod:copies"),
     ],
 )
 def test_bad_value_names_variable_value_and_expectation(
@@ -85,6 +88,15 @@ def test_bad_value_names_variable_value_and_expectation(
     assert message.startswith(f"{variable}=")
     assert (repr(value) if value is not None else "<unset>") in message
     assert "expected" in message
+
+
+def test_cert_mirrors_read_as_namespace_cluster_and_target(tmp_path: Path) -> None:
+    env = {**good_env(tmp_path), "CERT_MIRRORS": "apps/pg-prod:copies, ledger/pg-books:analytics"}
+    assert config.load(env).cert_mirrors == (
+        ("apps", "pg-prod", "copies"),
+        ("ledger", "pg-books", "analytics"),
+    )
+    assert config.load(good_env(tmp_path)).cert_mirrors == ()
 
 
 def test_one_backup_budget_bounds_every_statement_and_the_claim_loop(tmp_path: Path) -> None:

@@ -53,3 +53,12 @@ install instead of a controller that will not start. */}}
 {{- .Values.controller.backupModeLimit }}
 {{- end }}
 {{- end }}
+
+{{/* CERT_MIRRORS: <namespace>/<cluster>:<to>, comma-separated. */}}
+{{- define "pg-reflinker.certMirrors" -}}
+{{- $entries := list -}}
+{{- range .Values.certMirrors -}}
+{{- $entries = append $entries (printf "%s:%s" .cluster .to) -}}
+{{- end -}}
+{{- join "," $entries -}}
+{{- end -}}
