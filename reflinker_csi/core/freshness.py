@@ -92,14 +92,6 @@ class Position:
             CTX_SOURCE_LAG: "" if lag is None else f"{lag:.3f}",
         }
 
-    def describe(self) -> str:
-        """For an event or a log line: as of what, and the lag."""
-        when = f", last transaction {self.as_of_time}" if self.as_of_time else ""
-        lag = self.lag
-        behind = "unknown (no WAL stream)" if lag is None else f"{lag:.1f} s"
-        role = "standby" if self.in_recovery else "primary"
-        return f"as of LSN {self.lsn}{when} ({role}; behind production: {behind})"
-
 
 def check_lag(position: Position, bound: float | None, source: str) -> None:
     """Refuse a copy whose source is further behind production than bound (UNAVAILABLE: the
