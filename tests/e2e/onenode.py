@@ -614,6 +614,14 @@ def clean_after_a_killed_run() -> None:
     filesystems: list[str] = []
     with contextlib.suppress(OSError, ValueError):
         filesystems = json.loads((RUN_DIR / "filesystems.json").read_text())
+    # kube-proxy's rules first (its own --cleanup reads their quoted comments), then every
+    # chain made since the run began (kubelet's canaries).
+    proxy = Path(os.environ.get("K8S_TOOLS", "/nonexistent"), "kube-proxy")
+    if proxy.exists():
+        _run(str(proxy), "--cleanup", check=False)
+    with contextlib.suppress(OSError, ValueError):
+        recorded_chains = json.loads((RUN_DIR / "chains.json").read_text())
+        _remove_new_chains({(tool, table): set(chains) for tool, table, chains in recorded_chains})
     for path in (KUBELET_ROOT, PREFIX, RUN_DIR):
         _unmount_tree(path)
         shutil.rmtree(path, ignore_errors=True)
@@ -887,6 +895,13 @@ def _start_kubernetes(c: OneNodeCluster, announce: Callable[[str], None]) -> Non
         ],
     )
     chains_before = _chains()
+    # Recorded for the clean-up after a killed run: its kube-proxy's chains, left behind,
+    # would be removed by the next run's kube-proxy and read as a host changed by that run.
+    (RUN_DIR / "chains.json").write_text(
+        json.dumps(
+            [[tool, table, sorted(chains)] for (tool, table), chains in chains_before.items()]
+        )
+    )
     c.host.then("remove iptables chains", lambda: _remove_new_chains(chains_before))
     # kube-proxy's own --cleanup removes the chains it made.
     proxy_config = _kube_proxy_config(c)
