@@ -267,6 +267,92 @@ def _record_of_claim(k8s: OneNodeCluster, claim: str) -> dict[str, Any]:
     return record
 
 
+def _snapshot_records(k8s: OneNodeCluster, backup: str) -> list[dict[str, Any]]:
+    """The records of a CNPG Backup's VolumeSnapshots (through their contents' handles)."""
+    snapshots = k8s.get("volumesnapshots", "-n", NS, "-l", f"cnpg.io/backupName={backup}")
+    handles = set()
+    for snapshot in snapshots["items"]:
+        content = k8s.get(
+            "volumesnapshotcontents", snapshot["status"]["boundVolumeSnapshotContentName"]
+        )
+        handles.add(content["status"]["snapshotHandle"])
+    records = k8s.get("reflinkvolumes")["items"]
+    return [r for r in records if r["spec"]["guid"] in handles]
+
+
+def test_a_volume_snapshot_backup_of_the_clone_source_under_load_restores_consistent(
+    k8s: OneNodeCluster, nodes: tuple[str, str, str], production: str, clone_source: str
+) -> None:
+    """A CNPG volumeSnapshot Backup of the clone source (pg-reflinker's VolumeSnapshotClass)
+    while pgbench writes to production: it completes, each snapshot says what it is as of (no
+    later than production after it, no earlier than production maxSourceLag before it), a
+    Cluster recovered from it on the clone node keeps pgbench's invariant and passes amcheck,
+    and production saw no pg-reflinker session. First in the module: taken before the
+    scenarios that fail production over and stop the clone node's kubelet (after those, CNPG's
+    Backup of the clone source once waited past 240 s with its snapshots ready; not yet
+    understood)."""
+    backup = "pg-copies-online"
+    k8s.kubectl(
+        "patch", "cluster.postgresql.cnpg.io", COPIES, "-n", NS, "--type", "merge", "-p",
+        '{"spec": {"backup": {"volumeSnapshot": {"className": "pg-reflinker"}}}}',
+    )  # fmt: skip
+    load = cnpg.pgbench_background(k8s, production, seconds=40, ns=NS)
+    with Watch(k8s, production) as watch:
+        try:
+            time.sleep(LAG_BOUND + 5)
+            asked = time.time()
+            k8s.apply(
+                {
+                    "apiVersion": "postgresql.cnpg.io/v1",
+                    "kind": "Backup",
+                    "metadata": {"name": backup, "namespace": NS},
+                    "spec": {
+                        "method": "volumeSnapshot",
+                        "cluster": {"name": COPIES},
+                        "online": True,
+                        "onlineConfiguration": {"immediateCheckpoint": True},
+                    },
+                }
+            )
+
+            def completed() -> bool:
+                status = k8s.get("backup.postgresql.cnpg.io", backup, "-n", NS).get("status", {})
+                assert status.get("phase") != "failed", f"Backup {backup} failed: {status}"
+                return status.get("phase") == "completed"
+
+            try:
+                k8s.wait(f"Backup {backup} completed", completed, 240)
+            except AssertionError as err:
+                status = k8s.get("backup.postgresql.cnpg.io", backup, "-n", NS).get("status")
+                snapshots = k8s.kubectl("get", "volumesnapshots", "-n", NS, check=False).stdout
+                raise AssertionError(
+                    f"{err}\nBackup status: {status}\n{snapshots}\n{cnpg.diagnose(k8s, COPIES, NS)}"
+                ) from None
+            after = watch.samples[-1][1]
+            time.sleep(1.0)
+        finally:
+            out, _ = load.communicate(timeout=120)
+    assert load.returncode == 0, out
+    records = _snapshot_records(k8s, backup)
+    assert len(records) == 2, f"the Backup's snapshots (PGDATA and WAL): {records}"
+    floor = watch.lsn_at(asked - LAG_BOUND)
+    for record in records:
+        assert record["spec"]["nodeName"] == nodes[2]
+        as_of = record["status"]["asOf"]
+        assert floor <= _lsn(as_of["lsn"]) <= after, f"snapshot as of {as_of}"
+    assert watch.sessions() == 0, "pg-reflinker connected to production"
+
+    restored = _copy_cluster(f"{DEV}-restored", clone_source)
+    restored["spec"]["bootstrap"] = {"recovery": {"backup": {"name": backup}}}
+    k8s.apply(restored)
+    cnpg.wait_healthy(k8s, f"{DEV}-restored", NS, timeout=300)
+    pod = cnpg.primary_pod(k8s, f"{DEV}-restored", NS)
+    sums = cnpg.pgbench_sums(k8s, pod, ns=NS)
+    assert len(sums) == 1 and sums != {"0"}, f"pgbench's invariant in the restored Cluster: {sums}"
+    cnpg.amcheck(k8s, pod, ns=NS)
+    cnpg.delete_cluster(k8s, f"{DEV}-restored", NS)
+
+
 def test_a_copy_of_production_on_local_disks_comes_from_its_clone_source_under_load(
     k8s: OneNodeCluster, nodes: tuple[str, str, str], production: str, clone_source: str
 ) -> None:
@@ -451,79 +537,3 @@ def test_the_clone_nodes_kubelet_stopped_leaves_production_serving_and_copies_wa
         out, _ = load.communicate(timeout=240)
     assert load.returncode == 0, f"production's pgbench failed while the clone node was down: {out}"
     k8s.kubectl("delete", "pvc", claim, "-n", NS, "--wait=true")
-
-
-def _snapshot_records(k8s: OneNodeCluster, backup: str) -> list[dict[str, Any]]:
-    """The records of a CNPG Backup's VolumeSnapshots (through their contents' handles)."""
-    snapshots = k8s.get("volumesnapshots", "-n", NS, "-l", f"cnpg.io/backupName={backup}")
-    handles = set()
-    for snapshot in snapshots["items"]:
-        content = k8s.get(
-            "volumesnapshotcontents", snapshot["status"]["boundVolumeSnapshotContentName"]
-        )
-        handles.add(content["status"]["snapshotHandle"])
-    records = k8s.get("reflinkvolumes")["items"]
-    return [r for r in records if r["spec"]["guid"] in handles]
-
-
-def test_a_volume_snapshot_backup_of_the_clone_source_under_load_restores_consistent(
-    k8s: OneNodeCluster, nodes: tuple[str, str, str], production: str, clone_source: str
-) -> None:
-    """A CNPG volumeSnapshot Backup of the clone source (pg-reflinker's VolumeSnapshotClass)
-    while pgbench writes to production: it completes, each snapshot says what it is as of (no
-    later than production after it, no earlier than production maxSourceLag before it), a
-    Cluster recovered from it on the clone node keeps pgbench's invariant and passes amcheck,
-    and production saw no pg-reflinker session."""
-    backup = "pg-copies-online"
-    k8s.kubectl(
-        "patch", "cluster.postgresql.cnpg.io", COPIES, "-n", NS, "--type", "merge", "-p",
-        '{"spec": {"backup": {"volumeSnapshot": {"className": "pg-reflinker"}}}}',
-    )  # fmt: skip
-    load = cnpg.pgbench_background(k8s, production, seconds=40, ns=NS)
-    with Watch(k8s, production) as watch:
-        try:
-            time.sleep(LAG_BOUND + 5)
-            asked = time.time()
-            k8s.apply(
-                {
-                    "apiVersion": "postgresql.cnpg.io/v1",
-                    "kind": "Backup",
-                    "metadata": {"name": backup, "namespace": NS},
-                    "spec": {
-                        "method": "volumeSnapshot",
-                        "cluster": {"name": COPIES},
-                        "online": True,
-                        "onlineConfiguration": {"immediateCheckpoint": True},
-                    },
-                }
-            )
-
-            def completed() -> bool:
-                status = k8s.get("backup.postgresql.cnpg.io", backup, "-n", NS).get("status", {})
-                assert status.get("phase") != "failed", f"Backup {backup} failed: {status}"
-                return status.get("phase") == "completed"
-
-            k8s.wait(f"Backup {backup} completed", completed, 240)
-            after = watch.samples[-1][1]
-            time.sleep(1.0)
-        finally:
-            out, _ = load.communicate(timeout=120)
-    assert load.returncode == 0, out
-    records = _snapshot_records(k8s, backup)
-    assert len(records) == 2, f"the Backup's snapshots (PGDATA and WAL): {records}"
-    floor = watch.lsn_at(asked - LAG_BOUND)
-    for record in records:
-        assert record["spec"]["nodeName"] == nodes[2]
-        as_of = record["status"]["asOf"]
-        assert floor <= _lsn(as_of["lsn"]) <= after, f"snapshot as of {as_of}"
-    assert watch.sessions() == 0, "pg-reflinker connected to production"
-
-    restored = _copy_cluster(f"{DEV}-restored", clone_source)
-    restored["spec"]["bootstrap"] = {"recovery": {"backup": {"name": backup}}}
-    k8s.apply(restored)
-    cnpg.wait_healthy(k8s, f"{DEV}-restored", NS, timeout=300)
-    pod = cnpg.primary_pod(k8s, f"{DEV}-restored", NS)
-    sums = cnpg.pgbench_sums(k8s, pod, ns=NS)
-    assert len(sums) == 1 and sums != {"0"}, f"pgbench's invariant in the restored Cluster: {sums}"
-    cnpg.amcheck(k8s, pod, ns=NS)
-    cnpg.delete_cluster(k8s, f"{DEV}-restored", NS)
