@@ -562,17 +562,10 @@ def copied_after(directory: Path) -> list[str]:
     ]
 
 
-@pytest.mark.every_filesystem
-@pytest.mark.every_major(turn=1)
-@METHODS
-def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source, method: str) -> None:
-    """CNPG's prefer-standby: the backup is taken on a streaming replica (no write stalls on the
-    primary) while the primary takes writes; the clone reaches consistency, opens as a primary,
-    keeps pgbench's invariant and passes amcheck, and its global/pg_control was copied after
-    every other file of the data directory (recovery from a standby's backup takes the backup's
-    end from it, as from pg_basebackup's copy)."""
+def start_standby(source: Source, volume: str) -> PostgresServer:
+    """A streaming standby of the source (pg_basebackup -R) on a volume of its own, started."""
     standby = PostgresServer(
-        volume=source.fs.mnt / "volume-standby",
+        volume=source.fs.mnt / volume,
         port=free_port(),
         socket_dir=source.fs.work / "sock",
         certs=source.certs,
@@ -582,6 +575,19 @@ def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source, meth
     chown_postgres(standby.volume)
     source.server.basebackup(standby.pgdata, standby=True)
     standby.start()
+    return standby
+
+
+@pytest.mark.every_filesystem
+@pytest.mark.every_major(turn=1)
+@METHODS
+def test_a_standby_clones_as_a_primary_with_the_rows_it_had(source: Source, method: str) -> None:
+    """CNPG's prefer-standby: the backup is taken on a streaming replica (no write stalls on the
+    primary) while the primary takes writes; the clone reaches consistency, opens as a primary,
+    keeps pgbench's invariant and passes amcheck, and its global/pg_control was copied after
+    every other file of the data directory (recovery from a standby's backup takes the backup's
+    end from it, as from pg_basebackup's copy)."""
+    standby = start_standby(source, "volume-standby")
     try:
         source.server.pgbench("-n", "-c", "2", "-t", "200")
         target = source.server.psql("SELECT pg_current_wal_lsn()")
@@ -638,17 +644,7 @@ def test_a_standbys_position_says_how_far_behind_production_it_is_and_a_bound_re
     one whose replay is paused while the primary writes is behind by the age of its last
     replayed transaction and is refused by a smaller bound; one whose stream is down has an
     unknown lag and is refused by any bound, saying so."""
-    standby = PostgresServer(
-        volume=source.fs.mnt / "volume-lagging",
-        port=free_port(),
-        socket_dir=source.fs.work / "sock",
-        certs=source.certs,
-        bin=source.server.bin,
-    )
-    source.fs.new_volume(standby.volume)
-    chown_postgres(standby.volume)
-    source.server.basebackup(standby.pgdata, standby=True)
-    standby.start()
+    standby = start_standby(source, "volume-lagging")
     at_standby = replace(source.endpoint, port=standby.port)
 
     def caught_up() -> Position:
